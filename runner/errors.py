@@ -1,0 +1,23 @@
+"""Errors that the CLI reports as one clear line (file, field, value, what is allowed)."""
+
+from __future__ import annotations
+
+
+class RunnerError(Exception):
+    """Base class of every error a user can fix; the CLI prints `str(error)` alone and exits non-zero."""
+
+
+class ConfigError(RunnerError):
+    """An experiment file or override is invalid."""
+
+
+class CheckpointError(RunnerError):
+    """A model checkpoint is missing, malformed or inconsistent."""
+
+
+class SAEError(RunnerError):
+    """An SAE file is missing, malformed, or does not fit the model."""
+
+
+class PlanError(RunnerError):
+    """The sweep cannot run as asked (index out of range, prompt too long, batch does not fit)."""

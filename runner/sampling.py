@@ -1,0 +1,246 @@
+"""Batched, fully jitted steering sampler over Penzai's KV-caching Gemma2.
+
+One XLA program per (batch size, prompt bucket, max_new_tokens) runs the prefill and every decode step
+(`lax.while_loop`, early exit once every row has produced EOS). Each batch row carries its own steering point
+(layer, feature, value, mode), sampling settings (temperature, top-k, top-p) and random stream; none of these
+are compile-time constants, so a whole sweep reuses one program.
+
+Randomness: a row's key is `fold_in(key(seed), stream)`, folded with the decode step, where `stream` is chosen by
+the caller from the point's identity (the prompt). A point therefore samples the same tokens alone, in a batch of
+64, or on another host.
+
+Measurements (fixed-shape `{batch}` accumulators inside the program, see `steering.SteeringSite`): over the
+generated tokens that are neither EOS nor padding, the SAE L0 at the steering layer and the steered feature's
+activation and firing count, measured on the residual stream after steering.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from penzai import pz
+from penzai.models.transformer import model_parts, sampling_mode
+
+from runner import steering as steering_lib
+from runner.sae import JumpReLUSAE
+from runner.tokenizer import EOS_ID, PAD_ID
+
+MIN_PROMPT_BUCKET = 16
+
+
+def prompt_bucket(length: int) -> int:
+    """The padded prompt length for a prompt of `length` tokens: the next power of two, at least 16."""
+    bucket = MIN_PROMPT_BUCKET
+    while bucket < length:
+        bucket *= 2
+    return bucket
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingBatch:
+    """Host-side inputs of one batch; every array has the batch size as its first dimension.
+
+    Attributes:
+      prompt_tokens: `[B, P]` int32, left-padded with PAD to the bucket length P (BOS first after padding).
+      target_layer, feature, value, mode, steer_from: `[B]` steering point per row (see `SteeringInputs`).
+      temperature: `[B]` float; 0 means greedy.
+      top_k: `[B]` int; 0 means no top-k filter.
+      top_p: `[B]` float; 1 means no nucleus filter.
+      seed: `[B]` uint32 seed of the row's point.
+      stream: `[B]` uint32 stream id of the row's point (derived from its identity, not its row).
+    """
+
+    prompt_tokens: np.ndarray
+    target_layer: np.ndarray
+    feature: np.ndarray
+    value: np.ndarray
+    mode: np.ndarray
+    steer_from: np.ndarray
+    temperature: np.ndarray
+    top_k: np.ndarray
+    top_p: np.ndarray
+    seed: np.ndarray
+    stream: np.ndarray
+
+    @property
+    def batch_size(self) -> int:
+        """Rows in the batch."""
+        return int(self.prompt_tokens.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOutput:
+    """What one batch produced.
+
+    Attributes:
+      tokens: `[B, T]` sampled token ids; PAD after a row's EOS (the EOS itself is kept).
+      totals: Per-row `[B]` sums of `steering.TOTAL_NAMES` at each row's steering layer.
+      decode_steps: Decode steps actually run (fewer than T when every row hit EOS early).
+    """
+
+    tokens: np.ndarray
+    totals: dict[str, np.ndarray]
+    decode_steps: int
+
+
+def sample_next_tokens(
+    logits: jax.Array,
+    keys: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    pad_id: int = PAD_ID,
+) -> jax.Array:
+    """Samples one token per row from `[B, V]` logits with per-row temperature, top-k and top-p.
+
+    Temperature 0 is argmax. The pad token is never produced. Filters run only when some row asks for one.
+    """
+    logits = logits.astype(jnp.float32).at[:, pad_id].set(-jnp.inf)
+    greedy = jnp.argmax(logits, axis=-1)
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+
+    def filtered(scaled: jax.Array) -> jax.Array:
+        descending = -jnp.sort(-scaled, axis=-1)
+        vocab = scaled.shape[-1]
+        kth_index = jnp.where(top_k > 0, jnp.minimum(top_k, vocab) - 1, vocab - 1)
+        kth_value = jnp.take_along_axis(descending, kth_index[:, None], axis=-1)
+        descending = jnp.where(descending >= kth_value, descending, -jnp.inf)
+        probs = jax.nn.softmax(descending, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.where(mass_before < top_p[:, None], descending, jnp.inf)
+        cutoff = jnp.minimum(jnp.min(kept, axis=-1, keepdims=True), kth_value)
+        return jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+
+    needs_filter = jnp.any(top_k > 0) | jnp.any(top_p < 1.0)
+    scaled = jax.lax.cond(needs_filter, filtered, lambda s: s, scaled)
+    sampled = jax.vmap(jax.random.categorical)(keys, scaled)
+    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+class SteeringSampler:
+    """Patched sampling of a fixed (batch size, prompt bucket, max_new_tokens) as one compiled program.
+
+    Build one per shape and keep it: calling it again with other prompts, steering points, seeds or sampling
+    settings reuses the compiled program (`compilations` stays 1).
+    """
+
+    def __init__(
+        self,
+        model: model_parts.TransformerLM,
+        saes: Mapping[int, JumpReLUSAE],
+        *,
+        batch_size: int,
+        prompt_len: int,
+        max_new_tokens: int,
+        eos_id: int = EOS_ID,
+        pad_id: int = PAD_ID,
+    ):
+        self.batch_size = batch_size
+        self.prompt_len = prompt_len
+        self.max_new_tokens = max_new_tokens
+        self.eos_id = eos_id
+        self.pad_id = pad_id
+        self.layers = tuple(sorted(saes))
+        self.compilations = 0
+
+        patched = steering_lib.add_steering_sites(model, saes, batch_size=batch_size)
+        caching = sampling_mode.KVCachingTransformerLM.from_uncached(
+            patched, cache_len=prompt_len + max_new_tokens, batch_axes={"batch": batch_size}, pad_id=pad_id
+        )
+        pure_model, state_values = pz.unbind_state_vars(pz.freeze_params(caching), freeze=True)
+        self._pure_model = pure_model
+        # Only shapes are kept: the program allocates its KV cache and accumulators itself.
+        self._state_template = jax.tree.map(
+            lambda leaf: jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.asarray(leaf).dtype), list(state_values)
+        )
+        self._program = jax.jit(self._generate)
+
+    def __call__(self, batch: SamplingBatch) -> SamplingOutput:
+        """Runs one batch (its shape must match the sampler's)."""
+        if batch.prompt_tokens.shape != (self.batch_size, self.prompt_len):
+            raise ValueError(
+                f"batch of shape {batch.prompt_tokens.shape} given to a sampler for "
+                f"{(self.batch_size, self.prompt_len)}"
+            )
+        arrays = {
+            field.name: jnp.asarray(getattr(batch, field.name)) for field in dataclasses.fields(SamplingBatch)
+        }
+        tokens, totals, steps = self._program(self._pure_model, arrays)
+        totals_by_layer = {layer: totals[i] for i, layer in enumerate(self.layers)}
+        return SamplingOutput(
+            tokens=np.asarray(tokens),
+            totals=steering_lib.combine_totals(totals_by_layer),
+            decode_steps=int(steps),
+        )
+
+    def _generate(self, pure_model: Any, arrays: dict[str, jax.Array]) -> tuple[jax.Array, list, jax.Array]:
+        self.compilations += 1  # Runs only while tracing, i.e. once per compilation.
+        batch_size, max_new = self.batch_size, self.max_new_tokens
+        steering_inputs = steering_lib.SteeringInputs.from_rows(
+            arrays["target_layer"], arrays["feature"], arrays["value"], arrays["mode"], arrays["steer_from"]
+        )
+        row_keys = jax.vmap(lambda seed, stream: jax.random.fold_in(jax.random.key(seed), stream))(
+            arrays["seed"].astype(jnp.uint32), arrays["stream"].astype(jnp.uint32)
+        )
+
+        def run_model(states: list, tokens: jax.Array, measure_mask: jax.Array) -> tuple[list, jax.Array]:
+            variables = [state.unfreeze_as_copy() for state in states]
+            model = pz.bind_variables(pure_model, variables)
+            logits = model(
+                pz.nx.wrap(tokens).tag("batch", "seq"),
+                steering=steering_inputs,
+                measure_mask=pz.nx.wrap(measure_mask).tag("batch", "seq"),
+            )
+            last_logits = logits[{"seq": -1}].unwrap("batch", "vocabulary")
+            return [variable.freeze() for variable in variables], last_logits
+
+        initial_states = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._state_template)
+        prompt = arrays["prompt_tokens"].astype(jnp.int32)
+        states, logits = run_model(initial_states, prompt, jnp.zeros(prompt.shape, bool))
+
+        def keep_going(carry: tuple) -> jax.Array:
+            _, _, step, done, _ = carry
+            return (step < max_new) & ~jnp.all(done)
+
+        def decode_step(carry: tuple) -> tuple:
+            states, logits, step, done, out_tokens = carry
+            keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
+            token = sample_next_tokens(
+                logits, keys, arrays["temperature"], arrays["top_k"], arrays["top_p"], self.pad_id
+            )
+            token = jnp.where(done, self.pad_id, token)
+            out_tokens = jax.lax.dynamic_update_slice(out_tokens, token[:, None], (0, step))
+            measured = ~done & (token != self.eos_id)
+            states, logits = run_model(states, token[:, None], measured[:, None])
+            return states, logits, step + 1, done | (token == self.eos_id), out_tokens
+
+        carry = (
+            states,
+            logits,
+            jnp.zeros((), jnp.int32),
+            jnp.zeros((batch_size,), bool),
+            jnp.full((batch_size, max_new), self.pad_id, jnp.int32),
+        )
+        states, _, steps, _, out_tokens = jax.lax.while_loop(keep_going, decode_step, carry)
+        totals = [self._site_totals(states, layer) for layer in self.layers]
+        return out_tokens, totals, steps
+
+    @staticmethod
+    def _site_totals(states: list, layer: int) -> dict[str, pz.nx.NamedArray]:
+        label = f"steering/totals_{layer}"
+        return next(state.value for state in states if state.label == label)
+
+
+def left_pad(token_lists: list[list[int]], length: int, pad_id: int = PAD_ID) -> np.ndarray:
+    """`[len(token_lists), length]` int32 array of the sequences right-aligned (padding on the left)."""
+    out = np.full((len(token_lists), length), pad_id, np.int32)
+    for row, tokens in enumerate(token_lists):
+        if len(tokens) > length:
+            raise ValueError(f"sequence of {len(tokens)} tokens does not fit in {length}")
+        out[row, length - len(tokens) :] = tokens
+    return out
