@@ -1,0 +1,174 @@
+"""Config -> steering points -> jobs. Pure: no model, SAE or tracking here.
+
+A point is one generation (prompt x layer x feature x scale x seed); its `point_key` identifies the result across
+runs, so a resumed sweep can skip what is already logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from runner.config import ExperimentConfig, ModelConfig
+from runner.errors import PlanError
+
+#: Fields of `SteeringPoint` that do not change the generation, so stay out of its key.
+_NOT_IN_KEY = frozenset({"neuronpedia_url"})
+
+
+def _digest(data: Any) -> str:
+    """First 16 hex digits of the sha256 of `data`'s canonical JSON."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class SteeringPoint:
+    """One steered generation: a prompt, an intervention and the sampling settings."""
+
+    prompt_index: int
+    prompt: str
+    layer: int
+    feature: int
+    scale: float
+    seed: int
+    mode: str
+    positions: str
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    max_new_tokens: int
+    model_id: str
+    sae_id: str
+    neuronpedia_url: str | None = None
+
+    def __post_init__(self) -> None:
+        # 10 and 10.0 must give the same key.
+        object.__setattr__(self, "scale", float(self.scale))
+        object.__setattr__(self, "temperature", float(self.temperature))
+        if self.top_p is not None:
+            object.__setattr__(self, "top_p", float(self.top_p))
+
+    @functools.cached_property
+    def point_key(self) -> str:
+        """16 hex digits identifying the result: a hash of every field but `neuronpedia_url`."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_IN_KEY}
+        return _digest(fields)
+
+    def params(self) -> dict[str, str]:
+        """Returns the MLflow params of this point (all strings; None as "None")."""
+        values = {
+            "model": self.model_id,
+            "sae_id": self.sae_id,
+            "layer": self.layer,
+            "feature": self.feature,
+            "scale": self.scale,
+            "seed": self.seed,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "mode": self.mode,
+            "positions": self.positions,
+            "prompt_index": self.prompt_index,
+            "max_new_tokens": self.max_new_tokens,
+        }
+        return {key: str(value) for key, value in values.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A batch of points generated together; `job_id` depends only on its points, not on the sweep."""
+
+    job_id: str
+    points: tuple[SteeringPoint, ...]
+
+
+def sweep_id(config: ExperimentConfig) -> str:
+    """16 hex digits identifying a sweep's results: a hash of the config without `tracking` and `cluster`."""
+    data = config.canonical_dict()
+    data.pop("tracking", None)
+    data.pop("cluster", None)
+    return _digest(data)
+
+
+def model_id(model: ModelConfig) -> str:
+    """Names a checkpoint, e.g. `kaggle:gemma2-2b`, `synthetic:tiny:seed0`, `local:/abs/path`,
+    `huggingface:google/gemma-2-2b`; a non-default dtype or upcasting is appended (`...:bfloat16:upcast`)."""
+    if model.source == "synthetic":
+        name = f"synthetic:{model.preset}:seed{model.seed}"
+    elif model.source == "kaggle":
+        name = f"kaggle:{model.variant}"
+    elif model.source == "local":
+        name = f"local:{model.path}"
+    else:
+        name = f"huggingface:{model.repo_id or model.path}"
+    if model.dtype != "auto":
+        name += f":{model.dtype}"
+    if model.upcast_activations:
+        name += ":upcast"
+    return name
+
+
+def expand_points(
+    config: ExperimentConfig,
+    sae_ids: Mapping[int, str],
+    neuronpedia: Callable[[int, int], str | None] | None = None,
+) -> list[SteeringPoint]:
+    """Returns every point of the sweep in the order prompts x layers x features x scales x seeds.
+
+    Args:
+      config: The experiment.
+      sae_ids: The SAE id steered at each layer of `config.steering.layers`.
+      neuronpedia: `(layer, feature) -> url or None`, the dashboard link of a feature.
+
+    Raises:
+      PlanError: A steered layer has no SAE id.
+    """
+    steering, sampling = config.steering, config.sampling
+    missing = [layer for layer in steering.layers if layer not in sae_ids]
+    if missing:
+        raise PlanError(f"steering.layers: no SAE id for layer(s) {missing} (have {sorted(sae_ids)})")
+    name = model_id(config.model)
+    return [
+        SteeringPoint(
+            prompt_index=prompt_index,
+            prompt=prompt,
+            layer=layer,
+            feature=feature,
+            scale=scale,
+            seed=seed,
+            mode=steering.mode,
+            positions=steering.positions,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            max_new_tokens=sampling.max_new_tokens,
+            model_id=name,
+            sae_id=sae_ids[layer],
+            neuronpedia_url=neuronpedia(layer, feature) if neuronpedia is not None else None,
+        )
+        for prompt_index, prompt in enumerate(config.prompts)
+        for layer in steering.layers
+        for feature in steering.features
+        for scale in steering.scales
+        for seed in steering.seeds
+    ]
+
+
+def pack_jobs(points: Sequence[SteeringPoint], batch_size: int) -> list[Job]:
+    """Splits points, in order, into consecutive jobs of at most `batch_size` points.
+
+    Raises:
+      PlanError: `batch_size` < 1.
+    """
+    if batch_size < 1:
+        raise PlanError(f"batch size {batch_size} is not allowed (allowed: >= 1)")
+    jobs = []
+    for start in range(0, len(points), batch_size):
+        chunk = tuple(points[start : start + batch_size])
+        jobs.append(Job(job_id=_digest([p.point_key for p in chunk]), points=chunk))
+    return jobs

@@ -1,0 +1,517 @@
+"""MLflow tracking of a sweep: one parent run per sweep, one child run per steering point.
+
+The parent carries tag `sweep_id`; children carry `mlflow.parentRunId` and `point_key`. A rerun of the same config
+reuses the parent, skips points that already have a FINISHED child and reuses the run of a point that failed, so
+no point ever has two FINISHED children. Only the process that owns a `SweepTracker` writes to the sweep.
+
+Nothing from the environment is logged; error texts are scrubbed of URL credentials and tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH
+
+from runner.config import ExperimentConfig
+from runner.errors import RunnerError
+from runner.plan import SteeringPoint
+from runner.results import PointResult
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+_log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+SweepStatus = Literal["FINISHED", "FAILED", "KILLED"]
+
+TAG_PARENT = "mlflow.parentRunId"
+TAG_SWEEP_ID = "sweep_id"
+TAG_POINT_KEY = "point_key"
+TAG_ROLE = "runner.role"
+TAG_WORKER = "runner.worker"
+TAG_ATTEMPT = "runner.attempt"
+TAG_ERROR = "runner.error"
+TAG_NEURONPEDIA = "neuronpedia_url"
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+_TAG_LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"
+
+CONFIG_ARTIFACT = "config/experiment.yaml"
+TABLE_ARTIFACT = "generations.json"
+PLOTS_DIR = "plots"
+#: More features than this get no per-feature plot (each PNG costs ~0.1 s); the table still has every row.
+MAX_FEATURE_PLOTS = 100
+_TABLE_COLUMNS = ("point_key", "prompt_index", "layer", "feature", "scale", "seed", "text")
+_PAGE = 1000
+
+
+@dataclasses.dataclass
+class _Child:
+    """What the tracker knows about the child run of one point."""
+
+    run_id: str
+    status: str
+    params: frozenset[str]
+    has_error_tag: bool
+
+
+class SweepTracker:
+    """Logs one sweep to MLflow through an `MlflowClient` (no fluent global state).
+
+    Usage::
+
+        tracker = SweepTracker(config.tracking.uri, config.tracking.experiment)
+        with tracker.sweep(config, sweep_id(config), len(points)) as parent_run_id:
+            done = tracker.finished_point_keys()
+            for point in points:
+                if point.point_key not in done:
+                    tracker.log_point(point, run_point(point))
+
+    Any exception inside the `with` ends the parent FAILED (KeyboardInterrupt or SystemExit: KILLED) with no child
+    left RUNNING; a normal exit closes it FINISHED when every point finished, else FAILED.
+    """
+
+    def __init__(self, uri: str, experiment_name: str) -> None:
+        """Connects to the tracking server or database at `uri`; nothing is created until `open_sweep`."""
+        self.uri = uri
+        self.experiment_name = experiment_name
+        self._client = MlflowClient(tracking_uri=uri)
+        self._experiment_id: str | None = None
+        self._parent_run_id: str | None = None
+        self._sweep_id = ""
+        self._num_points = 0
+        self._children: dict[str, _Child] = {}
+        self._rows: dict[str, dict[str, Any]] = {}
+
+    @property
+    def experiment_id(self) -> str | None:
+        """The MLflow experiment id, once `open_sweep` has run."""
+        return self._experiment_id
+
+    @property
+    def parent_run_id(self) -> str | None:
+        """The parent run id while a sweep is open."""
+        return self._parent_run_id
+
+    def runs_page(self) -> str:
+        """The UI fragment of the experiment's runs table (append to the server URL)."""
+        return f"#/experiments/{self._experiment_id}/runs"
+
+    # -- sweep lifecycle ----------------------------------------------------------------------------------------
+
+    def open_sweep(self, config: ExperimentConfig, sweep_id: str, num_points: int) -> str:
+        """Creates the experiment if missing, then reuses the sweep's parent run (resume) or creates it.
+
+        Logs params `sweep_id` and `num_points` and the artifact `config/experiment.yaml` once, and marks the parent
+        RUNNING. Returns the parent run id.
+        """
+        self._experiment_id = self._ensure_experiment()
+        parent = self._find_parent(sweep_id)
+        if parent is None:
+            run = self._client.create_run(
+                self._experiment_id,
+                run_name=f"{config.name}-{sweep_id[:8]}",
+                tags={TAG_SWEEP_ID: sweep_id, TAG_ROLE: "sweep"},
+            )
+            run_id, logged = run.info.run_id, {}
+        else:
+            run_id, logged = parent.info.run_id, parent.data.params
+            self._client.update_run(run_id, status="RUNNING")
+            if TAG_ERROR in parent.data.tags:
+                self._client.delete_tag(run_id, TAG_ERROR)
+        self._parent_run_id, self._sweep_id, self._num_points = run_id, sweep_id, num_points
+        try:
+            params = {"sweep_id": sweep_id, "num_points": str(num_points)}
+            new = [Param(k, v) for k, v in params.items() if k not in logged]
+            if new:
+                self._client.log_batch(run_id, params=new)
+            artifacts = {f.path for f in self._client.list_artifacts(run_id, "config")}
+            if CONFIG_ARTIFACT not in artifacts:
+                self._client.log_text(run_id, config.to_yaml(), CONFIG_ARTIFACT)
+            self._children = {
+                run.data.tags[TAG_POINT_KEY]: _child_of(run)
+                for run in self._search_children()
+                if TAG_POINT_KEY in run.data.tags
+            }
+        except BaseException as error:
+            self._terminate_quietly(run_id, _status_for(error), _describe(error))
+            self._parent_run_id = None
+            raise
+        self._rows = {}
+        return run_id
+
+    def close_sweep(self, status: SweepStatus, results_table: list[dict[str, Any]] | None = None) -> None:
+        """Logs counts, the generations table and per-feature plots, then terminates the parent with `status`.
+
+        Args:
+          status: The parent's final status.
+          results_table: Rows of the generations table; by default one row per FINISHED child (point_key,
+            prompt_index, layer, feature, scale, seed, text and its metrics).
+        """
+        parent = self._require_open()
+        children = self._search_children()
+        stray = "KILLED" if status == "KILLED" else "FAILED"
+        for run in children:
+            if run.info.status == "RUNNING":
+                self._terminate_quietly(run.info.run_id, stray, "the sweep ended while this point was running")
+        statuses = [run.info.status for run in children]
+        counts = {
+            "points_total": self._num_points,
+            "points_finished": statuses.count("FINISHED"),
+            "points_failed": len(statuses) - statuses.count("FINISHED"),
+        }
+        now = _now_ms()
+        self._client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in counts.items()])
+        rows = results_table if results_table is not None else self._table_rows(children)
+        if rows:
+            self._log_table_and_plots(parent, rows)
+        self._client.set_terminated(parent, status)
+        self._parent_run_id = None
+
+    @contextlib.contextmanager
+    def sweep(self, config: ExperimentConfig, sweep_id: str, num_points: int) -> Iterator[str]:
+        """Opens the sweep and guarantees it is closed: see the class docstring. Yields the parent run id."""
+        parent = self.open_sweep(config, sweep_id, num_points)
+        try:
+            yield parent
+            if self._parent_run_id is not None:
+                self.close_sweep(self._final_status())
+        except BaseException as error:
+            if self._parent_run_id is not None:
+                self._close_after_error(parent, _status_for(error), error)
+            raise
+
+    # -- points -------------------------------------------------------------------------------------------------
+
+    def finished_point_keys(self) -> set[str]:
+        """Returns the point keys that already have a FINISHED child run (one paged search)."""
+        self._require_open()
+        runs = self._search_children("attributes.status = 'FINISHED'")
+        return {run.data.tags[TAG_POINT_KEY] for run in runs if TAG_POINT_KEY in run.data.tags}
+
+    def log_point(self, point: SteeringPoint, result: PointResult) -> str:
+        """Logs one finished point as a child run (params, metrics, `generation.txt`, `generation.json`).
+
+        Reuses the point's earlier unfinished run if there is one; if the point already has a FINISHED run, nothing
+        is logged and that run's id is returned. Returns the child run id.
+        """
+        parent = self._require_open()
+        key = point.point_key
+        if result.point_key != key:
+            raise RunnerError(f"result for point {result.point_key} logged against point {key}")
+        existing = self._children.get(key)
+        if existing is not None and existing.status == "FINISHED":
+            return existing.run_id
+        child = self._start_child(parent, point, attempt=result.attempt, worker=result.worker)
+        try:
+            now = _now_ms()
+            metrics = [Metric(k, v, now, 0) for k, v in sorted(result.metrics.items())]
+            self._log_params(child, point)
+            for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+                self._client.log_batch(child.run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])
+            if child.has_error_tag:
+                self._client.delete_tag(child.run_id, TAG_ERROR)
+                child.has_error_tag = False
+            self._client.log_text(child.run_id, result.text, "generation.txt")
+            generation = {"text": result.text, "token_ids": list(result.token_ids), "prompt": point.prompt}
+            self._client.log_dict(child.run_id, generation, "generation.json")
+            self._client.set_terminated(child.run_id, "FINISHED")
+        except BaseException as error:
+            self._terminate_quietly(child.run_id, _status_for(error), _describe(error))
+            child.status = _status_for(error)
+            raise
+        child.status = "FINISHED"
+        self._rows[key] = _row(key, point.params(), result.text, result.metrics)
+        return child.run_id
+
+    def fail_point(self, point: SteeringPoint, error: str, attempt: int) -> str:
+        """Records a point that failed: its child run ends FAILED with tag `runner.error` (scrubbed, truncated).
+
+        A point that already has a FINISHED run keeps it. Returns the child run id.
+        """
+        parent = self._require_open()
+        existing = self._children.get(point.point_key)
+        if existing is not None and existing.status == "FINISHED":
+            return existing.run_id
+        child = self._start_child(parent, point, attempt=attempt, worker=None)
+        try:
+            self._log_params(child, point)
+            self._client.set_tag(child.run_id, TAG_ERROR, _truncate(scrub(error)))
+            child.has_error_tag = True
+        finally:
+            self._client.set_terminated(child.run_id, "FAILED")
+            child.status = "FAILED"
+        return child.run_id
+
+    # -- internals ----------------------------------------------------------------------------------------------
+
+    def _require_open(self) -> str:
+        if self._parent_run_id is None:
+            raise RunnerError("no sweep is open: call open_sweep (or use `with tracker.sweep(...)`) first")
+        return self._parent_run_id
+
+    def _ensure_experiment(self) -> str:
+        experiment = self._client.get_experiment_by_name(self.experiment_name)
+        if experiment is None:
+            try:
+                return self._client.create_experiment(
+                    self.experiment_name, tags={TAG_EXPERIMENT_KIND: "custom_model_development"}
+                )
+            except MlflowException:
+                # Another driver may have created it meanwhile.
+                experiment = self._client.get_experiment_by_name(self.experiment_name)
+                if experiment is None:
+                    raise
+        if experiment.lifecycle_stage == "deleted":
+            raise RunnerError(
+                f"tracking.experiment: MLflow experiment {self.experiment_name!r} is deleted; restore it "
+                f"(`mlflow experiments restore --experiment-id {experiment.experiment_id}`) or choose another name"
+            )
+        return experiment.experiment_id
+
+    def _find_parent(self, sweep_id: str) -> Run | None:
+        runs = self._client.search_runs(
+            [self._experiment_id],
+            f"tags.{TAG_SWEEP_ID} = '{sweep_id}' AND tags.`{TAG_ROLE}` = 'sweep'",
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
+        return runs[0] if runs else None
+
+    def _search_children(self, extra_filter: str = "") -> list[Run]:
+        query = f"tags.{TAG_PARENT} = '{self._parent_run_id}'"
+        if extra_filter:
+            query += f" AND {extra_filter}"
+        return _search_all(self._client, self._experiment_id, query)
+
+    def _start_child(self, parent: str, point: SteeringPoint, *, attempt: int, worker: str | None) -> _Child:
+        """Creates the point's child run, or reopens its unfinished one, with fresh tags; status RUNNING."""
+        tags = {TAG_PARENT: parent, TAG_SWEEP_ID: self._sweep_id, TAG_POINT_KEY: point.point_key,
+                TAG_ROLE: "point", TAG_ATTEMPT: str(attempt)}
+        if worker is not None:
+            tags[TAG_WORKER] = worker
+        if point.neuronpedia_url is not None:
+            tags[TAG_NEURONPEDIA] = point.neuronpedia_url
+        child = self._children.get(point.point_key)
+        if child is None:
+            run = self._client.create_run(self._experiment_id, run_name=_run_name(point), tags=tags)
+            child = _Child(run.info.run_id, "RUNNING", frozenset(), has_error_tag=False)
+            self._children[point.point_key] = child
+        else:
+            self._client.log_batch(child.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            self._client.update_run(child.run_id, status="RUNNING")
+            child.status = "RUNNING"
+        return child
+
+    def _log_params(self, child: _Child, point: SteeringPoint) -> None:
+        """Logs the point's params the run does not have yet (MLflow params are immutable)."""
+        params = [Param(k, v) for k, v in point.params().items() if k not in child.params]
+        for start in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
+            self._client.log_batch(child.run_id, params=params[start : start + MAX_PARAMS_TAGS_PER_BATCH])
+        child.params = child.params | {p.key for p in params}
+
+    def _terminate_quietly(self, run_id: str, status: str, error: str) -> None:
+        """Ends a run with an error tag; never raises (used while another error propagates)."""
+        try:
+            self._client.set_tag(run_id, TAG_ERROR, _truncate(scrub(error)))
+            self._client.set_terminated(run_id, status)
+        except Exception:  # noqa: BLE001 - the original error matters more
+            _log.exception("could not terminate run %s as %s", run_id, status)
+
+    def _close_after_error(self, parent: str, status: SweepStatus, error: BaseException) -> None:
+        """Closes the sweep after `error` without ever masking it."""
+        try:
+            self._client.set_tag(parent, TAG_ERROR, _truncate(scrub(_describe(error))))
+            self.close_sweep(status)
+        except Exception:  # noqa: BLE001
+            _log.exception("closing sweep %s after an error failed; terminating its runs only", self._sweep_id)
+            for run in _safe(lambda: self._search_children("attributes.status = 'RUNNING'"), []):
+                self._terminate_quietly(run.info.run_id, status, _describe(error))
+            self._terminate_quietly(parent, status, _describe(error))
+            self._parent_run_id = None
+
+    def _final_status(self) -> SweepStatus:
+        finished = self.finished_point_keys()
+        return "FINISHED" if len(finished) >= self._num_points else "FAILED"
+
+    def _table_rows(self, children: Sequence[Run]) -> list[dict[str, Any]]:
+        """One row per FINISHED child: from memory for points logged now, else from the run and its artifact."""
+        rows = []
+        with tempfile.TemporaryDirectory(prefix="runner-table-") as tmp:
+            for run in children:
+                key = run.data.tags.get(TAG_POINT_KEY)
+                if run.info.status != "FINISHED" or key is None:
+                    continue
+                row = self._rows.get(key)
+                if row is None:
+                    path = self._client.download_artifacts(run.info.run_id, "generation.json", tmp)
+                    text = json.loads(Path(path).read_text(encoding="utf-8"))["text"]
+                    row = _row(key, run.data.params, text, run.data.metrics)
+                rows.append(row)
+        return sorted(rows, key=lambda r: (r["prompt_index"], r["layer"], r["feature"], r["scale"], r["seed"]))
+
+    def _log_table_and_plots(self, parent: str, rows: list[dict[str, Any]]) -> None:
+        import pandas as pd  # imported here so workers that only log points never pay for pandas/matplotlib
+
+        frame = pd.DataFrame(rows)
+        with tempfile.TemporaryDirectory(prefix="runner-close-") as tmp:
+            table = Path(tmp) / TABLE_ARTIFACT
+            frame.to_json(table, orient="split", index=False, date_format="iso")
+            self._client.log_artifact(parent, str(table))
+            plots = Path(tmp) / PLOTS_DIR
+            if write_feature_plots(frame, plots):
+                self._client.log_artifacts(parent, str(plots), PLOTS_DIR)
+        logged = json.loads(self._client.get_run(parent).data.tags.get(_TAG_LOGGED_ARTIFACTS, "[]"))
+        entry = {"path": TABLE_ARTIFACT, "type": "table"}
+        if entry not in logged:
+            self._client.set_tag(parent, _TAG_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
+
+
+def write_feature_plots(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Writes `feature_<i>.png` per feature: each metric (mean over prompts and seeds) against scale, one line per
+    layer. Returns the files written (none when the table has no metric columns)."""
+    from matplotlib.figure import Figure
+
+    metrics = [c for c in frame.columns if c not in _TABLE_COLUMNS and frame[c].dtype.kind in "fiu"]
+    if not metrics or frame.empty or not {"feature", "layer", "scale"} <= set(frame.columns):
+        return []
+    features = sorted(frame["feature"].unique())
+    if len(features) > MAX_FEATURE_PLOTS:
+        _log.warning("plotting the first %d of %d features", MAX_FEATURE_PLOTS, len(features))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for feature in features[:MAX_FEATURE_PLOTS]:
+        means = frame[frame["feature"] == feature].groupby(["layer", "scale"])[metrics].mean().reset_index()
+        columns = min(3, len(metrics))
+        rows = -(-len(metrics) // columns)
+        figure = Figure(figsize=(4 * columns, 3 * rows), layout="constrained")
+        for index, metric in enumerate(metrics):
+            axes = figure.add_subplot(rows, columns, index + 1)
+            for layer, group in means.groupby("layer"):
+                axes.plot(group["scale"], group[metric], marker="o", label=f"layer {layer}")
+            axes.set_xlabel("scale")
+            axes.set_title(metric, fontsize=9)
+            axes.legend(fontsize=7)
+        figure.suptitle(f"feature {feature}")
+        path = out_dir / f"feature_{feature}.png"
+        figure.savefig(path, dpi=72)
+        written.append(path)
+    return written
+
+
+def sweep_status(uri: str, experiment_name: str, sweep_id: str) -> dict[str, Any]:
+    """Summarises a sweep for `runner runs` and `--resume` checks.
+
+    Returns `experiment_id`, `sweep_id`, `parent_run_id`, `parent_status` (e.g. "RUNNING", "FINISHED"),
+    `num_points` and `children` (child run counts by status). Without such an experiment or sweep, the ids,
+    `parent_status` and `num_points` are None and `children` is empty.
+    """
+    client = MlflowClient(tracking_uri=uri)
+    summary: dict[str, Any] = {"experiment_id": None, "sweep_id": sweep_id, "parent_run_id": None,
+                               "parent_status": None, "num_points": None, "children": {}}
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return summary
+    summary["experiment_id"] = experiment.experiment_id
+    parents = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.{TAG_SWEEP_ID} = '{sweep_id}' AND tags.`{TAG_ROLE}` = 'sweep'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
+    if not parents:
+        return summary
+    parent = parents[0]
+    counts: dict[str, int] = {}
+    for run in _search_all(client, experiment.experiment_id, f"tags.{TAG_PARENT} = '{parent.info.run_id}'"):
+        counts[run.info.status] = counts.get(run.info.status, 0) + 1
+    num_points = parent.data.params.get("num_points")
+    summary.update(
+        parent_run_id=parent.info.run_id,
+        parent_status=parent.info.status,
+        num_points=int(num_points) if num_points is not None else None,
+        children=counts,
+    )
+    return summary
+
+
+_SECRET_PATTERNS = (
+    (re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s@]+@"), r"\1***@"),
+    (re.compile(r"\b(hf|ghp|gho|github_pat|sk|xox[abp])_[A-Za-z0-9_-]{8,}"), r"\1_***"),
+    (re.compile(r"(?i)\b(password|passwd|token|secret|api[_-]?key|authorization)(\s*[=:]\s*)\S+"), r"\1\2***"),
+)
+
+
+def scrub(text: str) -> str:
+    """Removes URL credentials, API tokens and `password=...`-style values from free text before it is logged."""
+    for pattern, replacement in _SECRET_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _search_all(client: MlflowClient, experiment_id: str | None, query: str) -> list[Run]:
+    runs: list[Run] = []
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], query, max_results=_PAGE, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _child_of(run: Run) -> _Child:
+    return _Child(run.info.run_id, run.info.status, frozenset(run.data.params), TAG_ERROR in run.data.tags)
+
+
+def _row(key: str, params: Mapping[str, str], text: str, metrics: Mapping[str, float]) -> dict[str, Any]:
+    return {
+        "point_key": key,
+        "prompt_index": int(params["prompt_index"]),
+        "layer": int(params["layer"]),
+        "feature": int(params["feature"]),
+        "scale": float(params["scale"]),
+        "seed": int(params["seed"]),
+        "text": text,
+        **{k: float(v) for k, v in sorted(metrics.items())},
+    }
+
+
+def _run_name(point: SteeringPoint) -> str:
+    return f"L{point.layer} f{point.feature} x{point.scale:g} s{point.seed} p{point.prompt_index}"
+
+
+def _status_for(error: BaseException) -> SweepStatus:
+    return "KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED"
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _truncate(text: str) -> str:
+    return text if len(text) <= MAX_TAG_VAL_LENGTH else text[: MAX_TAG_VAL_LENGTH - 3] + "..."
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _safe(function: Callable[[], _T], default: _T) -> _T:
+    try:
+        return function()
+    except Exception:  # noqa: BLE001
+        return default
