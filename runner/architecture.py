@@ -53,6 +53,7 @@ class Gemma2Architecture:
       attn_logits_soft_cap: Tanh soft cap of the attention logits.
       rope_wavelength: RoPE base.
       rms_norm_eps: RMSNorm epsilon.
+      context_length: Longest sequence (prompt + generation) the model is meant to see.
     """
 
     num_layers: int
@@ -69,6 +70,7 @@ class Gemma2Architecture:
     attn_logits_soft_cap: float = 50.0
     rope_wavelength: float = 10_000.0
     rms_norm_eps: float = 1e-6
+    context_length: int = 8192
 
     @property
     def query_head_multiplier(self) -> int:

@@ -89,7 +89,12 @@ def resolve_model_location(model_config: Any, cache_dir: Path) -> CheckpointLoca
         return CheckpointLocation("orbax", checkpoint_dir, model_dir / "tokenizer.model")
     if source == "local":
         model_dir = Path(model_config.path)
-        return CheckpointLocation("orbax", synthetic.find_checkpoint_dir(model_dir), model_dir / "tokenizer.model")
+        return CheckpointLocation(
+            "orbax",
+            synthetic.find_checkpoint_dir(model_dir),
+            model_dir / "tokenizer.model",
+            is_synthetic=synthetic.synthetic_architecture(model_dir) is not None,
+        )
     if source == "huggingface":
         directory = hf_format.resolve_hf_checkpoint(model_config.repo_id, model_config.path)
         return CheckpointLocation("huggingface", directory, directory / "tokenizer.model")
@@ -237,18 +242,10 @@ def load_model(
 
     if location.kind == "huggingface":
         flat_numpy, overrides = hf_format.read_hf_checkpoint(location.checkpoint_dir)
-        arch = Gemma2Architecture.from_shapes(
-            {k: {leaf: v.shape for leaf, v in leaves.items()} for k, leaves in flat_numpy.items()},
-            source=str(location.checkpoint_dir),
-        )
-        arch = dataclasses.replace(arch, **overrides)
+        arch = _hf_architecture(flat_numpy, overrides, location.checkpoint_dir)
         flat = jax.tree.map(lambda array: jnp.asarray(array, dtype=dtype), flat_numpy)
     else:
-        arch = Gemma2Architecture.from_shapes(
-            read_orbax_shapes(location.checkpoint_dir),
-            sliding_window=_sliding_window_of(location.checkpoint_dir.parent),
-            source=str(location.checkpoint_dir),
-        )
+        arch = read_architecture(location)
         flat = restore_orbax_params(location.checkpoint_dir, arch, dtype, mesh)
 
     model = build_gemma2(flat, arch, activation_dtype)
@@ -263,13 +260,26 @@ def load_model(
     )
 
 
-def _sliding_window_of(model_dir: Path) -> int:
-    """The local-attention window: 4096 for Gemma2 checkpoints, the preset's for synthetic ones.
+def read_architecture(location: CheckpointLocation) -> Gemma2Architecture:
+    """The model's architecture from checkpoint metadata (orbax: no weights are read).
 
-    Kaggle checkpoints do not record it; synthetic models carry it in their `runner_synthetic.json` marker.
+    Kaggle checkpoints do not record the sliding window (4096 for every Gemma2); synthetic models declare theirs
+    in their marker file.
     """
-    marker = synthetic.read_marker(model_dir)
-    return int(marker["architecture"]["sliding_window"]) if marker else 4096
+    if location.kind == "huggingface":
+        flat_numpy, overrides = hf_format.read_hf_checkpoint(location.checkpoint_dir)
+        return _hf_architecture(flat_numpy, overrides, location.checkpoint_dir)
+    declared = synthetic.synthetic_architecture(location.checkpoint_dir.parent)
+    return Gemma2Architecture.from_shapes(
+        read_orbax_shapes(location.checkpoint_dir),
+        sliding_window=declared.sliding_window if declared else 4096,
+        source=str(location.checkpoint_dir),
+    )
+
+
+def _hf_architecture(flat_numpy: FlatParams, overrides: Mapping[str, Any], directory: Path) -> Gemma2Architecture:
+    shapes = {key: {leaf: array.shape for leaf, array in leaves.items()} for key, leaves in flat_numpy.items()}
+    return dataclasses.replace(Gemma2Architecture.from_shapes(shapes, source=str(directory)), **overrides)
 
 
 def cache_dir_default() -> Path:

@@ -1,0 +1,167 @@
+"""The host worker: loads the model and SAEs once, then turns jobs of steering points into results.
+
+A worker owns one host (all of its local accelerators, or the CPU in tests). It keeps one compiled
+`SteeringSampler` per (batch size, prompt bucket, max_new_tokens), so a sweep compiles once per shape.
+The Ray actor in `runner.cluster` wraps this class; a local run uses it directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from runner import metrics, plan, tokenizer as tokenizer_lib
+from runner.model import LoadedModel, load_model, make_host_mesh
+from runner.plan import Job, SteeringPoint
+from runner.results import PointResult
+from runner.sae import LoadedSAE, load_sae
+from runner.sae_sources import SAEFile, synthetic_sae_width, write_synthetic_saes
+from runner.sampling import SamplingBatch, SteeringSampler, left_pad, prompt_bucket
+from runner.steering import MODE_CODES
+
+
+def point_stream(point: SteeringPoint) -> int:
+    """The random stream of a point: a 32-bit hash of its prompt, so scale 0 rows of a (prompt, seed) agree."""
+    return int.from_bytes(hashlib.sha256(point.prompt.encode("utf-8")).digest()[:4], "little")
+
+
+def steer_from_position(positions: str, prompt_length: int) -> int:
+    """First steered token position for a `steering.positions` setting."""
+    return {"all": 0, "skip_bos": 1, "generated": prompt_length}[positions]
+
+
+def batch_rows(
+    points: Sequence[SteeringPoint], prompt_tokens: Sequence[Sequence[int]], prompt_len: int
+) -> SamplingBatch:
+    """Host arrays for a batch whose row i runs `points[i]` on `prompt_tokens[i]`."""
+    return SamplingBatch(
+        prompt_tokens=left_pad([list(tokens) for tokens in prompt_tokens], prompt_len),
+        target_layer=np.array([p.layer for p in points], np.int32),
+        feature=np.array([p.feature for p in points], np.int32),
+        value=np.array([0.0 if p.mode == "ablate" else p.scale for p in points], np.float32),
+        mode=np.array([MODE_CODES[p.mode] for p in points], np.int32),
+        steer_from=np.array(
+            [steer_from_position(p.positions, len(t)) for p, t in zip(points, prompt_tokens)], np.int32
+        ),
+        temperature=np.array([p.temperature for p in points], np.float32),
+        top_k=np.array([p.top_k or 0 for p in points], np.int32),
+        top_p=np.array([1.0 if p.top_p is None else p.top_p for p in points], np.float32),
+        seed=np.array([p.seed for p in points], np.uint32),
+        stream=np.array([point_stream(p) for p in points], np.uint32),
+    )
+
+
+def cut_at_eos(tokens: np.ndarray, eos_id: int = tokenizer_lib.EOS_ID) -> tuple[list[int], bool]:
+    """The generated ids before the first EOS (padding dropped), and whether an EOS was produced."""
+    ids = [int(t) for t in tokens]
+    if eos_id in ids:
+        return ids[: ids.index(eos_id)], True
+    return [t for t in ids if t != tokenizer_lib.PAD_ID], False
+
+
+class SteeringWorker:
+    """Runs steering jobs on this host's model.
+
+    Args:
+      config: The experiment (`runner.config.ExperimentConfig`).
+      sae_files: The SAE file of every steered layer, as resolved by the driver.
+      batch_size: Rows of every compiled batch (short jobs are padded to it).
+      cache_dir: Where synthetic models and SAEs are written.
+      worker_name: Recorded with each result.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        sae_files: Mapping[int, SAEFile],
+        *,
+        batch_size: int,
+        cache_dir: Path,
+        worker_name: str = "local",
+    ):
+        self.config = config
+        self.batch_size = batch_size
+        self.worker_name = worker_name
+        mesh = make_host_mesh() if len(jax.local_devices()) > 1 else None
+        self.loaded: LoadedModel = load_model(
+            config.model, cache_dir=cache_dir, mesh=mesh, model_id=plan.model_id(config.model)
+        )
+        self.saes: dict[int, LoadedSAE] = self._load_saes(sae_files, cache_dir)
+        self._samplers: dict[tuple[int, int, int], SteeringSampler] = {}
+
+    def _load_saes(self, sae_files: Mapping[int, SAEFile], cache_dir: Path) -> dict[int, LoadedSAE]:
+        paths = {layer: file.path for layer, file in sae_files.items()}
+        pending = [layer for layer, path in paths.items() if path is None]
+        if pending:
+            sae_config = self.config.sae
+            width = synthetic_sae_width(sae_config, self.loaded.architecture.embedding_dim)
+            slug = self.loaded.model_id.replace(":", "-").replace("/", "_")
+            paths.update(
+                write_synthetic_saes(
+                    self.loaded,
+                    pending,
+                    cache_dir / "synthetic-saes" / f"{slug}-seed{sae_config.seed}",
+                    width=width,
+                    target_l0=sae_config.target_l0,
+                    seed=sae_config.seed,
+                )
+            )
+        d_in = self.loaded.architecture.embedding_dim
+        return {
+            layer: load_sae(paths[layer], sae_id=file.sae_id, layer=layer, expected_d_in=d_in)
+            for layer, file in sae_files.items()
+        }
+
+    @property
+    def compilations(self) -> int:
+        """Programs compiled by this worker so far (one per batch shape)."""
+        return sum(sampler.compilations for sampler in self._samplers.values())
+
+    def sampler_for(self, prompt_len: int, max_new_tokens: int) -> SteeringSampler:
+        """The compiled sampler of a shape, built on first use."""
+        key = (self.batch_size, prompt_len, max_new_tokens)
+        if key not in self._samplers:
+            self._samplers[key] = SteeringSampler(
+                self.loaded.model,
+                {layer: loaded.sae for layer, loaded in self.saes.items()},
+                batch_size=self.batch_size,
+                prompt_len=prompt_len,
+                max_new_tokens=max_new_tokens,
+            )
+        return self._samplers[key]
+
+    def run_job(self, job: Job, attempt: int = 1) -> list[PointResult]:
+        """Generates every point of `job` in one call of the compiled program."""
+        points = list(job.points)
+        if not points or len(points) > self.batch_size:
+            raise ValueError(f"job of {len(points)} points for a worker of batch size {self.batch_size}")
+        tokenizer = self.loaded.tokenizer
+        prompt_tokens = [tokenizer_lib.encode_prompt(tokenizer, point.prompt) for point in points]
+        padded_points = points + [points[-1]] * (self.batch_size - len(points))
+        padded_tokens = prompt_tokens + [prompt_tokens[-1]] * (self.batch_size - len(points))
+        max_new_tokens = points[0].max_new_tokens
+        sampler = self.sampler_for(prompt_bucket(max(len(t) for t in prompt_tokens)), max_new_tokens)
+        output = sampler(batch_rows(padded_points, padded_tokens, sampler.prompt_len))
+
+        results = []
+        for row, point in enumerate(points):
+            ids, stopped = cut_at_eos(output.tokens[row])
+            point_metrics = metrics.steering_point_metrics(output.totals, row)
+            point_metrics["gen/num_tokens"] = float(len(ids))
+            point_metrics["gen/stopped_at_eos"] = float(stopped)
+            results.append(
+                PointResult(
+                    point_key=point.point_key,
+                    text=tokenizer_lib.decode_tokens(tokenizer, ids),
+                    token_ids=tuple(ids),
+                    metrics=point_metrics,
+                    worker=self.worker_name,
+                    attempt=attempt,
+                )
+            )
+        return results

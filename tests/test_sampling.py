@@ -1,0 +1,191 @@
+"""The batched, fully jitted steering sampler: equal to simple references, one program per shape."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from penzai import pz
+
+from runner import steering, tokenizer as tokenizer_lib
+from runner.sae import LATENT_AXIS
+from runner.sampling import SamplingBatch, SteeringSampler, left_pad, prompt_bucket, sample_next_tokens
+
+PROMPTS = ["The most iconic structure on Earth is", "Once upon a time", "The river ran"]
+NEW_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def encoded(tiny_model) -> list[list[int]]:
+    return [tokenizer_lib.encode_prompt(tiny_model.tokenizer, text) for text in PROMPTS]
+
+
+def make_batch(rows: list[dict], prompt_len: int) -> SamplingBatch:
+    """Rows are dicts of tokens, layer, feature, value, mode, and optional sampling fields."""
+
+    def column(name, default, dtype):
+        return np.array([row.get(name, default) for row in rows], dtype)
+
+    return SamplingBatch(
+        prompt_tokens=left_pad([row["tokens"] for row in rows], prompt_len),
+        target_layer=column("layer", steering.NO_LAYER, np.int32),
+        feature=column("feature", 0, np.int32),
+        value=column("value", 0.0, np.float32),
+        mode=np.array([steering.MODE_CODES[row.get("mode", "add")] for row in rows], np.int32),
+        steer_from=column("steer_from", 0, np.int32),
+        temperature=column("temperature", 0.0, np.float32),
+        top_k=column("top_k", 0, np.int32),
+        top_p=column("top_p", 1.0, np.float32),
+        seed=column("seed", 0, np.uint32),
+        stream=column("stream", 0, np.uint32),
+    )
+
+
+def sampler(tiny_model, tiny_saes, batch_size: int, **kwargs) -> SteeringSampler:
+    return SteeringSampler(
+        tiny_model.model, tiny_saes, batch_size=batch_size, prompt_len=16, max_new_tokens=NEW_TOKENS, **kwargs
+    )
+
+
+def reference_greedy(model, prompt: list[int], steps: int, **side_inputs) -> list[int]:
+    """The plainest possible decoder: the full (uncached) model on the whole sequence every step."""
+    tokens = list(prompt)
+    for _ in range(steps):
+        logits = model(pz.nx.wrap(jnp.asarray([tokens], jnp.int32)).tag("batch", "seq"), **side_inputs)
+        last = np.asarray(logits.unwrap("batch", "seq", "vocabulary"))[0, -1].copy()
+        last[tokenizer_lib.PAD_ID] = -np.inf
+        tokens.append(int(last.argmax()))
+    return tokens[len(prompt):]
+
+
+def test_unsteered_rows_equal_a_plain_greedy_decode(tiny_model, tiny_saes, encoded) -> None:
+    rows = [{"tokens": t} for t in encoded] + [{"tokens": encoded[0], "layer": 2, "feature": 4, "value": 0.0}]
+    out = sampler(tiny_model, tiny_saes, 4, eos_id=-1)(make_batch(rows, 16))
+    for row, prompt in enumerate(encoded):
+        assert out.tokens[row].tolist() == reference_greedy(tiny_model.model, prompt, NEW_TOKENS)
+    assert out.tokens[3].tolist() == out.tokens[0].tolist()  # scale 0 is the unsteered model
+
+
+def test_steered_rows_equal_a_plain_greedy_decode_of_the_patched_model(tiny_model, tiny_saes, encoded) -> None:
+    row = {"tokens": encoded[1], "layer": 1, "feature": 9, "value": 25.0}
+    out = sampler(tiny_model, tiny_saes, 1, eos_id=-1)(make_batch([row], 16))
+    patched = steering.add_steering_sites(tiny_model.model, tiny_saes)
+    inputs = steering.SteeringInputs.from_rows([1], [9], [25.0], ["add"], [0])
+    expected = reference_greedy(patched, encoded[1], NEW_TOKENS, steering=inputs)
+    assert out.tokens[0].tolist() == expected
+    assert expected != reference_greedy(tiny_model.model, encoded[1], NEW_TOKENS)
+
+
+def test_batched_generation_equals_one_point_at_a_time(tiny_model, tiny_saes, encoded) -> None:
+    rows = [
+        {"tokens": encoded[0], "layer": 1, "feature": 3, "value": 30.0, "mode": "add"},
+        {"tokens": encoded[1], "layer": 3, "feature": 8, "value": -20.0, "mode": "add"},
+        {"tokens": encoded[2], "layer": 2, "feature": 5, "value": 15.0, "mode": "clamp"},
+        {"tokens": encoded[0], "layer": 2, "feature": 5, "value": 0.0, "mode": "ablate"},
+        {"tokens": encoded[1], "layer": 0, "feature": 100, "value": 40.0, "mode": "add", "steer_from": 1},
+    ]
+    together = sampler(tiny_model, tiny_saes, len(rows), eos_id=-1)(make_batch(rows, 16))
+    alone = sampler(tiny_model, tiny_saes, 1, eos_id=-1)
+    for index, row in enumerate(rows):
+        single = alone(make_batch([row], 16))
+        np.testing.assert_array_equal(together.tokens[index], single.tokens[0])
+        for name, total in together.totals.items():
+            np.testing.assert_allclose(total[index], single.totals[name][0], rtol=1e-5, err_msg=name)
+    assert alone.compilations == 1
+
+
+def test_one_compilation_for_any_mix_of_points(tiny_model, tiny_saes, encoded) -> None:
+    program = sampler(tiny_model, tiny_saes, 4, eos_id=-1)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        rows = [
+            {
+                "tokens": encoded[rng.integers(3)],
+                "layer": int(rng.integers(4)),
+                "feature": int(rng.integers(256)),
+                "value": float(rng.normal() * 20),
+                "mode": str(rng.choice(["add", "clamp", "ablate"])),
+                "temperature": float(rng.choice([0.0, 0.7])),
+                "top_k": int(rng.choice([0, 5])),
+                "top_p": float(rng.choice([1.0, 0.9])),
+                "seed": int(rng.integers(100)),
+            }
+            for _ in range(4)
+        ]
+        program(make_batch(rows, 16))
+    assert program.compilations == 1
+
+
+def test_eos_stops_a_row_and_the_text_is_padded_after_it(tiny_model, tiny_saes, encoded) -> None:
+    rows = [{"tokens": encoded[0]}, {"tokens": encoded[1]}]
+    free = sampler(tiny_model, tiny_saes, 2, eos_id=-1)(make_batch(rows, 16))
+    stop_token = int(free.tokens[0, 3])  # pretend this token is EOS: row 0 must stop right there
+    stopped = sampler(tiny_model, tiny_saes, 2, eos_id=stop_token)(make_batch(rows, 16))
+    first = free.tokens[0].tolist().index(stop_token)
+    assert stopped.tokens[0, : first + 1].tolist() == free.tokens[0, : first + 1].tolist()
+    assert np.all(stopped.tokens[0, first + 1 :] == tokenizer_lib.PAD_ID)
+    assert stopped.totals["tokens"][0] == first  # EOS itself is not measured
+
+
+def test_early_exit_when_every_row_is_done(tiny_model, tiny_saes, encoded) -> None:
+    rows = [{"tokens": encoded[0]}]
+    free = sampler(tiny_model, tiny_saes, 1, eos_id=-1)(make_batch(rows, 16))
+    assert free.decode_steps == NEW_TOKENS
+    stopped = sampler(tiny_model, tiny_saes, 1, eos_id=int(free.tokens[0, 1]))(make_batch(rows, 16))
+    assert stopped.decode_steps == free.tokens[0].tolist().index(int(free.tokens[0, 1])) + 1
+
+
+def test_a_points_randomness_does_not_depend_on_its_row_or_batch(tiny_model, tiny_saes, encoded) -> None:
+    point = {"tokens": encoded[2], "layer": 1, "feature": 3, "value": 10.0, "temperature": 1.0, "seed": 7, "stream": 99}
+    alone = sampler(tiny_model, tiny_saes, 1)(make_batch([point], 16)).tokens[0]
+    others = [{"tokens": encoded[i % 3], "temperature": 1.0, "seed": i, "stream": i} for i in range(7)]
+    crowded = sampler(tiny_model, tiny_saes, 8)(make_batch(others[:5] + [point] + others[5:], 16)).tokens[5]
+    np.testing.assert_array_equal(alone, crowded)
+    other_seed = sampler(tiny_model, tiny_saes, 1)(make_batch([{**point, "seed": 8}], 16)).tokens[0]
+    assert other_seed.tolist() != alone.tolist()
+
+
+def test_measurements_match_a_teacher_forced_reread(tiny_model, tiny_saes, encoded) -> None:
+    layer, feature, value = 2, 21, 12.0
+    row = {"tokens": encoded[0], "layer": layer, "feature": feature, "value": value}
+    out = sampler(tiny_model, tiny_saes, 1, eos_id=-1)(make_batch([row], 16))
+    sequence = encoded[0] + out.tokens[0].tolist()
+
+    saved = pz.StateVariable(value=None)
+    probe = (
+        pz.select(steering.add_steering_sites(tiny_model.model, tiny_saes))
+        .at_instances_of(steering.SteeringSite)
+        .where(lambda site: site.layer_index == layer)
+        .insert_after(steering.SaveResidual(saved))
+    )
+    probe(
+        pz.nx.wrap(jnp.asarray([sequence], jnp.int32)).tag("batch", "seq"),
+        steering=steering.SteeringInputs.from_rows([layer], [feature], [value], ["add"], [0]),
+    )
+    generated = slice(len(encoded[0]), len(sequence))
+    f = np.asarray(tiny_saes[layer].encode(saved.value).unwrap("batch", "seq", LATENT_AXIS))[0, generated]
+    assert out.totals["tokens"][0] == NEW_TOKENS
+    assert out.totals["l0"][0] / NEW_TOKENS == pytest.approx((f > 0).sum(-1).mean(), abs=0.2)
+    assert out.totals["feature_activation"][0] / NEW_TOKENS == pytest.approx(f[:, feature].mean(), rel=1e-3)
+    assert out.totals["feature_fires"][0] == (f[:, feature] > 0).sum()
+
+
+def test_sampling_filters_and_the_pad_token() -> None:
+    logits = jnp.asarray([[9.0, 1.0, 3.0, 2.0, 0.5]] * 3)
+    keys = jax.random.split(jax.random.key(0), 3)
+    greedy = sample_next_tokens(logits, keys, jnp.zeros(3), jnp.zeros(3, jnp.int32), jnp.ones(3))
+    assert greedy.tolist() == [2, 2, 2]  # token 0 (pad) has the largest logit but is never produced
+    draws = np.stack([
+        sample_next_tokens(logits, jax.random.split(jax.random.key(i), 3), jnp.full(3, 5.0),
+                           jnp.asarray([1, 2, 0]), jnp.asarray([1.0, 1.0, 0.01]))
+        for i in range(50)
+    ])
+    assert set(draws[:, 0].tolist()) == {2}  # top-k 1
+    assert set(draws[:, 1].tolist()) == {2, 3}  # top-k 2 at high temperature: both survivors appear
+    assert set(draws[:, 2].tolist()) == {2}  # top-p tiny keeps the most likely token only
+    assert tokenizer_lib.PAD_ID not in draws
+
+
+def test_prompt_buckets() -> None:
+    assert [prompt_bucket(n) for n in (1, 16, 17, 33, 100)] == [16, 16, 32, 64, 128]
