@@ -107,13 +107,12 @@ def sample_next_tokens(
     def filtered(scaled: jax.Array) -> jax.Array:
         descending = -jnp.sort(-scaled, axis=-1)
         vocab = scaled.shape[-1]
-        kth_index = jnp.where(top_k > 0, jnp.minimum(top_k, vocab) - 1, vocab - 1)
-        kth_value = jnp.take_along_axis(descending, kth_index[:, None], axis=-1)
-        descending = jnp.where(descending >= kth_value, descending, -jnp.inf)
-        probs = jax.nn.softmax(descending, axis=-1)
+        kth_value = jnp.take_along_axis(descending, (jnp.clip(top_k, 1, vocab) - 1)[:, None], axis=-1)
+        in_top_k = (top_k[:, None] <= 0) | (descending >= kth_value)
+        probs = jax.nn.softmax(jnp.where(in_top_k, descending, -jnp.inf), axis=-1)
         mass_before = jnp.cumsum(probs, axis=-1) - probs
-        kept = jnp.where(mass_before < top_p[:, None], descending, jnp.inf)
-        cutoff = jnp.minimum(jnp.min(kept, axis=-1, keepdims=True), kth_value)
+        kept = in_top_k & (mass_before < top_p[:, None])  # the most likely token is always kept
+        cutoff = jnp.min(jnp.where(kept, descending, jnp.inf), axis=-1, keepdims=True)
         return jnp.where(scaled >= cutoff, scaled, -jnp.inf)
 
     needs_filter = jnp.any(top_k > 0) | jnp.any(top_p < 1.0)

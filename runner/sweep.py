@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from runner import plan, tokenizer as tokenizer_lib
 from runner.architecture import Gemma2Architecture
@@ -19,6 +19,7 @@ from runner.config import ExperimentConfig
 from runner.errors import PlanError
 from runner.model import read_architecture, resolve_model_location
 from runner.plan import Job, SteeringPoint
+from runner.results import PointResult
 from runner.sae import read_params_npz
 from runner.sae_sources import SAEFile, resolve_sae_files, synthetic_sae_width
 from runner.tracking import SweepTracker
@@ -132,58 +133,100 @@ def prepare_sweep(config: ExperimentConfig, cache_dir: Path) -> SweepPlan:
 
 
 ProgressCallback = Callable[[int, int, int, int], None]
+ResultCallback = Callable[[Job, list[PointResult]], None]
+FailureCallback = Callable[[Job, str, int], None]
+
+
+class JobExecutor(Protocol):
+    """Runs jobs somewhere and reports each one back on the calling thread."""
+
+    def run(self, jobs: Sequence[Job], on_result: ResultCallback, on_failure: FailureCallback) -> None:
+        """Runs every job; calls `on_result(job, results)` or `on_failure(job, error_text, attempt)` per job."""
+
+    @property
+    def compilations(self) -> int:
+        """Programs compiled by the executor's workers so far."""
+
+
+class LocalExecutor:
+    """Runs jobs in this process on one `SteeringWorker` (built on first use); a job's error fails its points."""
+
+    def __init__(self, sweep_plan: SweepPlan, cache_dir: Path):
+        self._plan = sweep_plan
+        self._cache_dir = cache_dir
+        self._worker: Any = None
+
+    @property
+    def compilations(self) -> int:
+        """Programs compiled by the local worker so far."""
+        return self._worker.compilations if self._worker is not None else 0
+
+    def run(self, jobs: Sequence[Job], on_result: ResultCallback, on_failure: FailureCallback) -> None:
+        """Runs the jobs one after another."""
+        from runner.worker import SteeringWorker  # JAX model code is imported only when a sweep really runs.
+
+        if self._worker is None and jobs:
+            self._worker = SteeringWorker(
+                self._plan.config, self._plan.sae_files, batch_size=self._plan.batch_size, cache_dir=self._cache_dir
+            )
+        for job in jobs:
+            try:
+                results = self._worker.run_job(job)
+            except Exception as error:  # the job's own error: its points fail, the sweep goes on
+                on_failure(job, f"{type(error).__name__}: {error}", 1)
+            else:
+                on_result(job, results)
 
 
 def run_sweep(
     sweep_plan: SweepPlan,
     *,
     cache_dir: Path,
+    executor: JobExecutor | None = None,
     progress: ProgressCallback | None = None,
 ) -> SweepSummary:
-    """Runs the planned sweep on a local worker and logs every point to MLflow.
+    """Runs the planned sweep and logs every point to MLflow (this process is the only MLflow writer).
 
-    Points whose child run already FINISHED are skipped, so re-running a sweep resumes it. `progress` is called
-    after every job with (points done, points to run, failures, generated tokens).
+    Points whose child run already FINISHED are skipped, so re-running a sweep resumes it. `executor` defaults to
+    a `LocalExecutor`. `progress` is called after every job with (points done, points to run, failures, tokens).
     """
-    from runner.worker import SteeringWorker  # Imports JAX model code only when a sweep really runs.
-
     config = sweep_plan.config
+    executor = executor if executor is not None else LocalExecutor(sweep_plan, cache_dir)
     tracker = SweepTracker(config.tracking.uri, config.tracking.experiment)
     started = time.perf_counter()
-    finished = failed = tokens = 0
+    counts = {"finished": 0, "failed": 0, "tokens": 0, "to_run": 0}
+
+    def report() -> None:
+        if progress is not None:
+            progress(counts["finished"] + counts["failed"], counts["to_run"], counts["failed"], counts["tokens"])
+
+    def on_result(job: Job, results: list[PointResult]) -> None:
+        for point, result in zip(job.points, results):
+            tracker.log_point(point, result)
+            counts["tokens"] += len(result.token_ids)
+        counts["finished"] += len(results)
+        report()
+
+    def on_failure(job: Job, error: str, attempt: int) -> None:
+        for point in job.points:
+            tracker.fail_point(point, error, attempt=attempt)
+        counts["failed"] += len(job.points)
+        report()
+
     with tracker.sweep(config, sweep_plan.sweep_id, len(sweep_plan.points)) as parent_run_id:
         done_keys = tracker.finished_point_keys()
         remaining = [point for point in sweep_plan.points if point.point_key not in done_keys]
-        skipped = len(sweep_plan.points) - len(remaining)
-        compilations = 0
-        if remaining:
-            worker = SteeringWorker(
-                config, sweep_plan.sae_files, batch_size=sweep_plan.batch_size, cache_dir=cache_dir
-            )
-            for job in plan.pack_jobs(remaining, sweep_plan.batch_size):
-                try:
-                    results = worker.run_job(job)
-                except Exception as error:  # the job's own error: its points fail, the sweep goes on
-                    for point in job.points:
-                        tracker.fail_point(point, f"{type(error).__name__}: {error}", attempt=1)
-                    failed += len(job.points)
-                else:
-                    for point, result in zip(job.points, results):
-                        tracker.log_point(point, result)
-                        tokens += len(result.token_ids)
-                    finished += len(results)
-                if progress is not None:
-                    progress(finished + failed, len(remaining), failed, tokens)
-            compilations = worker.compilations
+        counts["to_run"] = len(remaining)
+        executor.run(plan.pack_jobs(remaining, sweep_plan.batch_size), on_result, on_failure)
     return SweepSummary(
         sweep_id=sweep_plan.sweep_id,
         parent_run_id=parent_run_id,
         experiment_id=tracker.experiment_id,
         points_total=len(sweep_plan.points),
-        points_skipped=skipped,
-        points_finished=finished,
-        points_failed=failed,
-        generated_tokens=tokens,
+        points_skipped=len(sweep_plan.points) - len(remaining),
+        points_finished=counts["finished"],
+        points_failed=counts["failed"],
+        generated_tokens=counts["tokens"],
         seconds=time.perf_counter() - started,
-        compilations=compilations,
+        compilations=executor.compilations,
     )

@@ -14,6 +14,7 @@ from runner.sampling import SamplingBatch, SteeringSampler, left_pad, prompt_buc
 
 PROMPTS = ["The most iconic structure on Earth is", "Once upon a time", "The river ran"]
 NEW_TOKENS = 10
+PROMPT_LEN = 32
 
 
 @pytest.fixture(scope="module")
@@ -42,34 +43,61 @@ def make_batch(rows: list[dict], prompt_len: int) -> SamplingBatch:
     )
 
 
-def sampler(tiny_model, tiny_saes, batch_size: int, **kwargs) -> SteeringSampler:
-    return SteeringSampler(
-        tiny_model.model, tiny_saes, batch_size=batch_size, prompt_len=16, max_new_tokens=NEW_TOKENS, **kwargs
-    )
+@pytest.fixture(scope="module")
+def sampler(tiny_model, tiny_saes):
+    """`sampler(batch_size, eos_id)`: samplers shared by the module's tests (each compiles once)."""
+    built: dict[tuple[int, int], SteeringSampler] = {}
+
+    def get(batch_size: int, eos_id: int = -1) -> SteeringSampler:
+        if (batch_size, eos_id) not in built:
+            built[batch_size, eos_id] = SteeringSampler(
+                tiny_model.model, tiny_saes, batch_size=batch_size, prompt_len=PROMPT_LEN,
+                max_new_tokens=NEW_TOKENS, eos_id=eos_id,
+            )
+        return built[batch_size, eos_id]
+
+    return get
+
+
+def filled(rows: list[dict], batch_size: int = 8) -> list[dict]:
+    """Pads a list of rows to the batch size by repeating its last row."""
+    return rows + [rows[-1]] * (batch_size - len(rows))
+
+
+@jax.jit
+def full_forward(model, tokens: jax.Array, side_inputs: dict) -> jax.Array:
+    return model(pz.nx.wrap(tokens).tag("batch", "seq"), **side_inputs).unwrap("batch", "seq", "vocabulary")
 
 
 def reference_greedy(model, prompt: list[int], steps: int, **side_inputs) -> list[int]:
-    """The plainest possible decoder: the full (uncached) model on the whole sequence every step."""
+    """The plainest possible decoder: the full (uncached) model over the whole sequence at every step.
+
+    The sequence is right-padded to a fixed length so one compiled forward serves every step; the model is
+    causal, so positions before the padding do not see it.
+    """
     tokens = list(prompt)
     for _ in range(steps):
-        logits = model(pz.nx.wrap(jnp.asarray([tokens], jnp.int32)).tag("batch", "seq"), **side_inputs)
-        last = np.asarray(logits.unwrap("batch", "seq", "vocabulary"))[0, -1].copy()
+        padded = tokens + [tokenizer_lib.PAD_ID] * (len(prompt) + steps - len(tokens))
+        logits = np.asarray(full_forward(pz.freeze_params(model), jnp.asarray([padded], jnp.int32), side_inputs))
+        last = logits[0, len(tokens) - 1].copy()
         last[tokenizer_lib.PAD_ID] = -np.inf
         tokens.append(int(last.argmax()))
     return tokens[len(prompt):]
 
 
-def test_unsteered_rows_equal_a_plain_greedy_decode(tiny_model, tiny_saes, encoded) -> None:
+def test_unsteered_rows_equal_a_plain_greedy_decode(tiny_model, sampler, encoded) -> None:
     rows = [{"tokens": t} for t in encoded] + [{"tokens": encoded[0], "layer": 2, "feature": 4, "value": 0.0}]
-    out = sampler(tiny_model, tiny_saes, 4, eos_id=-1)(make_batch(rows, 16))
+    out = sampler(8)(make_batch(filled(rows), PROMPT_LEN))
     for row, prompt in enumerate(encoded):
         assert out.tokens[row].tolist() == reference_greedy(tiny_model.model, prompt, NEW_TOKENS)
     assert out.tokens[3].tolist() == out.tokens[0].tolist()  # scale 0 is the unsteered model
 
 
-def test_steered_rows_equal_a_plain_greedy_decode_of_the_patched_model(tiny_model, tiny_saes, encoded) -> None:
+def test_steered_rows_equal_a_plain_greedy_decode_of_the_patched_model(
+    tiny_model, tiny_saes, sampler, encoded
+) -> None:
     row = {"tokens": encoded[1], "layer": 1, "feature": 9, "value": 25.0}
-    out = sampler(tiny_model, tiny_saes, 1, eos_id=-1)(make_batch([row], 16))
+    out = sampler(1)(make_batch([row], PROMPT_LEN))
     patched = steering.add_steering_sites(tiny_model.model, tiny_saes)
     inputs = steering.SteeringInputs.from_rows([1], [9], [25.0], ["add"], [0])
     expected = reference_greedy(patched, encoded[1], NEW_TOKENS, steering=inputs)
@@ -77,7 +105,7 @@ def test_steered_rows_equal_a_plain_greedy_decode_of_the_patched_model(tiny_mode
     assert expected != reference_greedy(tiny_model.model, encoded[1], NEW_TOKENS)
 
 
-def test_batched_generation_equals_one_point_at_a_time(tiny_model, tiny_saes, encoded) -> None:
+def test_batched_generation_equals_one_point_at_a_time(sampler, encoded) -> None:
     rows = [
         {"tokens": encoded[0], "layer": 1, "feature": 3, "value": 30.0, "mode": "add"},
         {"tokens": encoded[1], "layer": 3, "feature": 8, "value": -20.0, "mode": "add"},
@@ -85,18 +113,18 @@ def test_batched_generation_equals_one_point_at_a_time(tiny_model, tiny_saes, en
         {"tokens": encoded[0], "layer": 2, "feature": 5, "value": 0.0, "mode": "ablate"},
         {"tokens": encoded[1], "layer": 0, "feature": 100, "value": 40.0, "mode": "add", "steer_from": 1},
     ]
-    together = sampler(tiny_model, tiny_saes, len(rows), eos_id=-1)(make_batch(rows, 16))
-    alone = sampler(tiny_model, tiny_saes, 1, eos_id=-1)
+    together = sampler(8)(make_batch(filled(rows), PROMPT_LEN))
+    alone = sampler(1)
     for index, row in enumerate(rows):
-        single = alone(make_batch([row], 16))
+        single = alone(make_batch([row], PROMPT_LEN))
         np.testing.assert_array_equal(together.tokens[index], single.tokens[0])
         for name, total in together.totals.items():
             np.testing.assert_allclose(total[index], single.totals[name][0], rtol=1e-5, err_msg=name)
     assert alone.compilations == 1
 
 
-def test_one_compilation_for_any_mix_of_points(tiny_model, tiny_saes, encoded) -> None:
-    program = sampler(tiny_model, tiny_saes, 4, eos_id=-1)
+def test_one_compilation_for_any_mix_of_points(sampler, encoded) -> None:
+    program = sampler(8)
     rng = np.random.default_rng(0)
     for _ in range(3):
         rows = [
@@ -111,45 +139,39 @@ def test_one_compilation_for_any_mix_of_points(tiny_model, tiny_saes, encoded) -
                 "top_p": float(rng.choice([1.0, 0.9])),
                 "seed": int(rng.integers(100)),
             }
-            for _ in range(4)
+            for _ in range(8)
         ]
-        program(make_batch(rows, 16))
+        program(make_batch(rows, PROMPT_LEN))
     assert program.compilations == 1
 
 
-def test_eos_stops_a_row_and_the_text_is_padded_after_it(tiny_model, tiny_saes, encoded) -> None:
-    rows = [{"tokens": encoded[0]}, {"tokens": encoded[1]}]
-    free = sampler(tiny_model, tiny_saes, 2, eos_id=-1)(make_batch(rows, 16))
-    stop_token = int(free.tokens[0, 3])  # pretend this token is EOS: row 0 must stop right there
-    stopped = sampler(tiny_model, tiny_saes, 2, eos_id=stop_token)(make_batch(rows, 16))
+def test_eos_stops_the_row_pads_after_it_and_ends_the_loop_early(sampler, encoded) -> None:
+    row = {"tokens": encoded[0], "layer": 1}
+    free = sampler(1)(make_batch([row], PROMPT_LEN))
+    assert free.decode_steps == NEW_TOKENS
+    stop_token = int(free.tokens[0, 3])  # pretend this token is EOS: the row must stop at its first occurrence
     first = free.tokens[0].tolist().index(stop_token)
+    stopped = sampler(1, eos_id=stop_token)(make_batch([row], PROMPT_LEN))
     assert stopped.tokens[0, : first + 1].tolist() == free.tokens[0, : first + 1].tolist()
     assert np.all(stopped.tokens[0, first + 1 :] == tokenizer_lib.PAD_ID)
+    assert stopped.decode_steps == first + 1  # every row is done: no further decode steps run
     assert stopped.totals["tokens"][0] == first  # EOS itself is not measured
 
 
-def test_early_exit_when_every_row_is_done(tiny_model, tiny_saes, encoded) -> None:
-    rows = [{"tokens": encoded[0]}]
-    free = sampler(tiny_model, tiny_saes, 1, eos_id=-1)(make_batch(rows, 16))
-    assert free.decode_steps == NEW_TOKENS
-    stopped = sampler(tiny_model, tiny_saes, 1, eos_id=int(free.tokens[0, 1]))(make_batch(rows, 16))
-    assert stopped.decode_steps == free.tokens[0].tolist().index(int(free.tokens[0, 1])) + 1
-
-
-def test_a_points_randomness_does_not_depend_on_its_row_or_batch(tiny_model, tiny_saes, encoded) -> None:
+def test_a_points_randomness_does_not_depend_on_its_row_or_batch(sampler, encoded) -> None:
     point = {"tokens": encoded[2], "layer": 1, "feature": 3, "value": 10.0, "temperature": 1.0, "seed": 7, "stream": 99}
-    alone = sampler(tiny_model, tiny_saes, 1)(make_batch([point], 16)).tokens[0]
+    alone = sampler(1)(make_batch([point], PROMPT_LEN)).tokens[0]
     others = [{"tokens": encoded[i % 3], "temperature": 1.0, "seed": i, "stream": i} for i in range(7)]
-    crowded = sampler(tiny_model, tiny_saes, 8)(make_batch(others[:5] + [point] + others[5:], 16)).tokens[5]
+    crowded = sampler(8)(make_batch(others[:5] + [point] + others[5:], PROMPT_LEN)).tokens[5]
     np.testing.assert_array_equal(alone, crowded)
-    other_seed = sampler(tiny_model, tiny_saes, 1)(make_batch([{**point, "seed": 8}], 16)).tokens[0]
+    other_seed = sampler(1)(make_batch([{**point, "seed": 8}], PROMPT_LEN)).tokens[0]
     assert other_seed.tolist() != alone.tolist()
 
 
-def test_measurements_match_a_teacher_forced_reread(tiny_model, tiny_saes, encoded) -> None:
+def test_measurements_match_a_teacher_forced_reread(tiny_model, tiny_saes, sampler, encoded) -> None:
     layer, feature, value = 2, 21, 12.0
     row = {"tokens": encoded[0], "layer": layer, "feature": feature, "value": value}
-    out = sampler(tiny_model, tiny_saes, 1, eos_id=-1)(make_batch([row], 16))
+    out = sampler(1)(make_batch([row], PROMPT_LEN))
     sequence = encoded[0] + out.tokens[0].tolist()
 
     saved = pz.StateVariable(value=None)

@@ -84,7 +84,7 @@ def test_rows_are_steered_only_at_their_own_layer(tiny_model, tiny_saes, prompt_
     for row, (layer, feature, scale) in enumerate([(1, 7, 12.5), (3, 9, 30.0)]):
         alone = steering.SteeringInputs.from_rows([layer], [feature], [scale], ["add"], [0])
         np.testing.assert_allclose(together[row], logits_array(patched(prompt_tokens, steering=alone))[0], atol=1e-5)
-    np.testing.assert_array_equal(together[2], logits_array(tiny_model.model(prompt_tokens))[0])
+    np.testing.assert_array_equal(together[2], logits_array(tiny_model.model(batch))[2])
 
 
 def test_clamp_sets_the_feature_activation_before_decoding(tiny_model, tiny_saes, prompt_tokens) -> None:
