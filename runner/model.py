@@ -211,12 +211,15 @@ def build_gemma2(
 
 
 def shard_model(model: model_parts.TransformerLM, mesh: Mesh) -> model_parts.TransformerLM:
-    """Places the model's parameters on `mesh`, splitting the axes that divide the mesh size."""
-    sizes = {}
-    for param in pz.unbind_params(model)[1]:
+    """Places the model's parameters on `mesh`, splitting the named axes that divide the mesh size (in place)."""
+    params = pz.unbind_params(model)[1]
+    sizes: dict[str, int] = {}
+    for param in params:
         sizes.update(param.value.named_shape)
     axis_map = {name: MODEL_AXIS for name in _SHARDED_NAMED_AXES if name in sizes and sizes[name] % mesh.size == 0}
-    return sharding_util.name_to_name_device_put(model, mesh, axis_map)
+    for param in params:
+        param.value = sharding_util.name_to_name_device_put(param.value, mesh, axis_map)
+    return model
 
 
 def load_model(
