@@ -15,7 +15,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from runner import metrics, plan, tokenizer as tokenizer_lib
+from penzai import pz
+
+from runner import memory, metrics, plan, tokenizer as tokenizer_lib
+from runner.errors import PlanError
 from runner.model import LoadedModel, load_model, make_host_mesh
 from runner.plan import Job, SteeringPoint
 from runner.results import PointResult
@@ -70,7 +73,9 @@ class SteeringWorker:
     Args:
       config: The experiment (`runner.config.ExperimentConfig`).
       sae_files: The SAE file of every steered layer, as resolved by the driver.
-      batch_size: Rows of every compiled batch (short jobs are padded to it).
+      batch_size: Points per job. With `sampling.batch_size: auto` the worker compiles for the largest batch
+        up to this that fits its device memory (a bigger job then runs as several calls of one program); an
+        explicit batch size that does not fit is refused.
       cache_dir: Where synthetic models and SAEs are written.
       worker_name: Recorded with each result.
     """
@@ -85,14 +90,35 @@ class SteeringWorker:
         worker_name: str = "local",
     ):
         self.config = config
-        self.batch_size = batch_size
         self.worker_name = worker_name
         mesh = make_host_mesh() if len(jax.local_devices()) > 1 else None
         self.loaded: LoadedModel = load_model(
             config.model, cache_dir=cache_dir, mesh=mesh, model_id=plan.model_id(config.model)
         )
         self.saes: dict[int, LoadedSAE] = self._load_saes(sae_files, cache_dir)
+        tokenizer = self.loaded.tokenizer
+        longest = max(len(tokenizer_lib.encode_prompt(tokenizer, prompt)) for prompt in config.prompts)
+        self.prompt_len = prompt_bucket(longest)  # one bucket for the sweep: one compiled program
+        self.batch_size = self._fitting_batch_size(batch_size)
         self._samplers: dict[tuple[int, int, int], SteeringSampler] = {}
+
+    def _fitting_batch_size(self, job_size: int) -> int:
+        params = pz.unbind_params(self.loaded.model)[1]
+        estimate = memory.estimate_batch_memory(
+            self.loaded.architecture,
+            prompt_len=self.prompt_len,
+            max_new_tokens=self.config.sampling.max_new_tokens,
+            parameter_bytes=params[0].value.dtype.itemsize,
+            activation_bytes=np.dtype(self.loaded.model.metadata.activation_dtype).itemsize,
+            sae_widths=[loaded.sae.d_sae for loaded in self.saes.values()],
+        )
+        fitting = memory.largest_fitting_batch(estimate, memory.device_memory_bytes(), at_most=job_size)
+        if self.config.sampling.batch_size != "auto" and fitting < job_size:
+            raise PlanError(
+                f"sampling.batch_size: {job_size} needs about {estimate.total(job_size) / 2**30:.1f} GiB on "
+                f"{self.worker_name}; at most {fitting} fits (allowed: <= {fitting}, or auto)"
+            )
+        return fitting
 
     def _load_saes(self, sae_files: Mapping[int, SAEFile], cache_dir: Path) -> dict[int, LoadedSAE]:
         paths = {layer: file.path for layer, file in sae_files.items()}
@@ -136,16 +162,21 @@ class SteeringWorker:
         return self._samplers[key]
 
     def run_job(self, job: Job, attempt: int = 1) -> list[PointResult]:
-        """Generates every point of `job` in one call of the compiled program."""
+        """Generates every point of `job`: one call of the compiled program per `batch_size` points."""
         points = list(job.points)
-        if not points or len(points) > self.batch_size:
-            raise ValueError(f"job of {len(points)} points for a worker of batch size {self.batch_size}")
+        return [
+            result
+            for start in range(0, len(points), self.batch_size)
+            for result in self._run_batch(points[start : start + self.batch_size], attempt)
+        ]
+
+    def _run_batch(self, points: list[SteeringPoint], attempt: int) -> list[PointResult]:
         tokenizer = self.loaded.tokenizer
         prompt_tokens = [tokenizer_lib.encode_prompt(tokenizer, point.prompt) for point in points]
         padded_points = points + [points[-1]] * (self.batch_size - len(points))
         padded_tokens = prompt_tokens + [prompt_tokens[-1]] * (self.batch_size - len(points))
         max_new_tokens = points[0].max_new_tokens
-        sampler = self.sampler_for(prompt_bucket(max(len(t) for t in prompt_tokens)), max_new_tokens)
+        sampler = self.sampler_for(self.prompt_len, max_new_tokens)
         output = sampler(batch_rows(padded_points, padded_tokens, sampler.prompt_len))
 
         results = []

@@ -1,0 +1,242 @@
+"""`runner bench`: the batched sampler against the Gemma Scope tutorial's loop, on a synthetic model.
+
+Both generate the same steering points (prompts from the bundled corpus, a mix of layers, features and scales)
+for exactly `new_tokens` tokens each (EOS does not stop either, so the work is equal):
+
+- runner: `SteeringSampler`, every point a batch row, one compiled program; timed after a warm-up call.
+- tutorial: one point at a time, the patched model rebuilt per point (a layer adding `scale * W_dec[i]` after
+  block L), `KVCachingTransformerLM` with a jitted body, `temperature_sample_pyloop`. Its jitted body recompiles
+  for every new prompt length, cache position and patched layer, so it is timed twice over the same points:
+  `cold` (after one warm-up point, recompilations included: what a notebook pays) and `warm` (a second pass,
+  every program cached: its best case). The speedup is reported against the warm figure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import resource
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from penzai import pz
+from penzai.models.transformer import sampling_mode, simple_decoding_loop
+from penzai.toolshed import jit_wrapper
+
+from runner import synthetic, tokenizer as tokenizer_lib
+from runner.config import ModelConfig
+from runner.model import LoadedModel, load_model
+from runner.sae import LATENT_AXIS, JumpReLUSAE, load_sae
+from runner.sae_sources import CORPUS_PATH, write_synthetic_saes
+from runner.sampling import SamplingBatch, SteeringSampler, left_pad, prompt_bucket
+from runner.steering import MODE_CODES, insert_after_block
+
+#: Peak memory bandwidth (bytes/s) by device kind, for the roofline fraction on accelerators.
+MEMORY_BANDWIDTH = {
+    "H200": 4.8e12,
+    "H100": 3.35e12,
+    "A100": 2.0e12,
+    "L4": 0.3e12,
+    "TPU v4": 1.2e12,
+    "TPU v5 lite": 0.819e12,
+    "TPU v5e": 0.819e12,
+    "TPU v5p": 2.765e12,
+    "TPU v6 lite": 1.64e12,
+    "TPU v6e": 1.64e12,
+}
+BENCH_LAYERS = (1, 2)
+BENCH_SCALES = (0.0, 10.0, 20.0, 40.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchPoint:
+    """One generation of the benchmark."""
+
+    tokens: tuple[int, ...]
+    layer: int
+    feature: int
+    scale: float
+    seed: int
+
+
+@pz.pytree_dataclass
+class AddSteeringVector(pz.nn.Layer):
+    """The tutorial's intervention: add a fixed vector to the residual stream."""
+
+    vector: pz.nx.NamedArray
+
+    def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
+        return x + self.vector.astype(x.dtype)
+
+
+@contextlib.contextmanager
+def count_compilations() -> Iterator[list[int]]:
+    """Counts XLA backend compilations inside the block (`counter[0]`)."""
+    counter = [0]
+
+    def listener(event: str, duration: float, **kwargs: Any) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            counter[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counter
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def make_points(tokenizer: Any, count: int, d_sae: int) -> list[BenchPoint]:
+    """`count` steering points over corpus sentences, both bench layers, spread features and the bench scales."""
+    sentences = [s.strip() for s in CORPUS_PATH.read_text(encoding="utf-8").split(".") if len(s.split()) >= 4]
+    rng = np.random.default_rng(0)
+    points = []
+    for index in range(count):
+        words = sentences[index % len(sentences)].split()[:10]
+        points.append(
+            BenchPoint(
+                tokens=tuple(tokenizer_lib.encode_prompt(tokenizer, " ".join(words))),
+                layer=BENCH_LAYERS[index % len(BENCH_LAYERS)],
+                feature=int(rng.integers(d_sae)),
+                scale=BENCH_SCALES[index % len(BENCH_SCALES)],
+                seed=index,
+            )
+        )
+    return points
+
+
+def runner_batches(points: list[BenchPoint], batch_size: int, prompt_len: int, temperature: float) -> list[SamplingBatch]:
+    """The points as sampler batches (the last one padded by repeating its final point)."""
+    batches = []
+    for start in range(0, len(points), batch_size):
+        chunk = points[start : start + batch_size]
+        chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        size = len(chunk)
+        batches.append(
+            SamplingBatch(
+                prompt_tokens=left_pad([list(p.tokens) for p in chunk], prompt_len),
+                target_layer=np.array([p.layer for p in chunk], np.int32),
+                feature=np.array([p.feature for p in chunk], np.int32),
+                value=np.array([p.scale for p in chunk], np.float32),
+                mode=np.full(size, MODE_CODES["add"], np.int32),
+                steer_from=np.zeros(size, np.int32),
+                temperature=np.full(size, temperature, np.float32),
+                top_k=np.zeros(size, np.int32),
+                top_p=np.ones(size, np.float32),
+                seed=np.array([p.seed for p in chunk], np.uint32),
+                stream=np.zeros(size, np.uint32),
+            )
+        )
+    return batches
+
+
+def tutorial_generate(
+    loaded: LoadedModel, saes: dict[int, JumpReLUSAE], point: BenchPoint, new_tokens: int, temperature: float
+) -> np.ndarray:
+    """One point the tutorial's way: patch, convert to KV-caching with a jitted body, sample in a Python loop."""
+    w_dec = saes[point.layer].decoder.w_dec[{LATENT_AXIS: point.feature}]
+    patched = insert_after_block(loaded.model, point.layer, AddSteeringVector(point.scale * w_dec))
+    caching = sampling_mode.KVCachingTransformerLM.from_uncached(
+        patched, cache_len=len(point.tokens) + new_tokens, batch_axes={"batch": 1}
+    )
+    caching = pz.select(caching).at(lambda model: model.body).apply(jit_wrapper.Jitted)
+    prompt = pz.nx.wrap(jnp.asarray([point.tokens], jnp.int32)).tag("batch", "seq")
+    out = simple_decoding_loop.temperature_sample_pyloop(
+        caching, prompt, jax.random.key(point.seed), temperature=max(temperature, 1e-6), max_sampling_steps=new_tokens
+    )
+    return np.asarray(out.unwrap("batch", "seq"))
+
+
+def run_benchmark(
+    *,
+    preset: str = "small",
+    points: int = 64,
+    new_tokens: int = 32,
+    batch_size: int | None = None,
+    baseline_points: int | None = None,
+    temperature: float = 0.7,
+    cache_dir: Path,
+) -> dict[str, Any]:
+    """Runs both samplers and returns the figures that `runner bench` prints as one JSON line."""
+    model_dir = synthetic.write_synthetic_model(cache_dir / "synthetic" / f"{preset}-seed0", preset, 0)
+    loaded = load_model(ModelConfig(source="local", path=model_dir), cache_dir=cache_dir)
+    arch = loaded.architecture
+    width = 4 * arch.embedding_dim
+    sae_paths = write_synthetic_saes(
+        loaded, BENCH_LAYERS, cache_dir / "synthetic-saes" / f"bench-{preset}", width=width, target_l0=16, seed=0
+    )
+    saes = {layer: load_sae(path, sae_id="bench", layer=layer).sae for layer, path in sae_paths.items()}
+    bench_points = make_points(loaded.tokenizer, points, width)
+    batch_size = batch_size or min(64, points)
+    prompt_len = prompt_bucket(max(len(p.tokens) for p in bench_points))
+    batches = runner_batches(bench_points, batch_size, prompt_len, temperature)
+
+    with count_compilations() as runner_compiles:
+        sampler = SteeringSampler(
+            loaded.model, saes, batch_size=batch_size, prompt_len=prompt_len, max_new_tokens=new_tokens, eos_id=-1
+        )
+        started = time.perf_counter()
+        sampler(batches[0])
+        warmup_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        for batch in batches:
+            sampler(batch)
+        runner_seconds = time.perf_counter() - started
+    runner_tokens = points * new_tokens
+
+    timed_points = bench_points[1 : min(baseline_points or 8, points - 1) + 1]
+
+    def tutorial_pass() -> float:
+        started = time.perf_counter()
+        for point in timed_points:
+            tutorial_generate(loaded, saes, point, new_tokens, temperature)
+        return len(timed_points) * new_tokens / (time.perf_counter() - started)
+
+    with count_compilations() as tutorial_compiles:
+        tutorial_generate(loaded, saes, bench_points[0], new_tokens, temperature)  # warm-up
+        tutorial_cold_rate = tutorial_pass()
+    tutorial_rate = tutorial_pass()
+
+    runner_rate = runner_tokens / runner_seconds
+    device = jax.local_devices()[0]
+    figures: dict[str, Any] = {
+        "preset": preset,
+        "device": f"{device.platform}:{device.device_kind}",
+        "points": points,
+        "new_tokens": new_tokens,
+        "batch_size": batch_size,
+        "prompt_bucket": prompt_len,
+        "runner_tokens_per_s": round(runner_rate, 1),
+        "runner_first_call_s": round(warmup_seconds, 2),
+        "runner_program_compilations": sampler.compilations,
+        "runner_xla_compilations": runner_compiles[0],
+        "tutorial_points_timed": len(timed_points),
+        "tutorial_cold_tokens_per_s": round(tutorial_cold_rate, 1),
+        "tutorial_warm_tokens_per_s": round(tutorial_rate, 1),
+        "tutorial_xla_compilations": tutorial_compiles[0],
+        "speedup": round(runner_rate / tutorial_rate, 1),
+        "peak_host_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    if device.platform != "cpu":
+        figures.update(_accelerator_figures(device, loaded, batch_size, prompt_len + new_tokens, runner_rate))
+    return figures
+
+
+def _accelerator_figures(
+    device: jax.Device, loaded: LoadedModel, batch_size: int, cache_len: int, tokens_per_s: float
+) -> dict[str, Any]:
+    stats = device.memory_stats() or {}
+    arch = loaded.architecture
+    parameter_bytes = sum(p.value.data_array.nbytes for p in pz.unbind_params(loaded.model)[1])
+    activation_bytes = np.dtype(loaded.model.metadata.activation_dtype).itemsize
+    bytes_per_step = parameter_bytes + arch.kv_cache_bytes(batch_size, cache_len, activation_bytes)
+    steps_per_s = tokens_per_s / batch_size
+    bandwidth = next((bw for kind, bw in MEMORY_BANDWIDTH.items() if kind in device.device_kind), None)
+    figures = {"peak_device_mib": round(stats.get("peak_bytes_in_use", 0) / 2**20, 1)}
+    if bandwidth:
+        figures["roofline_fraction"] = round(bytes_per_step * steps_per_s / bandwidth, 4)
+    return figures
