@@ -154,6 +154,8 @@ def read_params_npz(path: Path, *, expected_d_in: int | None = None) -> dict[str
     path = Path(path)
     if not path.is_file():
         raise SAEError(f"{path}: SAE params.npz not found")
+    if not zipfile.is_zipfile(path):
+        raise SAEError(f"{path}: not a readable npz file (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}

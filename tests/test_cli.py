@@ -125,3 +125,35 @@ def test_validate_prints_the_plan_without_a_model(tmp_path, sae_root) -> None:
     result = CliRunner().invoke(app, ["validate", str(path), "--set", "steering.seeds=[0, 1]"])
     assert result.exit_code == 0, result.output
     assert "12 points" in result.stdout
+
+
+def test_synth_writes_a_model_and_saes_that_a_local_sweep_runs_on(tmp_path, cache_dir) -> None:
+    from runner.config import load_experiment
+    from runner.sweep import prepare_sweep, run_sweep
+
+    result = CliRunner().invoke(app, ["synth", str(tmp_path / "synth"), "--preset", "tiny", "--format", "huggingface"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "synth" / "model" / "tokenizer.model").is_file()
+    assert (tmp_path / "synth" / "model-hf" / "config.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "synth" / "saes").iterdir() if p.is_dir()) == [f"layer_{i}" for i in range(4)]
+
+    config = {
+        "name": "offline",
+        "model": {"source": "local", "path": "synth/model"},
+        "sae": {"source": "local", "path": "synth/saes", "width": "256", "l0": "canonical"},
+        "prompts": ["Once upon a time"],
+        "steering": {"layers": [0, 3], "features": [1], "scales": [0, 25]},
+        "sampling": {"max_new_tokens": 4},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+    (tmp_path / "offline.yaml").write_text(yaml.safe_dump(config))
+    sweep_plan = prepare_sweep(load_experiment(tmp_path / "offline.yaml"), cache_dir)
+    sae_path = sweep_plan.sae_files[3].path
+    assert (sae_path.parents[2].name, sae_path.parents[1].name, sae_path.name) == ("layer_3", "width_256", "params.npz")
+    summary = run_sweep(sweep_plan, cache_dir=cache_dir)
+    assert (summary.points_finished, summary.points_failed) == (4, 0)
+
+
+def test_synth_rejects_an_unknown_preset(tmp_path) -> None:
+    code, stderr = run_cli("synth", str(tmp_path / "x"), "--preset", "huge")
+    assert code == 2 and stderr.strip() == "error: --preset: 'huge' is not allowed (allowed: tiny, small)"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlflow
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -38,11 +37,11 @@ def child_runs(uri: str, experiment: str) -> list:
     return [run for run in runs if "mlflow.parentRunId" in run.data.tags]
 
 
-def token_ids_by_point(uri: str, experiment: str) -> dict[str, list[int]]:
-    mlflow.set_tracking_uri(uri)
+def token_ids_by_point(uri: str, experiment: str, scratch: Path) -> dict[str, list[int]]:
+    client = MlflowClient(uri)
     ids = {}
     for run in child_runs(uri, experiment):
-        path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="generation.json")
+        path = client.download_artifacts(run.info.run_id, "generation.json", str(scratch))
         ids[run.data.tags["point_key"]] = json.loads(Path(path).read_text())["token_ids"]
     return ids
 
@@ -93,7 +92,11 @@ def test_greedy_sweep_is_reproducible_and_a_rerun_resumes(finished_sweep, tmp_pa
     again = load_experiment(write_experiment(tmp_path))  # same sweep, fresh tracking database
     summary = run_sweep(prepare_sweep(again, cache_dir), cache_dir=cache_dir)
     assert summary.points_finished == len(plan.points)
-    assert token_ids_by_point(again.tracking.uri, again.name) == token_ids_by_point(config.tracking.uri, config.name)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    assert token_ids_by_point(again.tracking.uri, again.name, second) == token_ids_by_point(
+        config.tracking.uri, config.name, first
+    )
 
     resumed = run_sweep(prepare_sweep(again, cache_dir), cache_dir=cache_dir)
     assert (resumed.points_skipped, resumed.points_finished) == (len(plan.points), 0)
