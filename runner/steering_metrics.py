@@ -222,7 +222,7 @@ def steering_generation_metrics(
     targets = np.concatenate([tokens[:, 1:], np.full((batch, 1), PAD_ID, np.int32)], axis=1)
 
     device_tokens = jnp.asarray(tokens)
-    site_layers = tuple(sorted({layer for layer in layers if layer in saes}))
+    site_layers = tuple(sorted(saes))  # every SAE layer, whatever this batch holds: one compiled program per sweep
     base_logits, residuals = sae_eval.capture_sites_jit(
         pz.freeze_params(_transformer(base_model)), device_tokens, layers=site_layers
     )

@@ -17,7 +17,7 @@ import numpy as np
 
 from penzai import pz
 
-from runner import memory, metrics, plan, tokenizer as tokenizer_lib
+from runner import memory, metrics, plan, steering as steering_lib, steering_metrics, tokenizer as tokenizer_lib
 from runner.errors import PlanError
 from runner.model import LoadedModel, load_model, make_host_mesh
 from runner.plan import Job, SteeringPoint
@@ -101,6 +101,9 @@ class SteeringWorker:
         self.prompt_len = prompt_bucket(longest)  # one bucket for the sweep: one compiled program
         self.batch_size = self._fitting_batch_size(batch_size)
         self._samplers: dict[tuple[int, int, int], SteeringSampler] = {}
+        self._steered_model = steering_lib.add_steering_sites(
+            self.loaded.model, {layer: loaded.sae for layer, loaded in self.saes.items()}
+        )
 
     def _fitting_batch_size(self, job_size: int) -> int:
         params = pz.unbind_params(self.loaded.model)[1]
@@ -177,12 +180,28 @@ class SteeringWorker:
         padded_tokens = prompt_tokens + [prompt_tokens[-1]] * (self.batch_size - len(points))
         max_new_tokens = points[0].max_new_tokens
         sampler = self.sampler_for(self.prompt_len, max_new_tokens)
-        output = sampler(batch_rows(padded_points, padded_tokens, sampler.prompt_len))
+        batch = batch_rows(padded_points, padded_tokens, sampler.prompt_len)
+        output = sampler(batch)
+        generation_metrics = steering_metrics.steering_generation_metrics(
+            self.loaded,
+            (
+                self._steered_model,
+                steering_lib.SteeringInputs.from_rows(
+                    batch.target_layer, batch.feature, batch.value, batch.mode, batch.steer_from
+                ),
+            ),
+            batch.prompt_tokens,
+            output.tokens,
+            {layer: loaded.sae for layer, loaded in self.saes.items()},
+            batch.target_layer,
+            batch.feature,
+        )
 
         results = []
         for row, point in enumerate(points):
             ids, stopped = cut_at_eos(output.tokens[row])
             point_metrics = metrics.steering_point_metrics(output.totals, row)
+            point_metrics.update(generation_metrics[row])
             point_metrics["gen/num_tokens"] = float(len(ids))
             point_metrics["gen/stopped_at_eos"] = float(stopped)
             results.append(

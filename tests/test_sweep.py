@@ -106,3 +106,20 @@ def test_greedy_sweep_is_reproducible_and_a_rerun_resumes(finished_sweep, tmp_pa
 def test_a_whole_sweep_compiles_once(finished_sweep) -> None:
     _, plan, summary = finished_sweep
     assert len(plan.jobs) == 2 and summary.compilations == 1
+
+
+def test_every_point_carries_the_judge_free_steering_metrics(finished_sweep) -> None:
+    config, _, _ = finished_sweep
+    runs = child_runs(config.tracking.uri, config.name)
+    expected = {"steer/nll", "steer/perplexity", "steer/kl_steered_base", "steer/kl_base_steered",
+                "steer/concept_rate", "steer/concept_activation", "steer/logit_lens_mass", "gen/distinct_1",
+                "gen/distinct_2", "gen/longest_repeat"}
+    for run in runs:
+        assert expected <= set(run.data.metrics), sorted(expected - set(run.data.metrics))
+    nll_by_scale: dict[str, list[float]] = {"0.0": [], "30.0": []}
+    for run in runs:
+        nll_by_scale[run.data.params["scale"]].append(run.data.metrics["steer/nll"])
+        if run.data.params["scale"] == "0.0":
+            assert abs(run.data.metrics["steer/kl_steered_base"]) < 1e-5
+    # Steering pushes generations away from what the unsteered model expects: mean NLL rises with the scale.
+    assert sum(nll_by_scale["30.0"]) / len(nll_by_scale["30.0"]) > sum(nll_by_scale["0.0"]) / len(nll_by_scale["0.0"])
