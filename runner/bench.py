@@ -129,6 +129,7 @@ def runner_batches(points: list[BenchPoint], batch_size: int, prompt_len: int, t
                 top_p=np.ones(size, np.float32),
                 seed=np.array([p.seed for p in chunk], np.uint32),
                 stream=np.zeros(size, np.uint32),
+                probe_features=np.zeros(1, np.int32),
             )
         )
     return batches

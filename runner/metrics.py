@@ -6,8 +6,6 @@ SAE metric; scalars are token-weighted means over the masked tokens (sums first,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import jax.numpy as jnp
 import numpy as np
 from penzai import pz
@@ -42,8 +40,10 @@ def top_features(features: pz.nx.NamedArray, k: int = 1) -> tuple[np.ndarray, np
     return order, np.take_along_axis(values, order, axis=-1)
 
 
-def steering_point_metrics(totals: Mapping[str, np.ndarray], row: int) -> dict[str, float]:
-    """Per-point metrics from the sampler's per-row totals (ratios omitted when no token was measured).
+def steering_point_metrics(
+    tokens: float, l0_total: float, activation_total: float, fires_total: float
+) -> dict[str, float]:
+    """Per-point metrics from the sampler's sums for the point (ratios omitted when no token was measured).
 
     - `steer/l0`: mean SAE L0 at the steering layer over the generated tokens (EOS and padding excluded), on the
       residual stream after steering.
@@ -51,12 +51,11 @@ def steering_point_metrics(totals: Mapping[str, np.ndarray], row: int) -> dict[s
     - `steer/feature_firing_rate`: fraction of those tokens on which the steered feature fires.
     - `gen/measured_tokens`: how many tokens the means are over.
     """
-    tokens = float(totals["tokens"][row])
-    metrics = {"gen/measured_tokens": tokens}
+    metrics = {"gen/measured_tokens": float(tokens)}
     if tokens > 0:
-        metrics["steer/l0"] = float(totals["l0"][row]) / tokens
-        metrics["steer/feature_activation"] = float(totals["feature_activation"][row]) / tokens
-        metrics["steer/feature_firing_rate"] = float(totals["feature_fires"][row]) / tokens
+        metrics["steer/l0"] = float(l0_total) / tokens
+        metrics["steer/feature_activation"] = float(activation_total) / tokens
+        metrics["steer/feature_firing_rate"] = float(fires_total) / tokens
     return metrics
 
 

@@ -18,6 +18,8 @@ from runner.errors import PlanError
 
 #: Fields of `SteeringPoint` that do not change the generation, so stay out of its key.
 _NOT_IN_KEY = frozenset({"neuronpedia_url"})
+#: Fields that do not change an unsteered (baseline) generation.
+_NOT_IN_GENERATION_KEY = frozenset({"neuronpedia_url", "layer", "feature", "sae_id", "positions"})
 
 
 def _digest(data: Any) -> str:
@@ -58,6 +60,20 @@ class SteeringPoint:
         """16 hex digits identifying the result: a hash of every field but `neuronpedia_url`."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_IN_KEY}
         return _digest(fields)
+
+    @property
+    def is_baseline(self) -> bool:
+        """An `add` point at scale 0: the unsteered model, whatever its layer and feature."""
+        return self.mode == "add" and self.scale == 0.0
+
+    @functools.cached_property
+    def generation_key(self) -> str:
+        """Points with equal keys generate identical tokens: a baseline's key leaves out layer and feature, so
+        one unsteered generation per (prompt, seed, sampling settings) serves them all."""
+        if not self.is_baseline:
+            return self.point_key
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_IN_GENERATION_KEY}
+        return _digest({"baseline": fields})
 
     def params(self) -> dict[str, str]:
         """Returns the MLflow params of this point (all strings; None as "None")."""
@@ -160,15 +176,29 @@ def expand_points(
 
 
 def pack_jobs(points: Sequence[SteeringPoint], batch_size: int) -> list[Job]:
-    """Splits points, in order, into consecutive jobs of at most `batch_size` points.
+    """Splits points, in order, into consecutive jobs of at most `batch_size` distinct generations.
+
+    Baseline points that share a `generation_key` share one batch row, so a job may hold more points than rows.
 
     Raises:
       PlanError: `batch_size` < 1.
     """
     if batch_size < 1:
         raise PlanError(f"batch size {batch_size} is not allowed (allowed: >= 1)")
-    jobs = []
-    for start in range(0, len(points), batch_size):
-        chunk = tuple(points[start : start + batch_size])
-        jobs.append(Job(job_id=_digest([p.point_key for p in chunk]), points=chunk))
-    return jobs
+    return [
+        Job(job_id=_digest([p.point_key for p in chunk]), points=tuple(chunk))
+        for chunk in split_by_generations(points, batch_size)
+    ]
+
+
+def split_by_generations(points: Sequence[SteeringPoint], limit: int) -> list[list[SteeringPoint]]:
+    """Consecutive chunks of `points`, each with at most `limit` distinct `generation_key`s."""
+    chunks: list[list[SteeringPoint]] = []
+    generations: set[str] = set()
+    for point in points:
+        if not chunks or (point.generation_key not in generations and len(generations) == limit):
+            chunks.append([])
+            generations = set()
+        chunks[-1].append(point)
+        generations.add(point.generation_key)
+    return chunks

@@ -53,6 +53,8 @@ class SamplingBatch:
       top_p: `[B]` float; 1 means no nucleus filter.
       seed: `[B]` uint32 seed of the row's point.
       stream: `[B]` uint32 stream id of the row's point (derived from its identity, not its row).
+      probe_features: `[num_probes]` latents measured at every site on unsteered rows (not per row: the
+        sweep's features, so that one baseline generation serves every (layer, feature) at scale 0).
     """
 
     prompt_tokens: np.ndarray
@@ -66,6 +68,7 @@ class SamplingBatch:
     top_p: np.ndarray
     seed: np.ndarray
     stream: np.ndarray
+    probe_features: np.ndarray
 
     @property
     def batch_size(self) -> int:
@@ -80,11 +83,13 @@ class SamplingOutput:
     Attributes:
       tokens: `[B, T]` sampled token ids; PAD after a row's EOS (the EOS itself is kept).
       totals: Per-row `[B]` sums of `steering.TOTAL_NAMES` at each row's steering layer.
+      baseline: By layer, the sums of `steering.BASELINE_TOTAL_NAMES` of the unsteered rows at that layer's site.
       decode_steps: Decode steps actually run (fewer than T when every row hit EOS early).
     """
 
     tokens: np.ndarray
     totals: dict[str, np.ndarray]
+    baseline: dict[int, dict[str, np.ndarray]]
     decode_steps: int
 
 
@@ -136,6 +141,7 @@ class SteeringSampler:
         batch_size: int,
         prompt_len: int,
         max_new_tokens: int,
+        num_probes: int = 1,
         eos_id: int = EOS_ID,
         pad_id: int = PAD_ID,
     ):
@@ -145,9 +151,10 @@ class SteeringSampler:
         self.eos_id = eos_id
         self.pad_id = pad_id
         self.layers = tuple(sorted(saes))
+        self.num_probes = num_probes
         self.compilations = 0
 
-        patched = steering_lib.add_steering_sites(model, saes, batch_size=batch_size)
+        patched = steering_lib.add_steering_sites(model, saes, batch_size=batch_size, num_probes=num_probes)
         caching = sampling_mode.KVCachingTransformerLM.from_uncached(
             patched, cache_len=prompt_len + max_new_tokens, batch_axes={"batch": batch_size}, pad_id=pad_id
         )
@@ -161,10 +168,12 @@ class SteeringSampler:
 
     def __call__(self, batch: SamplingBatch) -> SamplingOutput:
         """Runs one batch (its shape must match the sampler's)."""
-        if batch.prompt_tokens.shape != (self.batch_size, self.prompt_len):
+        if batch.prompt_tokens.shape != (self.batch_size, self.prompt_len) or batch.probe_features.shape != (
+            self.num_probes,
+        ):
             raise ValueError(
-                f"batch of shape {batch.prompt_tokens.shape} given to a sampler for "
-                f"{(self.batch_size, self.prompt_len)}"
+                f"batch of shape {batch.prompt_tokens.shape} with {batch.probe_features.shape} probes given to a "
+                f"sampler for {(self.batch_size, self.prompt_len)} with {self.num_probes}"
             )
         arrays = {
             field.name: jnp.asarray(getattr(batch, field.name)) for field in dataclasses.fields(SamplingBatch)
@@ -174,6 +183,7 @@ class SteeringSampler:
         return SamplingOutput(
             tokens=np.asarray(tokens),
             totals=steering_lib.combine_totals(totals_by_layer),
+            baseline={layer: steering_lib.baseline_totals(t) for layer, t in totals_by_layer.items()},
             decode_steps=int(steps),
         )
 
@@ -194,6 +204,7 @@ class SteeringSampler:
                 pz.nx.wrap(tokens).tag("batch", "seq"),
                 steering=steering_inputs,
                 measure_mask=pz.nx.wrap(measure_mask).tag("batch", "seq"),
+                probe_features=pz.nx.wrap(arrays["probe_features"].astype(jnp.int32)).tag("probe"),
             )
             last_logits = logits[{"seq": -1}].unwrap("batch", "vocabulary")
             return [variable.freeze() for variable in variables], last_logits

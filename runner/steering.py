@@ -26,8 +26,10 @@ from runner.sae import LATENT_AXIS, JumpReLUSAE
 
 MODE_CODES: dict[str, int] = {"add": 0, "clamp": 1, "ablate": 1}
 NO_LAYER = -1
-#: Per-row totals a `SteeringSite` accumulates over the positions of `measure_mask`.
+#: Per-row totals a `SteeringSite` accumulates over the positions of `measure_mask`, for the rows it steers.
 TOTAL_NAMES = ("tokens", "l0", "feature_activation", "feature_fires")
+#: Totals of unsteered (baseline) rows, accumulated at every site: `{batch}` and `{batch, probe}` for the probes.
+BASELINE_TOTAL_NAMES = ("baseline_tokens", "baseline_l0", "probe_activation", "probe_fires")
 
 
 @pz.pytree_dataclass
@@ -79,7 +81,9 @@ class SteeringSite(pz.nn.Layer):
     """Steers (and optionally measures) the residual stream after block `layer_index`.
 
     Side inputs read: `steering` (`SteeringInputs`; absent: identity), `token_positions` (`{batch?, seq}`; pad
-    positions are -1 and never steered), `measure_mask` (`{batch, seq}` bool; where to accumulate totals).
+    positions are -1 and never steered), `measure_mask` (`{batch, seq}` bool; where to accumulate totals),
+    `probe_features` (`{probe}` latent indices measured on unsteered rows, which share one baseline generation
+    across the sweep's layers and features).
 
     Attributes:
       layer_index: The block this site follows.
@@ -108,7 +112,10 @@ class SteeringSite(pz.nn.Layer):
 
         measure_mask = side_inputs.get("measure_mask")
         if self.totals is not None and measure_mask is not None:
-            self._accumulate(out.astype(jnp.float32), steering.feature, measure_mask & active)
+            baseline = measure_mask & (steering.target_layer == NO_LAYER)
+            self._accumulate(
+                out.astype(jnp.float32), steering.feature, measure_mask & active, baseline, side_inputs["probe_features"]
+            )
         return out
 
     def _feature_activation(self, x32: pz.nx.NamedArray, feature: pz.nx.NamedArray) -> pz.nx.NamedArray:
@@ -120,19 +127,32 @@ class SteeringSite(pz.nn.Layer):
         ]
         return pz.nx.nmap(jnp.where)(pre > encoder.threshold[{LATENT_AXIS: feature}], pre, 0.0)
 
-    def _accumulate(self, x32: pz.nx.NamedArray, feature: pz.nx.NamedArray, mask: pz.nx.NamedArray) -> None:
+    def _accumulate(
+        self,
+        x32: pz.nx.NamedArray,
+        feature: pz.nx.NamedArray,
+        mask: pz.nx.NamedArray,
+        baseline_mask: pz.nx.NamedArray,
+        probe_features: pz.nx.NamedArray,
+    ) -> None:
         latents = self.sae.encode(x32)
         l0 = (latents > 0).astype(jnp.float32).untag(LATENT_AXIS).sum()
         activation = self._feature_activation(x32, feature)
+        probes = latents[{LATENT_AXIS: probe_features}]  # {batch, seq, probe}
         weight = mask.astype(jnp.float32)
+        baseline_weight = baseline_mask.astype(jnp.float32)
         increments = {
             "tokens": weight,
             "l0": l0 * weight,
             "feature_activation": activation * weight,
             "feature_fires": (activation > 0).astype(jnp.float32) * weight,
+            "baseline_tokens": baseline_weight,
+            "baseline_l0": l0 * baseline_weight,
+            "probe_activation": probes * baseline_weight,
+            "probe_fires": (probes > 0).astype(jnp.float32) * baseline_weight,
         }
         self.totals.value = {
-            name: self.totals.value[name] + increments[name].untag("seq").sum() for name in TOTAL_NAMES
+            name: self.totals.value[name] + increments[name].untag("seq").sum() for name in self.totals.value
         }
 
 
@@ -158,16 +178,19 @@ def insert_after_block(model: pz.nn.Layer, layer_index: int, layer: pz.nn.Layer)
 
 
 def add_steering_sites(
-    model: pz.nn.Layer, saes: Mapping[int, JumpReLUSAE], batch_size: int | None = None
+    model: pz.nn.Layer, saes: Mapping[int, JumpReLUSAE], batch_size: int | None = None, num_probes: int = 1
 ) -> pz.nn.Layer:
-    """Inserts a `SteeringSite` after every block in `saes`; with `batch_size`, each site also keeps totals."""
+    """Inserts a `SteeringSite` after every block in `saes`; with `batch_size`, each site also keeps totals
+    (`TOTAL_NAMES`, and `BASELINE_TOTAL_NAMES` over `num_probes` probe features)."""
     for layer_index in sorted(saes):
         totals = None
         if batch_size is not None:
-            totals = pz.StateVariable(
-                value={name: pz.nx.zeros({"batch": batch_size}, dtype=jnp.float32) for name in TOTAL_NAMES},
-                label=f"steering/totals_{layer_index}",
-            )
+            zeros = {name: pz.nx.zeros({"batch": batch_size}, dtype=jnp.float32) for name in TOTAL_NAMES}
+            zeros["baseline_tokens"] = pz.nx.zeros({"batch": batch_size}, dtype=jnp.float32)
+            zeros["baseline_l0"] = pz.nx.zeros({"batch": batch_size}, dtype=jnp.float32)
+            for name in ("probe_activation", "probe_fires"):
+                zeros[name] = pz.nx.zeros({"batch": batch_size, "probe": num_probes}, dtype=jnp.float32)
+            totals = pz.StateVariable(value=zeros, label=f"steering/totals_{layer_index}")
         model = insert_after_block(model, layer_index, SteeringSite(layer_index, saes[layer_index], totals))
     return model
 
@@ -185,9 +208,20 @@ def capture_residuals(
 
 
 def combine_totals(totals_by_layer: Mapping[int, Mapping[str, Any]]) -> dict[str, np.ndarray]:
-    """Adds the per-row totals of all sites (each row is measured only at its own layer)."""
+    """Adds the `TOTAL_NAMES` totals of all sites (a steered row is measured only at its own layer)."""
     combined = {name: 0.0 for name in TOTAL_NAMES}
     for totals in totals_by_layer.values():
         for name in TOTAL_NAMES:
             combined[name] = combined[name] + np.asarray(totals[name].unwrap("batch"), dtype=np.float64)
     return combined
+
+
+def baseline_totals(totals: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """One site's `BASELINE_TOTAL_NAMES` totals as float64 arrays (`[batch]`, or `[batch, probe]`)."""
+    return {
+        name: np.asarray(
+            totals[name].unwrap(*(("batch", "probe") if "probe" in totals[name].named_shape else ("batch",))),
+            dtype=np.float64,
+        )
+        for name in BASELINE_TOTAL_NAMES
+    }

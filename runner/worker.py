@@ -24,8 +24,8 @@ from runner.plan import Job, SteeringPoint
 from runner.results import PointResult
 from runner.sae import LoadedSAE, load_sae
 from runner.sae_sources import SAEFile, synthetic_sae_width, write_synthetic_saes
-from runner.sampling import SamplingBatch, SteeringSampler, left_pad, prompt_bucket
-from runner.steering import MODE_CODES
+from runner.sampling import SamplingBatch, SamplingOutput, SteeringSampler, left_pad, prompt_bucket
+from runner.steering import MODE_CODES, NO_LAYER
 
 
 def point_stream(point: SteeringPoint) -> int:
@@ -39,12 +39,15 @@ def steer_from_position(positions: str, prompt_length: int) -> int:
 
 
 def batch_rows(
-    points: Sequence[SteeringPoint], prompt_tokens: Sequence[Sequence[int]], prompt_len: int
+    points: Sequence[SteeringPoint],
+    prompt_tokens: Sequence[Sequence[int]],
+    prompt_len: int,
+    probe_features: Sequence[int],
 ) -> SamplingBatch:
-    """Host arrays for a batch whose row i runs `points[i]` on `prompt_tokens[i]`."""
+    """Host arrays for a batch whose row i runs `points[i]` on `prompt_tokens[i]`; baselines run unsteered."""
     return SamplingBatch(
         prompt_tokens=left_pad([list(tokens) for tokens in prompt_tokens], prompt_len),
-        target_layer=np.array([p.layer for p in points], np.int32),
+        target_layer=np.array([NO_LAYER if p.is_baseline else p.layer for p in points], np.int32),
         feature=np.array([p.feature for p in points], np.int32),
         value=np.array([0.0 if p.mode == "ablate" else p.scale for p in points], np.float32),
         mode=np.array([MODE_CODES[p.mode] for p in points], np.int32),
@@ -56,6 +59,7 @@ def batch_rows(
         top_p=np.array([1.0 if p.top_p is None else p.top_p for p in points], np.float32),
         seed=np.array([p.seed for p in points], np.uint32),
         stream=np.array([point_stream(p) for p in points], np.uint32),
+        probe_features=np.asarray(probe_features, np.int32),
     )
 
 
@@ -100,6 +104,7 @@ class SteeringWorker:
         longest = max(len(tokenizer_lib.encode_prompt(tokenizer, prompt)) for prompt in config.prompts)
         self.prompt_len = prompt_bucket(longest)  # one bucket for the sweep: one compiled program
         self.batch_size = self._fitting_batch_size(batch_size)
+        self.probe_features = sorted(set(config.steering.features))
         self._samplers: dict[tuple[int, int, int], SteeringSampler] = {}
         self._steered_model = steering_lib.add_steering_sites(
             self.loaded.model, {layer: loaded.sae for layer, loaded in self.saes.items()}
@@ -161,47 +166,43 @@ class SteeringWorker:
                 batch_size=self.batch_size,
                 prompt_len=prompt_len,
                 max_new_tokens=max_new_tokens,
+                num_probes=len(self.probe_features),
             )
         return self._samplers[key]
 
     def run_job(self, job: Job, attempt: int = 1) -> list[PointResult]:
-        """Generates every point of `job`: one call of the compiled program per `batch_size` points."""
-        points = list(job.points)
+        """Generates every point of `job`: one call of the compiled program per `batch_size` distinct generations
+        (baseline points of a (prompt, seed) share one unsteered row)."""
         return [
             result
-            for start in range(0, len(points), self.batch_size)
-            for result in self._run_batch(points[start : start + self.batch_size], attempt)
+            for chunk in plan.split_by_generations(job.points, self.batch_size)
+            for result in self._run_chunk(chunk, attempt)
         ]
 
-    def _run_batch(self, points: list[SteeringPoint], attempt: int) -> list[PointResult]:
+    def _run_chunk(self, points: list[SteeringPoint], attempt: int) -> list[PointResult]:
         tokenizer = self.loaded.tokenizer
-        prompt_tokens = [tokenizer_lib.encode_prompt(tokenizer, point.prompt) for point in points]
-        padded_points = points + [points[-1]] * (self.batch_size - len(points))
-        padded_tokens = prompt_tokens + [prompt_tokens[-1]] * (self.batch_size - len(points))
-        max_new_tokens = points[0].max_new_tokens
-        sampler = self.sampler_for(self.prompt_len, max_new_tokens)
-        batch = batch_rows(padded_points, padded_tokens, sampler.prompt_len)
-        output = sampler(batch)
-        generation_metrics = steering_metrics.steering_generation_metrics(
-            self.loaded,
-            (
-                self._steered_model,
-                steering_lib.SteeringInputs.from_rows(
-                    batch.target_layer, batch.feature, batch.value, batch.mode, batch.steer_from
-                ),
-            ),
-            batch.prompt_tokens,
-            output.tokens,
-            {layer: loaded.sae for layer, loaded in self.saes.items()},
-            batch.target_layer,
-            batch.feature,
-        )
+        rows: list[SteeringPoint] = []
+        row_of: dict[str, int] = {}
+        for point in points:
+            if point.generation_key not in row_of:
+                row_of[point.generation_key] = len(rows)
+                rows.append(point)
+        output = self._sample(rows)
+        point_rows = [row_of[point.generation_key] for point in points]
+        generation_metrics = self._generation_metrics(points, output.tokens[point_rows])
 
         results = []
-        for row, point in enumerate(points):
+        for point, row, extra in zip(points, point_rows, generation_metrics):
             ids, stopped = cut_at_eos(output.tokens[row])
-            point_metrics = metrics.steering_point_metrics(output.totals, row)
-            point_metrics.update(generation_metrics[row])
+            if point.is_baseline:
+                measured = output.baseline[point.layer]
+                probe = self.probe_features.index(point.feature)
+                sums = (measured["baseline_tokens"][row], measured["baseline_l0"][row],
+                        measured["probe_activation"][row, probe], measured["probe_fires"][row, probe])
+            else:
+                sums = tuple(output.totals[name][row] for name in steering_lib.TOTAL_NAMES)
+            point_metrics = metrics.steering_point_metrics(*sums)
+            point_metrics.update(extra)
             point_metrics["gen/num_tokens"] = float(len(ids))
             point_metrics["gen/stopped_at_eos"] = float(stopped)
             results.append(
@@ -215,3 +216,32 @@ class SteeringWorker:
                 )
             )
         return results
+
+    def _padded(self, items: list) -> list:
+        return items + [items[-1]] * (self.batch_size - len(items))
+
+    def _prompt_tokens(self, points: Sequence[SteeringPoint]) -> list[list[int]]:
+        return [tokenizer_lib.encode_prompt(self.loaded.tokenizer, point.prompt) for point in points]
+
+    def _sample(self, rows: list[SteeringPoint]) -> SamplingOutput:
+        sampler = self.sampler_for(self.prompt_len, rows[0].max_new_tokens)
+        padded = self._padded(rows)
+        return sampler(batch_rows(padded, self._prompt_tokens(padded), self.prompt_len, self.probe_features))
+
+    def _generation_metrics(self, points: list[SteeringPoint], tokens: np.ndarray) -> list[dict[str, float]]:
+        """Judge-free steering metrics per point (`steering_metrics`), in batches of the compiled shape."""
+        saes = {layer: loaded.sae for layer, loaded in self.saes.items()}
+        rows = []
+        for start in range(0, len(points), self.batch_size):
+            indices = self._padded(list(range(start, min(start + self.batch_size, len(points)))))
+            piece = [points[i] for i in indices]
+            batch = batch_rows(piece, self._prompt_tokens(piece), self.prompt_len, self.probe_features)
+            inputs = steering_lib.SteeringInputs.from_rows(
+                [point.layer for point in piece], batch.feature, batch.value, batch.mode, batch.steer_from
+            )
+            computed = steering_metrics.steering_generation_metrics(
+                self.loaded, (self._steered_model, inputs), batch.prompt_tokens, tokens[indices], saes,
+                [point.layer for point in piece], batch.feature,
+            )
+            rows.extend(computed[: min(self.batch_size, len(points) - start)])
+        return rows

@@ -16,7 +16,7 @@ from runner.config import ModelConfig
 from runner.errors import CheckpointError
 from runner.model import load_model, make_host_mesh, read_architecture, resolve_model_location
 from runner.sampling import SteeringSampler
-from tests.test_sampling import make_batch
+from tests.test_sampling import PROBES, make_batch
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +75,9 @@ def test_sampler_on_the_sharded_model_gives_the_same_greedy_tokens(
     prompt = tokenizer_lib.encode_prompt(tiny_model.tokenizer, "The most iconic structure on Earth is")
     rows = [{"tokens": prompt, "layer": 2, "feature": 7, "value": 20.0}, {"tokens": prompt}]
     outputs = [
-        SteeringSampler(loaded.model, tiny_saes, batch_size=2, prompt_len=32, max_new_tokens=8, eos_id=-1)(
-            make_batch(rows, 32)
-        )
+        SteeringSampler(
+            loaded.model, tiny_saes, batch_size=2, prompt_len=32, max_new_tokens=8, eos_id=-1, num_probes=len(PROBES)
+        )(make_batch(rows, 32))
         for loaded in (sharded, tiny_model)
     ]
     np.testing.assert_array_equal(outputs[0].tokens, outputs[1].tokens)

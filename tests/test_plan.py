@@ -107,9 +107,9 @@ def test_model_id(model, expected):
 
 
 def test_pack_jobs_makes_consecutive_chunks_with_content_ids():
-    points = expand_points(make_config(), SAE_IDS)
+    points = [p for p in expand_points(make_config(), SAE_IDS) if not p.is_baseline]
     jobs = pack_jobs(points, 10)
-    assert [len(job.points) for job in jobs] == [10, 10, 10, 10, 8]
+    assert [len(job.points) for job in jobs] == [10] * (len(points) // 10) + ([len(points) % 10] if len(points) % 10 else [])
     assert [p for job in jobs for p in job.points] == points
     assert len({job.job_id for job in jobs}) == len(jobs)
     assert pack_jobs(points, 10)[0].job_id == jobs[0].job_id
@@ -122,3 +122,21 @@ def test_pack_jobs_makes_consecutive_chunks_with_content_ids():
 def test_points_are_hashable_values():
     point = expand_points(make_config(), SAE_IDS)[0]
     assert isinstance(point, SteeringPoint) and hash(point) == hash(dataclasses.replace(point))
+
+
+def test_baseline_points_share_one_generation_per_prompt_and_seed():
+    points = expand_points(make_config(), SAE_IDS)
+    baselines = [p for p in points if p.is_baseline]
+    assert baselines, "the test config sweeps scale 0"
+    by_generation = {(p.prompt, p.seed) for p in baselines}
+    assert len({p.generation_key for p in baselines}) == len(by_generation)
+    assert all(p.generation_key == p.point_key for p in points if not p.is_baseline)
+    assert len({p.point_key for p in baselines}) == len(baselines), "each baseline point is still its own result"
+
+
+def test_jobs_hold_at_most_batch_size_distinct_generations():
+    points = expand_points(make_config(), SAE_IDS)
+    jobs = pack_jobs(points, 4)
+    assert [p for job in jobs for p in job.points] == points
+    assert all(len({p.generation_key for p in job.points}) <= 4 for job in jobs)
+    assert max(len(job.points) for job in jobs) > 4, "shared baselines let a job carry more points than rows"

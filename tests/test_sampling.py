@@ -15,6 +15,7 @@ from runner.sampling import SamplingBatch, SteeringSampler, left_pad, prompt_buc
 PROMPTS = ["The most iconic structure on Earth is", "Once upon a time", "The river ran"]
 NEW_TOKENS = 10
 PROMPT_LEN = 32
+PROBES = (5, 21, 100)
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,7 @@ def make_batch(rows: list[dict], prompt_len: int) -> SamplingBatch:
         top_p=column("top_p", 1.0, np.float32),
         seed=column("seed", 0, np.uint32),
         stream=column("stream", 0, np.uint32),
+        probe_features=np.asarray(PROBES, np.int32),
     )
 
 
@@ -52,7 +54,7 @@ def sampler(tiny_model, tiny_saes):
         if (batch_size, eos_id) not in built:
             built[batch_size, eos_id] = SteeringSampler(
                 tiny_model.model, tiny_saes, batch_size=batch_size, prompt_len=PROMPT_LEN,
-                max_new_tokens=NEW_TOKENS, eos_id=eos_id,
+                max_new_tokens=NEW_TOKENS, eos_id=eos_id, num_probes=len(PROBES),
             )
         return built[batch_size, eos_id]
 
@@ -211,3 +213,21 @@ def test_sampling_filters_and_the_pad_token() -> None:
 
 def test_prompt_buckets() -> None:
     assert [prompt_bucket(n) for n in (1, 16, 17, 33, 100)] == [16, 16, 32, 64, 128]
+
+
+def test_an_unsteered_row_measures_every_layer_and_probe_like_a_scale_zero_row(sampler, encoded) -> None:
+    """The shared baseline: one unsteered row gives, at each site and for each probe feature, exactly the
+    measurements of a scale-0 row steering that layer with that feature."""
+    baseline = {"tokens": encoded[0]}
+    scale_zero = [{"tokens": encoded[0], "layer": layer, "feature": feature, "value": 0.0}
+                  for layer in (1, 3) for feature in PROBES[:2]]
+    out = sampler(8)(make_batch(filled([baseline] + scale_zero), PROMPT_LEN))
+    for row, point in enumerate(scale_zero, start=1):
+        np.testing.assert_array_equal(out.tokens[row], out.tokens[0])
+        site = out.baseline[point["layer"]]
+        probe = PROBES.index(point["feature"])
+        assert site["baseline_tokens"][0] == out.totals["tokens"][row] == NEW_TOKENS
+        assert site["baseline_l0"][0] == pytest.approx(out.totals["l0"][row])
+        assert site["probe_activation"][0, probe] == pytest.approx(out.totals["feature_activation"][row], rel=1e-5)
+        assert site["probe_fires"][0, probe] == out.totals["feature_fires"][row]
+    assert out.totals["tokens"][0] == 0  # the unsteered row is measured only as a baseline

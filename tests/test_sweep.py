@@ -123,3 +123,14 @@ def test_every_point_carries_the_judge_free_steering_metrics(finished_sweep) -> 
             assert abs(run.data.metrics["steer/kl_steered_base"]) < 1e-5
     # Steering pushes generations away from what the unsteered model expects: mean NLL rises with the scale.
     assert sum(nll_by_scale["30.0"]) / len(nll_by_scale["30.0"]) > sum(nll_by_scale["0.0"]) / len(nll_by_scale["0.0"])
+
+
+def test_scale_zero_points_share_one_baseline_generation_per_prompt(finished_sweep, tmp_path) -> None:
+    config, plan, _ = finished_sweep
+    ids = token_ids_by_point(config.tracking.uri, config.name, tmp_path)
+    baselines: dict[int, set[tuple[int, ...]]] = {}
+    for point in plan.points:
+        if point.is_baseline:
+            baselines.setdefault(point.prompt_index, set()).add(tuple(ids[point.point_key]))
+    assert [len(generations) for generations in baselines.values()] == [1, 1]
+    assert len({point.generation_key for point in plan.points}) == len(plan.points) - 8 + 2  # 8 baselines, 2 rows
