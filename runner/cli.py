@@ -85,26 +85,47 @@ def run(
         bool, typer.Option("--resume", help="Require an existing sweep to continue (a plain run also resumes).")
     ] = False,
     cache_dir: CacheDir = None,
+    address: Annotated[
+        Optional[str],
+        typer.Option(help="Ray cluster to join, e.g. 10.0.0.2:6379 or auto [default: cluster.address, else a "
+                          "local Ray started for this run].", show_default=False),
+    ] = None,
+    workers: Annotated[
+        Optional[int], typer.Option(help="Worker actors, one per host [default: cluster.workers].", show_default=False)
+    ] = None,
 ) -> None:
-    """Run a steering sweep and log every point to MLflow."""
+    """Run a steering sweep on Ray workers and log every point to MLflow."""
+    import json
+
+    from runner.cluster import RayExecutor, keep_driver_jax_on_cpu
+
+    keep_driver_jax_on_cpu()  # before anything imports JAX: the driver must never take a host's accelerator
     from runner.config import load_experiment
     from runner.sweep import prepare_sweep, run_sweep
     from runner.tracking import sweep_status
 
+    overrides = list(set_ or [])
+    if address is not None:
+        overrides.append(f"cluster.address={json.dumps(address)}")
+    if workers is not None:
+        overrides.append(f"cluster.workers={workers}")
     try:
-        config = load_experiment(file, set_ or [])
+        config = load_experiment(file, overrides)
         sweep_plan = prepare_sweep(config, _cache_dir(cache_dir))
         if resume:
             status = sweep_status(config.tracking.uri, config.tracking.experiment, sweep_plan.sweep_id)
             if status.get("parent_status") is None:
                 raise RunnerError(f"{file}: --resume given but sweep {sweep_plan.sweep_id} has no run yet in "
                                   f"{config.tracking.uri}; run without --resume to start it")
+        executor = RayExecutor(sweep_plan, _cache_dir(cache_dir), config.cluster)
     except RunnerError as error:
         raise _fail(error) from None
 
+    where = config.cluster.address or "a local Ray"
     console.print(
         f"sweep [bold]{config.name}[/bold] ({sweep_plan.sweep_id}): {len(sweep_plan.points)} points, "
-        f"{len(sweep_plan.jobs)} jobs of up to {sweep_plan.batch_size}", highlight=False,
+        f"{len(sweep_plan.jobs)} jobs of up to {sweep_plan.batch_size}, {config.cluster.workers} worker(s) on "
+        f"{where}", highlight=False,
     )
     with Progress(
         TextColumn("[progress.description]{task.description}"),
@@ -122,7 +143,7 @@ def run(
             bar.update(task, completed=done, total=total, failed=failed, rate=f"{tokens / elapsed:,.0f}")
 
         try:
-            summary = run_sweep(sweep_plan, cache_dir=_cache_dir(cache_dir), progress=progress)
+            summary = run_sweep(sweep_plan, cache_dir=_cache_dir(cache_dir), executor=executor, progress=progress)
         except RunnerError as error:
             raise _fail(error) from None
 
@@ -130,12 +151,84 @@ def run(
         f"{summary.points_finished} points finished, {summary.points_failed} failed, "
         f"{summary.points_skipped} already done; {summary.generated_tokens} tokens in {summary.seconds:.1f}s"
     )
+    if executor.lost_host_events:
+        typer.echo(f"{len(executor.lost_host_events)} job(s) requeued after losing their worker or host")
     typer.echo(f"parent run {summary.parent_run_id} in {config.tracking.uri}")
-    if config.tracking.uri.startswith("sqlite:"):
-        typer.echo(f"view: mlflow ui --backend-store-uri {config.tracking.uri}  then open "
-                   f"http://127.0.0.1:5000/#/experiments/{summary.experiment_id}/runs")
+    typer.echo(f"view: {_runs_page(config.tracking.uri, summary.experiment_id)}")
     if summary.points_failed:
         raise typer.Exit(code=1)
+
+
+def _runs_page(uri: str, experiment_id: str | None) -> str:
+    """How to open the experiment's runs table in the MLflow UI."""
+    page = f"#/experiments/{experiment_id}/runs"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {uri}  then open http://127.0.0.1:5000/{page}"
+
+
+@app.command()
+def runs(file: ExperimentFile, set_: Overrides = None) -> None:
+    """Show a sweep's state in MLflow: its parent run's status and its points by status."""
+    from mlflow.exceptions import MlflowException
+
+    from runner import plan
+    from runner.config import load_experiment
+    from runner.tracking import sweep_status
+
+    try:
+        config = load_experiment(file, set_ or [])
+        sweep_id = plan.sweep_id(config)
+        try:
+            status = sweep_status(config.tracking.uri, config.tracking.experiment, sweep_id)
+        except MlflowException as error:
+            raise RunnerError(f"tracking.uri: cannot read {config.tracking.uri}: {error.message}") from None
+    except RunnerError as error:
+        raise _fail(error) from None
+
+    typer.echo(f"sweep {config.name} ({sweep_id}) in {config.tracking.uri}")
+    if status["parent_run_id"] is None:
+        typer.echo("no runs yet")
+        return
+    typer.echo(f"parent run {status['parent_run_id']}: {status['parent_status']}")
+    children: dict[str, int] = status["children"]
+    num_points = status["num_points"] if status["num_points"] is not None else sum(children.values())
+    order = ["FINISHED", "FAILED", "KILLED", "RUNNING"]
+    statuses = [s for s in order if s in children] + sorted(set(children) - set(order))
+    counts = [f"{children[s]} {s}" for s in statuses]
+    not_started = max(num_points - sum(children.values()), 0)
+    typer.echo(f"{num_points} points: {', '.join([*counts, f'{not_started} not started'])}")
+    typer.echo(f"view: {_runs_page(config.tracking.uri, status['experiment_id'])}")
+
+
+@app.command()
+def export(
+    file: ExperimentFile,
+    file_format: Annotated[str, typer.Option("--format", help="csv or parquet.", show_default=False)],
+    set_: Overrides = None,
+    out: Annotated[
+        Optional[Path], typer.Option(help="Output file [default: <name>-<sweep id>.<format>].", show_default=False)
+    ] = None,
+) -> None:
+    """Write one row per FINISHED point (point_key, params, prompt, text, metrics) to a CSV or Parquet file."""
+    from mlflow.exceptions import MlflowException
+
+    from runner import export as export_lib
+    from runner.config import load_experiment
+    from runner.errors import ConfigError
+
+    try:
+        if file_format not in export_lib.EXPORT_FORMATS:
+            raise ConfigError(f"--format: {file_format!r} is not allowed (allowed: csv, parquet)")
+        config = load_experiment(file, set_ or [])
+        try:
+            frame = export_lib.finished_points_frame(config)
+        except MlflowException as error:
+            raise RunnerError(f"tracking.uri: cannot read {config.tracking.uri}: {error.message}") from None
+        path = export_lib.write_frame(frame, out or export_lib.default_export_path(config, file_format), file_format)
+    except RunnerError as error:
+        raise _fail(error) from None
+    typer.echo(f"wrote {len(frame)} rows to {path}")
 
 
 @app.command()

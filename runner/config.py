@@ -268,7 +268,12 @@ class TrackingConfig(BaseModel):
 
 
 class ClusterConfig(BaseModel):
-    """How many workers run the sweep and what each one needs (Ray)."""
+    """How many workers run the sweep and what each one needs (Ray).
+
+    `resources` is what one worker (one host) requests: `CPU`, `GPU` and custom resources such as `TPU` (chips).
+    `platform` is the JAX platform the workers must get; `auto` means tpu when a TPU resource is requested, gpu
+    when a GPU is, else cpu. `address` joins a running Ray cluster; without it a local Ray is started.
+    """
 
     model_config = _MODEL_CONFIG
 
@@ -279,6 +284,28 @@ class ClusterConfig(BaseModel):
     address: str | None = None
     replica: Literal["host", "slice"] = "host"
     max_job_retries: int = Field(default=2, ge=0)
+    platform: Literal["auto", "cpu", "gpu", "tpu"] = "auto"
+
+    @model_validator(mode="after")
+    def _accelerator_platform_needs_its_resource(self) -> ClusterConfig:
+        needed = {"tpu": "TPU", "gpu": "GPU"}.get(self.platform)
+        if needed is not None and self.resources.get(needed, 0) <= 0:
+            raise _error(
+                f"{self.platform!r} needs resources.{needed} (allowed: request every {needed} of a host, "
+                f"e.g. resources: {{{needed}: {4 if needed == 'TPU' else 8}}}, or platform cpu)",
+                "platform",
+            )
+        return self
+
+    def jax_platform(self) -> Literal["cpu", "gpu", "tpu"]:
+        """The JAX platform workers must run on: `platform`, with `auto` resolved from `resources`."""
+        if self.platform != "auto":
+            return self.platform
+        if self.resources.get("TPU", 0) > 0:
+            return "tpu"
+        if self.resources.get("GPU", 0) > 0:
+            return "gpu"
+        return "cpu"
 
 
 class ExperimentConfig(BaseModel):

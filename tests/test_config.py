@@ -263,3 +263,24 @@ def test_loader_uses_safe_yaml(tmp_path):
 def test_validating_a_dict_directly_also_works(tmp_path):
     data = yaml.safe_load(MINIMAL)
     assert ExperimentConfig.model_validate(data).prompts[0] == "The weather today is"
+
+
+@pytest.mark.parametrize(
+    ("cluster", "platform"),
+    [
+        ("{}", "cpu"),
+        ("{resources: {TPU: 4}}", "tpu"),
+        ("{resources: {CPU: 8, GPU: 8}}", "gpu"),
+        ("{resources: {TPU: 4}, platform: cpu}", "cpu"),
+    ],
+)
+def test_cluster_platform_auto_follows_the_requested_accelerator(tmp_path, cluster, platform):
+    config = load_experiment(write(tmp_path, MINIMAL + f"cluster: {cluster}\n"))
+    assert config.cluster.jax_platform() == platform
+
+
+def test_an_accelerator_platform_needs_its_resource(tmp_path):
+    assert error_of(write(tmp_path, MINIMAL + "cluster: {platform: tpu}\n")) == (
+        "cluster.platform: 'tpu' needs resources.TPU (allowed: request every TPU of a host, e.g. "
+        "resources: {TPU: 4}, or platform cpu)"
+    )
