@@ -8,9 +8,18 @@ from __future__ import annotations
 
 import os
 
-# Quiet the TensorFlow that `gemma` imports, and keep Ray from phoning home; before those packages load.
+# Quiet the TensorFlow that `gemma` imports, MLflow's per-artifact progress bars, and keep Ray from phoning home;
+# before those packages load.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import logging  # noqa: E402
+import warnings  # noqa: E402
+
+logging.getLogger("mlflow").setLevel(logging.WARNING)
+# Ray starts its processes with fork+exec after JAX is imported; the exec makes JAX's fork warning moot.
+warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
 
 from pathlib import Path  # noqa: E402
 from typing import Annotated, Optional  # noqa: E402
@@ -149,7 +158,8 @@ def run(
 
     typer.echo(
         f"{summary.points_finished} points finished, {summary.points_failed} failed, "
-        f"{summary.points_skipped} already done; {summary.generated_tokens} tokens in {summary.seconds:.1f}s"
+        f"{summary.points_skipped} already done; {summary.generated_tokens} tokens in {summary.seconds:.1f}s "
+        f"(MLflow logging {summary.tracking_seconds:.1f}s)"
     )
     if executor.lost_host_events:
         typer.echo(f"{len(executor.lost_host_events)} job(s) requeued after losing their worker or host")
@@ -279,6 +289,42 @@ def write_synthetic_bundle(out_dir: Path, preset: str, seed: int, model_format: 
     paths["saes"] = out_dir / "saes"
     paths["sae width"] = width
     return paths
+
+
+@app.command()
+def bench(
+    preset: Annotated[str, typer.Option(help="Synthetic model preset: tiny or small.")] = "small",
+    points: Annotated[int, typer.Option(help="Steering points to generate.")] = 64,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per point.")] = 32,
+    batch_size: Annotated[Optional[int], typer.Option(help="Rows per batch [default: min(64, points)].")] = None,
+    baseline_points: Annotated[int, typer.Option(help="Points the tutorial loop is timed on.")] = 8,
+    cache_dir: CacheDir = None,
+) -> None:
+    """Benchmark the batched sampler against the tutorial's loop; prints one JSON line."""
+    import json
+
+    from runner import synthetic
+    from runner.bench import run_benchmark
+    from runner.errors import ConfigError
+
+    try:
+        if preset not in synthetic.SYNTHETIC_PRESETS:
+            raise ConfigError(f"--preset: {preset!r} is not allowed (allowed: {', '.join(synthetic.SYNTHETIC_PRESETS)})")
+        checked = [("--points", points), ("--new-tokens", new_tokens), ("--baseline-points", baseline_points)]
+        for name, value in checked + ([("--batch-size", batch_size)] if batch_size is not None else []):
+            if value < 1:
+                raise ConfigError(f"{name}: {value} is not allowed (allowed: >= 1)")
+    except RunnerError as error:
+        raise _fail(error) from None
+    figures = run_benchmark(
+        preset=preset,
+        points=points,
+        new_tokens=new_tokens,
+        batch_size=batch_size,
+        baseline_points=baseline_points,
+        cache_dir=_cache_dir(cache_dir),
+    )
+    typer.echo(json.dumps(figures))
 
 
 def main() -> None:

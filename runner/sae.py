@@ -10,6 +10,8 @@ computed in float32 whatever the model's dtype. Named axes: `embedding` (d_in) a
 from __future__ import annotations
 
 import dataclasses
+import os
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -201,7 +203,7 @@ def write_params_npz(arrays: dict[str, np.ndarray], path: Path) -> Path:
     """Writes SAE arrays in the Gemma Scope `params.npz` format, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz")  # unique per writer
     np.savez(tmp, **{name: np.asarray(arrays[name], dtype=np.float32) for name in SAE_KEYS})
     tmp.replace(path)
     return path

@@ -68,6 +68,7 @@ class SweepSummary:
     points_failed: int
     generated_tokens: int
     seconds: float
+    tracking_seconds: float
     compilations: int
 
 
@@ -200,24 +201,36 @@ def run_sweep(
         if progress is not None:
             progress(counts["finished"] + counts["failed"], counts["to_run"], counts["failed"], counts["tokens"])
 
+    tracking_seconds = 0.0
+
     def on_result(job: Job, results: list[PointResult]) -> None:
+        nonlocal tracking_seconds
+        logging_started = time.perf_counter()
         for point, result in zip(job.points, results):
             tracker.log_point(point, result)
             counts["tokens"] += len(result.token_ids)
+        tracking_seconds += time.perf_counter() - logging_started
         counts["finished"] += len(results)
         report()
 
     def on_failure(job: Job, error: str, attempt: int) -> None:
+        nonlocal tracking_seconds
+        logging_started = time.perf_counter()
         for point in job.points:
             tracker.fail_point(point, error, attempt=attempt)
+        tracking_seconds += time.perf_counter() - logging_started
         counts["failed"] += len(job.points)
         report()
 
+    opened = time.perf_counter()
     with tracker.sweep(config, sweep_plan.sweep_id, len(sweep_plan.points)) as parent_run_id:
         done_keys = tracker.finished_point_keys()
         remaining = [point for point in sweep_plan.points if point.point_key not in done_keys]
         counts["to_run"] = len(remaining)
+        tracking_seconds += time.perf_counter() - opened
         executor.run(plan.pack_jobs(remaining, sweep_plan.batch_size), on_result, on_failure)
+        closing = time.perf_counter()
+    tracking_seconds += time.perf_counter() - closing
     return SweepSummary(
         sweep_id=sweep_plan.sweep_id,
         parent_run_id=parent_run_id,
@@ -228,5 +241,6 @@ def run_sweep(
         points_failed=counts["failed"],
         generated_tokens=counts["tokens"],
         seconds=time.perf_counter() - started,
+        tracking_seconds=tracking_seconds,
         compilations=executor.compilations,
     )
