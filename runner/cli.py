@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 
-# Quiet the TensorFlow that `gemma` imports, MLflow's per-artifact progress bars, and keep Ray from phoning home;
+# Quiet the TensorFlow that `gemma` imports and MLflow's per-artifact progress bars, and keep Ray from phoning home;
 # before those packages load.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow's usage telemetry wraps every client call (half the cost of logging a point) and phones home.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import logging  # noqa: E402
 import warnings  # noqa: E402

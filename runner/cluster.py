@@ -598,6 +598,7 @@ class _Controller:
             self._job_failed(task, describe_ray_error(error))
         else:
             slot.state = "idle"
+            self._dispatch()  # keep the worker busy while this thread logs the results
             self._on_result(task.job, results)
 
     def _job_failed(self, task: _Task, error: str) -> None:

@@ -219,15 +219,24 @@ class SweepTracker:
         try:
             now = _now_ms()
             metrics = [Metric(k, v, now, 0) for k, v in sorted(result.metrics.items())]
-            self._log_params(child, point)
-            for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-                self._client.log_batch(child.run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])
+            params = self._new_params(child, point)
+            # One call for params and metrics where MLflow's per-call limits allow it.
+            while params or metrics:
+                self._client.log_batch(
+                    child.run_id,
+                    params=params[:MAX_PARAMS_TAGS_PER_BATCH],
+                    metrics=metrics[:MAX_METRICS_PER_BATCH],
+                )
+                params, metrics = params[MAX_PARAMS_TAGS_PER_BATCH:], metrics[MAX_METRICS_PER_BATCH:]
+            child.params = child.params | set(point.params())
             if child.has_error_tag:
                 self._client.delete_tag(child.run_id, TAG_ERROR)
                 child.has_error_tag = False
-            self._client.log_text(child.run_id, result.text, "generation.txt")
             generation = {"text": result.text, "token_ids": list(result.token_ids), "prompt": point.prompt}
-            self._client.log_dict(child.run_id, generation, "generation.json")
+            with tempfile.TemporaryDirectory(prefix="runner-generation-") as scratch:
+                Path(scratch, "generation.txt").write_text(result.text, encoding="utf-8")
+                Path(scratch, "generation.json").write_text(json.dumps(generation), encoding="utf-8")
+                self._client.log_artifacts(child.run_id, scratch)
             self._client.set_terminated(child.run_id, "FINISHED")
         except BaseException as error:
             self._terminate_quietly(child.run_id, _status_for(error), _describe(error))
@@ -316,9 +325,14 @@ class SweepTracker:
             child.status = "RUNNING"
         return child
 
+    @staticmethod
+    def _new_params(child: _Child, point: SteeringPoint) -> list[Param]:
+        """The point's params the run does not have yet (MLflow params are immutable)."""
+        return [Param(k, v) for k, v in point.params().items() if k not in child.params]
+
     def _log_params(self, child: _Child, point: SteeringPoint) -> None:
-        """Logs the point's params the run does not have yet (MLflow params are immutable)."""
-        params = [Param(k, v) for k, v in point.params().items() if k not in child.params]
+        """Logs the point's params the run does not have yet."""
+        params = self._new_params(child, point)
         for start in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
             self._client.log_batch(child.run_id, params=params[start : start + MAX_PARAMS_TAGS_PER_BATCH])
         child.params = child.params | {p.key for p in params}

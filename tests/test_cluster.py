@@ -53,7 +53,7 @@ SAME_BUCKET_PROMPTS = ["Once upon a time", "The weather today is", "My favourite
 #: 20 tokens: the next prompt bucket, a second compilation.
 LONG_PROMPT = "The most iconic structure on Earth is"
 #: 2 prompts x 2 layers x 3 features x 2 scales = 24 points, 6 jobs of 4.
-GRID = {"layers": [1, 2], "features": [3, 17, 40], "scales": [0, 30], "seeds": [0]}
+GRID = {"layers": [1, 2], "features": [3, 17, 40], "scales": [10, 30], "seeds": [0]}  # no scale 0: no shared baselines
 #: JAX devices of each simulated host (fake CPU devices).
 DEVICES_PER_HOST = 4
 NODE_DEATH_DETECTION = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
