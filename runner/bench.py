@@ -29,10 +29,11 @@ from penzai.models.transformer import sampling_mode, simple_decoding_loop
 from penzai.toolshed import jit_wrapper
 
 from runner import synthetic, tokenizer as tokenizer_lib
+from runner.tokenizer import CORPUS_PATH
 from runner.config import ModelConfig
 from runner.model import LoadedModel, load_model
 from runner.sae import LATENT_AXIS, JumpReLUSAE, load_sae
-from runner.sae_sources import CORPUS_PATH, write_synthetic_saes
+from runner.sae_sources import write_synthetic_saes
 from runner.sampling import SamplingBatch, SteeringSampler, left_pad, prompt_bucket
 from runner.steering import MODE_CODES, insert_after_block
 

@@ -73,18 +73,23 @@ def validate(file: ExperimentFile, set_: Overrides = None) -> None:
         config = load_experiment(file, set_ or [])
     except RunnerError as error:
         raise _fail(error) from None
+    from runner.sweep import job_size
+
     steering = config.steering
-    points = len(config.prompts) * len(steering.layers) * len(steering.features) * len(steering.scales)
-    points *= len(steering.seeds)
-    batch = config.sampling.batch_size
-    batch_size = min(64, points) if batch == "auto" else batch
-    jobs = -(-points // batch_size)
+    # SAE ids are resolved at run time (that may download); placeholders give the same points and jobs.
+    points = plan.expand_points(config, {layer: f"layer-{layer}-sae" for layer in steering.layers})
+    jobs = plan.pack_jobs(points, job_size(config, len(points)))
+    generations = len({point.generation_key for point in points})
     typer.echo(f"{file}: valid")
-    typer.echo(f"sweep {plan.sweep_id(config)}: {points} points in {jobs} jobs of up to {batch_size}")
+    typer.echo(
+        f"sweep {plan.sweep_id(config)}: {len(points)} points ({generations} generations: scale-0 baselines "
+        f"shared) in {len(jobs)} jobs of up to {job_size(config, len(points))} generations, "
+        f"{config.cluster.workers} worker(s) with {config.cluster.resources}"
+    )
     typer.echo(
         f"  {len(config.prompts)} prompts x {len(steering.layers)} layers x {len(steering.features)} features x "
         f"{len(steering.scales)} scales x {len(steering.seeds)} seeds; "
-        f"up to {points * config.sampling.max_new_tokens} generated tokens"
+        f"up to {generations * config.sampling.max_new_tokens} generated tokens"
     )
 
 

@@ -20,7 +20,6 @@ from runner import gemma_scope, steering, tokenizer as tokenizer_lib
 from runner.errors import SAEError
 from runner.sae import calibrate_thresholds, random_sae_arrays, write_params_npz
 
-CORPUS_PATH = Path(__file__).parent / "data" / "corpus.txt"
 _L0_FOLDER = re.compile(r"^average_l0_(\d+)$")
 
 
@@ -123,7 +122,7 @@ def _local_sae(sae_config: Any, layer: int, num_layers: int) -> SAEFile:
 
 def calibration_tokens(tokenizer: Any, num_sequences: int = 16, seq_len: int = 64) -> np.ndarray:
     """`[num_sequences, seq_len]` windows of the bundled corpus, each starting with BOS (no padding)."""
-    text = CORPUS_PATH.read_text(encoding="utf-8")
+    text = tokenizer_lib.CORPUS_PATH.read_text(encoding="utf-8")
     stream = tokenizer_lib.encode_prompt(tokenizer, text)[1:]
     body = seq_len - 1
     needed = num_sequences * body

@@ -117,9 +117,7 @@ def prepare_sweep(config: ExperimentConfig, cache_dir: Path) -> SweepPlan:
         {layer: sae_file.sae_id for layer, sae_file in sae_files.items()},
         lambda layer, feature: sae_files[layer].neuronpedia_url(feature),
     )
-    batch_size = config.sampling.batch_size
-    if batch_size == "auto":
-        batch_size = min(MAX_AUTO_BATCH, len(points))
+    batch_size = job_size(config, len(points))
     return SweepPlan(
         config=config,
         sweep_id=plan.sweep_id(config),
@@ -131,6 +129,13 @@ def prepare_sweep(config: ExperimentConfig, cache_dir: Path) -> SweepPlan:
         d_sae=d_sae,
         prompt_token_counts=counts,
     )
+
+
+def job_size(config: ExperimentConfig, num_points: int) -> int:
+    """Distinct generations per job: `sampling.batch_size`, or with `auto` up to `MAX_AUTO_BATCH` (a worker may
+    then run a job in smaller batches that fit its device)."""
+    requested = config.sampling.batch_size
+    return min(MAX_AUTO_BATCH, num_points) if requested == "auto" else requested
 
 
 ProgressCallback = Callable[[int, int, int, int], None]
