@@ -57,6 +57,14 @@ def _fail(error: RunnerError) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+def _check_preset(preset: str) -> None:
+    from runner import synthetic
+    from runner.errors import ConfigError
+
+    if preset not in synthetic.SYNTHETIC_PRESETS:
+        raise ConfigError(f"--preset: {preset!r} is not allowed (allowed: {', '.join(synthetic.SYNTHETIC_PRESETS)})")
+
+
 def _cache_dir(option: Path | None) -> Path:
     from runner.model import cache_dir_default
 
@@ -259,12 +267,10 @@ def synth(
     target_l0: Annotated[float, typer.Option(help="Mean L0 the synthetic SAEs are calibrated to.")] = 16.0,
 ) -> None:
     """Write a synthetic Gemma2 model and an SAE for every layer, for offline pipelines (`source: local`)."""
-    from runner import synthetic
     from runner.errors import ConfigError
 
     try:
-        if preset not in synthetic.SYNTHETIC_PRESETS:
-            raise ConfigError(f"--preset: {preset!r} is not allowed (allowed: {', '.join(synthetic.SYNTHETIC_PRESETS)})")
+        _check_preset(preset)
         if model_format not in ("kaggle", "huggingface"):
             raise ConfigError(f"--format: {model_format!r} is not allowed (allowed: kaggle, huggingface)")
         paths = write_synthetic_bundle(out_dir, preset, seed, model_format, target_l0)
@@ -310,13 +316,11 @@ def bench(
     """Benchmark the batched sampler against the tutorial's loop; prints one JSON line."""
     import json
 
-    from runner import synthetic
     from runner.bench import run_benchmark
     from runner.errors import ConfigError
 
     try:
-        if preset not in synthetic.SYNTHETIC_PRESETS:
-            raise ConfigError(f"--preset: {preset!r} is not allowed (allowed: {', '.join(synthetic.SYNTHETIC_PRESETS)})")
+        _check_preset(preset)
         checked = [("--points", points), ("--new-tokens", new_tokens), ("--baseline-points", baseline_points)]
         for name, value in checked + ([("--batch-size", batch_size)] if batch_size is not None else []):
             if value < 1:

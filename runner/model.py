@@ -24,7 +24,7 @@ from penzai.models.transformer.variants import llamalike_common
 from penzai.toolshed import sharding_util
 
 from runner import hf_format, synthetic, tokenizer as tokenizer_lib
-from runner.architecture import Gemma2Architecture
+from runner.architecture import Gemma2Architecture, default_parameter_dtype
 from runner.errors import CheckpointError
 
 FlatParams = Mapping[str, Mapping[str, Any]]
@@ -240,7 +240,7 @@ def load_model(
     location = resolve_model_location(model_config, cache_dir)
     if not location.tokenizer_path.is_file():
         raise CheckpointError(f"{location.tokenizer_path}: tokenizer.model not found next to the checkpoint")
-    dtype = _DTYPES.get(model_config.dtype) or (jnp.float32 if location.is_synthetic else jnp.bfloat16)
+    dtype = _DTYPES.get(model_config.dtype) or default_parameter_dtype(location.is_synthetic)
     activation_dtype = jnp.float32 if model_config.upcast_activations else dtype
 
     if location.kind == "huggingface":

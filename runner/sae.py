@@ -16,7 +16,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from penzai import pz

@@ -100,15 +100,16 @@ class SteeringWorker:
             config.model, cache_dir=cache_dir, mesh=mesh, model_id=plan.model_id(config.model)
         )
         self.saes: dict[int, LoadedSAE] = self._load_saes(sae_files, cache_dir)
-        tokenizer = self.loaded.tokenizer
-        longest = max(len(tokenizer_lib.encode_prompt(tokenizer, prompt)) for prompt in config.prompts)
+        self._sae_layers = {layer: loaded.sae for layer, loaded in self.saes.items()}
+        self._prompt_ids = {
+            prompt: tokenizer_lib.encode_prompt(self.loaded.tokenizer, prompt) for prompt in config.prompts
+        }
+        longest = max(len(ids) for ids in self._prompt_ids.values())
         self.prompt_len = prompt_bucket(longest)  # one bucket for the sweep: one compiled program
         self.batch_size = self._fitting_batch_size(batch_size)
         self.probe_features = sorted(set(config.steering.features))
         self._samplers: dict[tuple[int, int, int], SteeringSampler] = {}
-        self._steered_model = steering_lib.add_steering_sites(
-            self.loaded.model, {layer: loaded.sae for layer, loaded in self.saes.items()}
-        )
+        self._steered_model = steering_lib.add_steering_sites(self.loaded.model, self._sae_layers)
 
     def _fitting_batch_size(self, job_size: int) -> int:
         params = pz.unbind_params(self.loaded.model)[1]
@@ -118,7 +119,7 @@ class SteeringWorker:
             max_new_tokens=self.config.sampling.max_new_tokens,
             parameter_bytes=params[0].value.dtype.itemsize,
             activation_bytes=np.dtype(self.loaded.model.metadata.activation_dtype).itemsize,
-            sae_widths=[loaded.sae.d_sae for loaded in self.saes.values()],
+            sae_widths=[sae.d_sae for sae in self._sae_layers.values()],
         )
         fitting = memory.largest_fitting_batch(estimate, memory.device_memory_bytes(), at_most=job_size)
         if self.config.sampling.batch_size != "auto" and fitting < job_size:
@@ -162,7 +163,7 @@ class SteeringWorker:
         if key not in self._samplers:
             self._samplers[key] = SteeringSampler(
                 self.loaded.model,
-                {layer: loaded.sae for layer, loaded in self.saes.items()},
+                self._sae_layers,
                 batch_size=self.batch_size,
                 prompt_len=prompt_len,
                 max_new_tokens=max_new_tokens,
@@ -221,7 +222,7 @@ class SteeringWorker:
         return items + [items[-1]] * (self.batch_size - len(items))
 
     def _prompt_tokens(self, points: Sequence[SteeringPoint]) -> list[list[int]]:
-        return [tokenizer_lib.encode_prompt(self.loaded.tokenizer, point.prompt) for point in points]
+        return [self._prompt_ids[point.prompt] for point in points]
 
     def _sample(self, rows: list[SteeringPoint]) -> SamplingOutput:
         sampler = self.sampler_for(self.prompt_len, rows[0].max_new_tokens)
@@ -230,7 +231,6 @@ class SteeringWorker:
 
     def _generation_metrics(self, points: list[SteeringPoint], tokens: np.ndarray) -> list[dict[str, float]]:
         """Judge-free steering metrics per point (`steering_metrics`), in batches of the compiled shape."""
-        saes = {layer: loaded.sae for layer, loaded in self.saes.items()}
         rows = []
         for start in range(0, len(points), self.batch_size):
             indices = self._padded(list(range(start, min(start + self.batch_size, len(points)))))
@@ -240,7 +240,7 @@ class SteeringWorker:
                 [point.layer for point in piece], batch.feature, batch.value, batch.mode, batch.steer_from
             )
             computed = steering_metrics.steering_generation_metrics(
-                self.loaded, (self._steered_model, inputs), batch.prompt_tokens, tokens[indices], saes,
+                self.loaded, (self._steered_model, inputs), batch.prompt_tokens, tokens[indices], self._sae_layers,
                 [point.layer for point in piece], batch.feature,
             )
             rows.extend(computed[: min(self.batch_size, len(points) - start)])
