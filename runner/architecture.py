@@ -212,6 +212,30 @@ class Gemma2Architecture:
         return entries
 
 
+#: The published Gemma2 sizes (Penzai's presets), by Kaggle variant and Hugging Face repo: what a sweep can be
+#: planned with before anything is downloaded. Loading always reads the real shapes.
+PUBLISHED: dict[str, Gemma2Architecture] = {
+    "gemma2-2b": Gemma2Architecture(26, 2304, 8, 4, 256, 9216, 256_128, gating_is_d_by_f=True),
+    "gemma2-9b": Gemma2Architecture(42, 3584, 16, 8, 256, 14_336, 256_128, gating_is_d_by_f=False),
+    "gemma2-27b": Gemma2Architecture(46, 4608, 32, 16, 128, 36_864, 256_128, gating_is_d_by_f=False),
+}
+_PUBLISHED_NAMES = {
+    **{f"{size}{tuned}": size for size in PUBLISHED for tuned in ("", "-it")},
+    **{f"google/gemma-2-{size.removeprefix('gemma2-')}{tuned}": size for size in PUBLISHED for tuned in ("", "-it")},
+}
+
+
+def published_architecture(name: str) -> Gemma2Architecture | None:
+    """The architecture of a published Gemma2 by Kaggle variant (`gemma2-9b-it`) or Hugging Face repo
+    (`google/gemma-2-2b`); None for other names. The Hugging Face repos hold 256000 vocabulary rows, the Kaggle
+    ones 256128."""
+    size = _PUBLISHED_NAMES.get(name)
+    if size is None:
+        return None
+    arch = PUBLISHED[size]
+    return dataclasses.replace(arch, vocab_size=256_000) if name.startswith("google/") else arch
+
+
 def default_parameter_dtype(is_synthetic: bool) -> Any:
     """bf16 for real checkpoints, fp32 for synthetic presets."""
     return jnp.float32 if is_synthetic else jnp.bfloat16

@@ -13,11 +13,9 @@ for exactly `new_tokens` tokens each (EOS does not stop either, so the work is e
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import resource
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,9 @@ from runner.model import LoadedModel, load_model
 from runner.sae import LATENT_AXIS, JumpReLUSAE, load_sae
 from runner.sae_sources import write_synthetic_saes
 from runner.sampling import SamplingBatch, SteeringSampler, left_pad, prompt_bucket
-from runner.steering import MODE_CODES, insert_after_block
+from runner.sites import insert_after_block
+from runner.steering import MODE_CODES
+from runner.worker import count_compilations
 
 #: Peak memory bandwidth (bytes/s) by device kind, for the roofline fraction on accelerators.
 MEMORY_BANDWIDTH = {
@@ -73,22 +73,6 @@ class AddSteeringVector(pz.nn.Layer):
 
     def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
         return x + self.vector.astype(x.dtype)
-
-
-@contextlib.contextmanager
-def count_compilations() -> Iterator[list[int]]:
-    """Counts XLA backend compilations inside the block (`counter[0]`)."""
-    counter = [0]
-
-    def listener(event: str, duration: float, **kwargs: Any) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            counter[0] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield counter
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def make_points(tokenizer: Any, count: int, d_sae: int) -> list[BenchPoint]:

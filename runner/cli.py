@@ -73,32 +73,32 @@ def _cache_dir(option: Path | None) -> Path:
 
 @app.command()
 def validate(file: ExperimentFile, set_: Overrides = None) -> None:
-    """Check an experiment file and print its plan, without loading a model."""
-    from runner import plan
+    """Check an experiment file and print its plan (points, jobs, workers, tokens, memory), without loading a
+    model."""
     from runner.config import load_experiment
+    from runner.sweep import outline
 
     try:
         config = load_experiment(file, set_ or [])
     except RunnerError as error:
         raise _fail(error) from None
-    from runner.sweep import job_size
-
-    steering = config.steering
-    # SAE ids are resolved at run time (that may download); placeholders give the same points and jobs.
-    points = plan.expand_points(config, {layer: f"layer-{layer}-sae" for layer in steering.layers})
-    jobs = plan.pack_jobs(points, job_size(config, len(points)))
-    generations = len({point.generation_key for point in points})
+    summary = outline(config)
+    unit = "generations" if config.kind == "steering" else "SAEs"
     typer.echo(f"{file}: valid")
     typer.echo(
-        f"sweep {plan.sweep_id(config)}: {len(points)} points ({generations} generations: scale-0 baselines "
-        f"shared) in {len(jobs)} jobs of up to {job_size(config, len(points))} generations, "
-        f"{config.cluster.workers} worker(s) with {config.cluster.resources}"
+        f"{config.kind} sweep {summary.sweep_id}: {summary.points} points in {summary.jobs} jobs of up to "
+        f"{summary.job_size} {unit}, {config.cluster.workers} worker(s) with {config.cluster.resources}"
     )
-    typer.echo(
-        f"  {len(config.prompts)} prompts x {len(steering.layers)} layers x {len(steering.features)} features x "
-        f"{len(steering.scales)} scales x {len(steering.seeds)} seeds; "
-        f"up to {generations * config.sampling.max_new_tokens} generated tokens"
-    )
+    tokens = "generated tokens (at most)" if config.kind == "steering" else "evaluated tokens"
+    typer.echo(f"  {summary.grid}; {summary.tokens:,} {tokens}")
+    if summary.memory_bytes is None:
+        typer.echo("  memory per worker: unknown until the checkpoint is read (its architecture is not published)")
+    else:
+        model_bytes, sae_bytes, batch_bytes = summary.memory_parts
+        typer.echo(
+            f"  memory per worker: about {summary.memory_bytes / 2**30:.1f} GiB (model {model_bytes / 2**30:.1f} GiB, "
+            f"SAEs {sae_bytes / 2**30:.2f} GiB, one batch {batch_bytes / 2**30:.2f} GiB, plus a 25% margin)"
+        )
 
 
 @app.command()

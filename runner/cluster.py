@@ -38,7 +38,7 @@ from ray import exceptions as ray_errors
 from runner.config import ClusterConfig
 from runner.errors import RunnerError
 from runner.plan import Job
-from runner.results import PointResult
+from runner.results import Result
 from runner.sae_sources import SAEFile
 
 _log = logging.getLogger(__name__)
@@ -135,57 +135,55 @@ def _host_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def localise_sae_files(config: Any, sae_files: Mapping[int, SAEFile], cache_dir: Path) -> dict[int, SAEFile]:
+def localise_sae_files(config: Any, sae_files: Mapping[str, SAEFile]) -> dict[str, SAEFile]:
     """The driver's SAE files as seen from this host: Gemma Scope files missing here are downloaded again.
 
     Raises:
       RunnerError: A local SAE file of the driver does not exist on this host, or a download names another SAE.
     """
-    from runner.sae_sources import resolve_sae_files
+    from runner.sae_sources import resolve_sae_file
 
     files = dict(sae_files)
-    missing = [layer for layer, f in files.items() if f.path is not None and not Path(f.path).is_file()]
+    missing = [key for key, f in files.items() if f.path is not None and not Path(f.path).is_file()]
     if not missing:
         return files
     if config.sae.source != "huggingface":
-        paths = ", ".join(str(files[layer].path) for layer in missing)
+        paths = ", ".join(str(files[key].path) for key in missing)
         raise RunnerError(
             f"{socket.gethostname()}: SAE file(s) {paths} do not exist on this worker host (allowed: sae.path on a "
             "filesystem every host mounts at the same path, or sae.source huggingface)"
         )
-    # model_id and embedding_dim only name synthetic SAEs; Gemma Scope files are found by release, layer and width.
-    again = resolve_sae_files(config.sae, missing, model_id="", embedding_dim=0, cache_dir=cache_dir)
-    for layer in missing:
-        if again[layer].sae_id != files[layer].sae_id:
-            raise RunnerError(f"layer {layer}: the driver resolved {files[layer].sae_id} but this host got "
-                              f"{again[layer].sae_id}")
-        files[layer] = again[layer]
+    for key in missing:
+        # Gemma Scope files are found by release, layer, width and the L0 the driver resolved.
+        again = resolve_sae_file(config.sae, files[key].layer, width=files[key].width, l0=files[key].l0, model_id="")
+        if again.sae_id != files[key].sae_id:
+            raise RunnerError(f"layer {files[key].layer}: the driver resolved {files[key].sae_id} but this host got "
+                              f"{again.sae_id}")
+        files[key] = again
     return files
 
 
 class HostWorker:
-    """One host's `SteeringWorker` as a Ray actor (`ray.remote(HostWorker)`; `RayExecutor` creates them).
+    """One host's worker (`runner.worker.SteeringWorker` or `SAEEvalWorker`) as a Ray actor
+    (`ray.remote(HostWorker)`; `RayExecutor` creates them).
 
     On start it removes a stale TPU lockfile (platform tpu), checks that JAX got `platform`, then loads the model
     and SAEs once. `__init__` runs again on every restart of the actor.
 
     Args:
-      config: The experiment (`ExperimentConfig`, which pickles).
-      sae_files: The SAE files the driver resolved.
-      batch_size: Points per job (`SweepPlan.batch_size`).
+      worker_args: What the worker class takes besides the cache directory and its name
+        (`SweepPlan.worker_args()`: config, sae_files, batch_size, eval_tokens).
       cache_dir: Where synthetic models and SAEs are written.
       platform: The JAX platform this worker must run on: cpu, gpu or tpu.
       name: The worker's slot name, e.g. `worker-0`; results are tagged `<name>@<hostname>`.
-      worker_class: The class doing the work; `runner.worker.SteeringWorker` when None. It must be importable
-        on the workers (or registered with `ray.cloudpickle.register_pickle_by_value`).
+      worker_class: The class doing the work; the sweep kind's (`runner.worker.worker_class_for`) when None. It
+        must be importable on the workers (or registered with `ray.cloudpickle.register_pickle_by_value`).
     """
 
     def __init__(
         self,
-        config: Any,
-        sae_files: Mapping[int, SAEFile],
+        worker_args: Mapping[str, Any],
         *,
-        batch_size: int,
         cache_dir: Path,
         platform: str,
         name: str,
@@ -195,17 +193,18 @@ class HostWorker:
         if platform == "tpu":
             remove_stale_tpu_lockfile()
         self.platform, self.device_count = check_jax_platform(platform, self.name)
+        config = worker_args["config"]
         if worker_class is None:
-            from runner.worker import SteeringWorker
+            from runner.worker import worker_class_for
 
-            worker_class = SteeringWorker
-        sae_files = localise_sae_files(config, sae_files, cache_dir)
+            worker_class = worker_class_for(config.kind)
+        sae_files = localise_sae_files(config, worker_args["sae_files"])
         # Synthetic SAEs are written by the first worker of a filesystem and reused by the others.
         writes_saes = any(f.path is None for f in sae_files.values())
         lock = _host_lock(cache_dir / ".runner-worker-init.lock") if writes_saes else contextlib.nullcontext()
         with lock:
             self._worker = worker_class(
-                config, sae_files, batch_size=batch_size, cache_dir=cache_dir, worker_name=self.name
+                **{**worker_args, "sae_files": sae_files}, cache_dir=cache_dir, worker_name=self.name
             )
 
     def info(self) -> dict[str, Any]:
@@ -219,7 +218,7 @@ class HostWorker:
             "device_count": self.device_count,
         }
 
-    def run_job(self, job: Job, attempt: int) -> list[PointResult]:
+    def run_job(self, job: Job, attempt: int) -> list[Result]:
         """Runs one job; every result names this worker and the attempt."""
         results = self._worker.run_job(job, attempt)
         return [dataclasses.replace(result, worker=self.name, attempt=attempt) for result in results]
@@ -294,7 +293,7 @@ class _Policy:
     worker_resources: Mapping[str, float]
 
 
-ResultCallback = Callable[[Job, list[PointResult]], None]
+ResultCallback = Callable[[Job, list[Result]], None]
 FailureCallback = Callable[[Job, str, int], None]
 
 
@@ -434,9 +433,7 @@ class RayExecutor:
         for index in range(self._cluster.workers):
             name = f"worker-{index}"
             actor = remote_class.remote(
-                self._plan.config,
-                self._plan.sae_files,
-                batch_size=self._plan.batch_size,
+                self._plan.worker_args(),
                 cache_dir=self._cache_dir,
                 platform=self._cluster.jax_platform(),
                 name=name,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -59,6 +60,13 @@ def _not_blank(value: str) -> str:
     return value
 
 
+def _width_label(value: str) -> str:
+    if not re.fullmatch(r"\d+[km]?", value):
+        raise _error(f"{value!r} is not a width label (allowed: {', '.join(gemma_scope.WIDTHS)}, or a latent count)")
+    return value
+
+
+WidthLabel = Annotated[str, AfterValidator(_width_label)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 Prompt = Annotated[str, AfterValidator(_not_blank)]
@@ -147,8 +155,8 @@ class SAEConfig(BaseModel):
 
     source: Literal["huggingface", "local", "synthetic"]
     release: str | None = None
-    site: Literal["res"] = "res"
-    width: str = "16k"
+    site: Literal["res", "mlp", "att"] = "res"
+    width: WidthLabel = "16k"
     l0: int | Literal["canonical"] = "canonical"
     path: Path | None = None
     width_features: int | None = Field(default=None, ge=1)
@@ -167,13 +175,6 @@ class SAEConfig(BaseModel):
             return value
         raise _error(f"{value!r} is not allowed (allowed: 'canonical' or an integer >= 1, the N of average_l0_N)")
 
-    @field_validator("width")
-    @classmethod
-    def _width_label(cls, value: str) -> str:
-        if not re.fullmatch(r"\d+[km]?", value):
-            raise _error(f"{value!r} is not a width label (allowed: {', '.join(gemma_scope.WIDTHS)}, or a latent count)")
-        return value
-
     @field_validator("release")
     @classmethod
     def _known_release(cls, value: str | None) -> str | None:
@@ -187,7 +188,7 @@ class SAEConfig(BaseModel):
         allowed = {
             "huggingface": gemma_scope_fields,
             "local": ("path", *gemma_scope_fields),
-            "synthetic": ("width_features", "target_l0", "seed"),
+            "synthetic": ("site", "width_features", "target_l0", "seed"),
         }
         required = {"huggingface": ("release",), "local": ("path",)}
         _check_source_fields(self, self.source, allowed, required)
@@ -225,6 +226,83 @@ class SteeringConfig(BaseModel):
     @classmethod
     def _each_once(cls, values: list[Any], info: ValidationInfo) -> list[Any]:
         return _unique(values, info.field_name.removesuffix("s"))
+
+
+class TextSetConfig(BaseModel):
+    """The text an SAE evaluation runs on: the bundled prose, a user's files, or a Hugging Face dataset."""
+
+    model_config = _MODEL_CONFIG
+
+    source: Literal["bundled", "file", "huggingface"] = "bundled"
+    path: str | None = None
+    dataset: str | None = None
+    files: list[str] = Field(default_factory=list)
+    column: str = Field(default="text", min_length=1)
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _absolute_glob(cls, value: Any, info: ValidationInfo) -> str | None:
+        path = _resolve_path(value, info)
+        return None if path is None else str(path)
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_shape(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", value):
+            raise _error(f"{value!r} is not a Hugging Face dataset id (like NeelNanda/pile-10k)")
+        return value
+
+    @model_validator(mode="after")
+    def _fields_fit_source(self) -> TextSetConfig:
+        allowed = {"bundled": (), "file": ("path", "column"), "huggingface": ("dataset", "files", "column")}
+        required = {"file": ("path",), "huggingface": ("dataset",)}
+        _check_source_fields(self, self.source, allowed, required)
+        if self.source == "huggingface" and not self.files:
+            raise _error(
+                "is required with source 'huggingface': the files of the dataset repo to read, e.g. "
+                "['data/train-00000-of-00001.parquet'] (globs allowed)",
+                "files",
+            )
+        return self
+
+
+class SAEEvalConfig(BaseModel):
+    """An SAE evaluation sweep: every layer x width x L0 of one release, measured on one text set."""
+
+    model_config = _MODEL_CONFIG
+
+    layers: list[NonNegativeInt] | Literal["all"] = "all"
+    widths: list[WidthLabel] = Field(min_length=1)
+    l0s: list[Annotated[int, Field(ge=1)] | Literal["canonical"]] = Field(min_length=1)
+    text: TextSetConfig = Field(default_factory=TextSetConfig)
+    context_length: int = Field(default=128, ge=2, le=8192)
+    num_sequences: int = Field(default=32, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    saes_per_job: int | Literal["auto"] = "auto"
+    table_sequences: int = Field(default=4, ge=0)
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers_value(cls, value: Any) -> Any:
+        if value == "all" or isinstance(value, list):
+            return value
+        raise _error(f"{value!r} is not allowed (allowed: 'all' or a list of block indices)")
+
+    @field_validator("layers", "widths", "l0s")
+    @classmethod
+    def _each_once(cls, values: Any, info: ValidationInfo) -> Any:
+        if values == "all":
+            return values
+        if info.field_name == "layers" and not values:
+            raise _error("must not be empty")
+        return _unique(values, info.field_name.removesuffix("s"))
+
+    @field_validator("saes_per_job", mode="before")
+    @classmethod
+    def _saes_per_job_value(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise _error(f"{value!r} is not allowed (allowed: 'auto' or an integer >= 1)")
 
 
 class SamplingConfig(BaseModel):
@@ -308,16 +386,24 @@ class ClusterConfig(BaseModel):
         return "cpu"
 
 
+SweepKind = Literal["steering", "sae_eval"]
+#: SAE fields an evaluation grid sets, and the grid field that does.
+_SAE_GRID_FIELDS = {"width": "sae_eval.widths", "l0": "sae_eval.l0s", "width_features": "sae_eval.widths",
+                    "target_l0": "sae_eval.l0s"}
+
+
 class ExperimentConfig(BaseModel):
-    """One steering sweep: model, SAE, prompts, grid, sampling, tracking and cluster."""
+    """One sweep: model, SAE, then either a steering grid (prompts, steering, sampling) or an SAE evaluation grid
+    (`sae_eval`), and tracking and cluster."""
 
     model_config = _MODEL_CONFIG
 
     name: str
     model: ModelConfig
     sae: SAEConfig
-    prompts: tuple[Prompt, ...] = Field(min_length=1)
-    steering: SteeringConfig
+    prompts: tuple[Prompt, ...] = ()
+    steering: SteeringConfig | None = None
+    sae_eval: SAEEvalConfig | None = None
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
@@ -339,14 +425,54 @@ class ExperimentConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _one_kind_of_sweep(self) -> ExperimentConfig:
+        if (self.steering is None) == (self.sae_eval is None):
+            given = "both 'steering' and 'sae_eval' are" if self.steering is not None else \
+                "neither 'steering' nor 'sae_eval' is"
+            raise _error(f"{given} given (allowed: exactly one of them: a steering sweep or an SAE evaluation)")
+        if self.steering is not None:
+            if not self.prompts:
+                if "prompts" in self.model_fields_set:
+                    raise _error("must not be empty", "prompts")
+                raise _error("is required with steering (a list of strings, or {file: PATH})", "prompts")
+            if self.sae.site != "res":
+                raise _error(f"{self.sae.site!r}: steering adds decoder rows to the residual stream (allowed: res)",
+                             "sae.site")
+            return self
+        if self.prompts:
+            raise _error("does not apply to sae_eval sweeps (they read sae_eval.text)", "prompts")
+        if self.sampling != SamplingConfig():
+            raise _error("does not apply to sae_eval sweeps (they only read text)", "sampling")
+        for field in sorted(self.sae.model_fields_set & set(_SAE_GRID_FIELDS)):
+            raise _error(f"is set by the evaluation grid (set {_SAE_GRID_FIELDS[field]} instead)", f"sae.{field}")
+        if self.sae.source == "huggingface":
+            bad = [width for width in self.sae_eval.widths if width not in gemma_scope.WIDTHS]
+            if bad:
+                raise _error(f"{bad} are not Gemma Scope widths (allowed: {', '.join(gemma_scope.WIDTHS)})",
+                             "sae_eval.widths")
+        if self.sae.source == "synthetic" and "canonical" in self.sae_eval.l0s:
+            raise _error("'canonical' has no meaning for synthetic SAEs (allowed: target L0s, integers >= 1)",
+                         "sae_eval.l0s")
+        return self
+
+    @property
+    def kind(self) -> SweepKind:
+        """Which sweep this is: `steering` or `sae_eval`."""
+        return "steering" if self.steering is not None else "sae_eval"
+
+    @model_validator(mode="after")
     def _experiment_defaults_to_name(self) -> ExperimentConfig:
         if self.tracking.experiment is None:
             object.__setattr__(self, "tracking", self.tracking.model_copy(update={"experiment": self.name}))
         return self
 
     def canonical_dict(self) -> dict[str, Any]:
-        """Returns every field, defaults included, as JSON-safe data (paths as strings, tuples as lists)."""
-        return self.model_dump(mode="json")
+        """Returns every field, defaults included, as JSON-safe data (paths as strings, tuples as lists); what the
+        sweep kind does not use is left out (the other kind's section, and for `sae_eval` the SAE fields its grid
+        sets)."""
+        if self.kind == "steering":
+            return self.model_dump(mode="json", exclude={"sae_eval"})
+        return self.model_dump(mode="json", exclude={"steering": True, "sae": set(_SAE_GRID_FIELDS)})
 
     def to_yaml(self) -> str:
         """Returns the canonical YAML dump, which `load_experiment` reads back to an equal config."""
@@ -432,8 +558,7 @@ def _override_path_problem(parts: list[str], raw: Any) -> str | None:
         if schema is not None:
             if part not in schema.model_fields:
                 return f"unknown field {where!r} (allowed: {_allowed(schema)})"
-            annotation = schema.model_fields[part].annotation
-            schema = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+            schema = _model_class(schema.model_fields[part].annotation)
             if part == "prompts" and parts[depth + 1 : depth + 2] == ["file"]:
                 schema = _PromptsFile
             node = node.get(part) if isinstance(node, dict) else None
@@ -560,9 +685,16 @@ def _schema_at(loc: Sequence[Any]) -> type[BaseModel] | None:
     schema: type[BaseModel] | None = ExperimentConfig
     for part in loc:
         field = schema.model_fields.get(part) if schema is not None and isinstance(part, str) else None
-        annotation = field.annotation if field is not None else None
-        schema = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        schema = _model_class(field.annotation) if field is not None else None
     return schema
+
+
+def _model_class(annotation: Any) -> type[BaseModel] | None:
+    """The config class of a field annotated `Config` or `Config | None`, else None."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def _allowed(schema: type[BaseModel] | None) -> str:

@@ -25,15 +25,22 @@ if TYPE_CHECKING:
 ExportFormat = Literal["csv", "parquet"]
 EXPORT_FORMATS: tuple[str, ...] = ("csv", "parquet")
 
-#: Params in the order `SteeringPoint.params` logs them; they lead the table, metrics follow the text.
-_PARAM_ORDER = ("model", "sae_id", "layer", "feature", "scale", "seed", "temperature", "top_k", "top_p", "mode",
-                "positions", "prompt_index", "max_new_tokens")
-_SORT_BY = ["prompt_index", "layer", "feature", "scale", "seed"]
+#: Params in the order `SteeringPoint.params` / `SAEEvalPoint.params` log them; they lead the table, metrics
+#: follow (after the prompt and text of a steering point).
+_PARAM_ORDER = {
+    "steering": ("model", "sae_id", "layer", "feature", "scale", "seed", "temperature", "top_k", "top_p", "mode",
+                 "positions", "prompt_index", "max_new_tokens"),
+    "sae_eval": ("model", "sae_id", "layer", "site", "width", "l0_target", "text", "text_digest", "context_length",
+                 "num_sequences"),
+}
+_SORT_BY = {"steering": ["prompt_index", "layer", "feature", "scale", "seed"],
+            "sae_eval": ["layer", "site", "width", "l0_target"]}
 
 
 def finished_points_frame(config: ExperimentConfig) -> pd.DataFrame:
-    """One row per FINISHED point of the config's sweep: point_key, run_id, params, prompt, text, worker,
-    metrics; sorted like the sweep (prompt, layer, feature, scale, seed).
+    """One row per FINISHED point of the config's sweep: point_key, run_id, params, (steering: prompt, text),
+    worker, metrics; sorted like the sweep (steering: prompt, layer, feature, scale, seed; SAE evaluation: layer,
+    site, width, l0).
 
     Raises:
       RunnerError: The sweep has no runs in `config.tracking.uri`.
@@ -47,13 +54,14 @@ def finished_points_frame(config: ExperimentConfig) -> pd.DataFrame:
     client = MlflowClient(tracking_uri=uri)
     runs = _search_all(client, status["experiment_id"],
                        f"tags.`{TAG_PARENT}` = '{status['parent_run_id']}' AND attributes.status = 'FINISHED'")
-    texts = _texts_from_sweep_table(client, status["parent_run_id"])
+    texts = _texts_from_sweep_table(client, status["parent_run_id"]) if config.kind == "steering" else {}
     with tempfile.TemporaryDirectory(prefix="runner-export-") as tmp:
         rows = [_row(client, run, config, texts, Path(tmp)) for run in runs if TAG_POINT_KEY in run.data.tags]
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    return frame.sort_values([c for c in _SORT_BY if c in frame.columns], kind="stable").reset_index(drop=True)
+    sort_by = [c for c in _SORT_BY[config.kind] if c in frame.columns]
+    return frame.sort_values(sort_by, kind="stable").reset_index(drop=True)
 
 
 def write_frame(frame: pd.DataFrame, path: Path, file_format: ExportFormat) -> Path:
@@ -85,20 +93,24 @@ def parse_param(value: str) -> Any:
 
 def _row(client: MlflowClient, run: Run, config: ExperimentConfig, texts: dict[str, str], tmp: Path) -> dict:
     key = run.data.tags[TAG_POINT_KEY]
-    params = {name: parse_param(run.data.params[name]) for name in _PARAM_ORDER if name in run.data.params}
-    prompt_index = params.get("prompt_index")
-    prompt = config.prompts[prompt_index] if isinstance(prompt_index, int) and prompt_index < len(config.prompts) \
-        else None
-    text = texts.get(key)
-    if text is None:
-        path = client.download_artifacts(run.info.run_id, "generation.json", str(tmp))
-        text = json.loads(Path(path).read_text(encoding="utf-8"))["text"]
+    names = _PARAM_ORDER[config.kind]
+    params = {name: parse_param(run.data.params[name]) for name in names if name in run.data.params}
+    if config.kind == "sae_eval":
+        params["l0_target"] = run.data.params.get("l0_target")  # "canonical" or a number, kept as written
+        point = {}
+    else:
+        prompt_index = params.get("prompt_index")
+        in_range = isinstance(prompt_index, int) and prompt_index < len(config.prompts)
+        text = texts.get(key)
+        if text is None:
+            path = client.download_artifacts(run.info.run_id, "generation.json", str(tmp))
+            text = json.loads(Path(path).read_text(encoding="utf-8"))["text"]
+        point = {"prompt": config.prompts[prompt_index] if in_range else None, "text": text}
     return {
         "point_key": key,
         "run_id": run.info.run_id,
         **params,
-        "prompt": prompt,
-        "text": text,
+        **point,
         "worker": run.data.tags.get(TAG_WORKER),
         **dict(sorted(run.data.metrics.items())),
     }

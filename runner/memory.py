@@ -54,6 +54,29 @@ def estimate_batch_memory(
     return BatchMemory(weights=weights, per_row=kv_cache + logits + mlp + attention + residual + latents)
 
 
+def estimate_eval_memory(
+    arch: Gemma2Architecture,
+    *,
+    context_length: int,
+    parameter_bytes: int,
+    activation_bytes: int,
+    sae_widths: Sequence[int],
+    site_width: int,
+    captures: int,
+) -> BatchMemory:
+    """Estimates the memory of an SAE evaluation batch: resident weights (model + the job's SAEs) plus, per
+    sequence, the clean logits kept for every SAE, one patched pass's logits and float32 vocabulary chunk, the
+    captured activations, the MLP and attention transients and the SAE latents."""
+    sae_bytes = sum(2 * site_width * width * 4 for width in sae_widths)
+    weights = arch.parameter_count() * parameter_bytes + sae_bytes
+    logits = context_length * arch.vocab_size * activation_bytes * 2 + context_length * 32768 * 4 * 3
+    activations = captures * context_length * max(site_width, arch.embedding_dim) * activation_bytes
+    mlp = context_length * 3 * arch.mlp_hidden_dim * activation_bytes
+    attention = arch.num_query_heads * context_length * context_length * 4
+    latents = context_length * max(sae_widths, default=0) * 4 * 2
+    return BatchMemory(weights=weights, per_row=logits + activations + mlp + attention + latents)
+
+
 def device_memory_bytes(device: jax.Device | None = None) -> int:
     """What the device can hold: the accelerator's memory limit, or the host's available RAM on CPU."""
     device = device or jax.local_devices()[0]

@@ -24,7 +24,7 @@ from penzai.models.transformer.variants import llamalike_common
 from penzai.toolshed import sharding_util
 
 from runner import hf_format, synthetic, tokenizer as tokenizer_lib
-from runner.architecture import Gemma2Architecture, default_parameter_dtype
+from runner.architecture import Gemma2Architecture, default_parameter_dtype, published_architecture
 from runner.errors import CheckpointError
 
 FlatParams = Mapping[str, Mapping[str, Any]]
@@ -283,6 +283,23 @@ def read_architecture(location: CheckpointLocation) -> Gemma2Architecture:
 def _hf_architecture(flat_numpy: FlatParams, overrides: Mapping[str, Any], directory: Path) -> Gemma2Architecture:
     shapes = {key: {leaf: array.shape for leaf, array in leaves.items()} for key, leaves in flat_numpy.items()}
     return dataclasses.replace(Gemma2Architecture.from_shapes(shapes, source=str(directory)), **overrides)
+
+
+def planning_architecture(model_config: Any) -> Gemma2Architecture | None:
+    """The model's architecture without downloading or reading weights: a synthetic preset, a published Gemma2
+    (Kaggle variant, Hugging Face repo) or a local Kaggle-layout checkpoint's metadata; None when only the
+    checkpoint itself could tell (a local Hugging Face directory, an unknown repo, a missing directory)."""
+    source = model_config.source
+    if source == "synthetic":
+        return synthetic.SYNTHETIC_PRESETS[model_config.preset]
+    if source == "kaggle":
+        return published_architecture(model_config.variant)
+    if source == "huggingface":
+        return published_architecture(model_config.repo_id) if model_config.repo_id else None
+    try:
+        return read_architecture(resolve_model_location(model_config, cache_dir_default()))
+    except CheckpointError:
+        return None
 
 
 def cache_dir_default() -> Path:

@@ -96,11 +96,65 @@ class SteeringPoint:
 
 
 @dataclasses.dataclass(frozen=True)
+class SAEEvalPoint:
+    """One SAE measured on the sweep's evaluation text.
+
+    Attributes:
+      layer: Block whose site the SAE reads.
+      site: `res`, `mlp` or `att` (`runner.sites`).
+      width: Width label (`16k`; synthetic: the latent count).
+      l0: The requested L0: `canonical`, the N of `average_l0_N`, or a synthetic SAE's target L0.
+      sae_id: The resolved SAE (e.g. `gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71`).
+      model_id: The model (`model_id`).
+      text: Where the evaluation text came from.
+      text_digest: Hash of the evaluation tokens (`runner.text_sets.EvalTokens.digest`).
+      context_length: Tokens per sequence, BOS included.
+      num_sequences: Sequences evaluated.
+    """
+
+    layer: int
+    site: str
+    width: str
+    l0: str
+    sae_id: str
+    model_id: str
+    text: str
+    text_digest: str
+    context_length: int
+    num_sequences: int
+
+    @functools.cached_property
+    def point_key(self) -> str:
+        """16 hex digits identifying the result: a hash of every field."""
+        return _digest({"sae_eval": dataclasses.asdict(self)})
+
+    def params(self) -> dict[str, str]:
+        """Returns the MLflow params of this point (all strings)."""
+        values = {
+            "model": self.model_id,
+            "sae_id": self.sae_id,
+            "layer": self.layer,
+            "site": self.site,
+            "width": self.width,
+            "l0_target": self.l0,
+            "text": self.text,
+            "text_digest": self.text_digest,
+            "context_length": self.context_length,
+            "num_sequences": self.num_sequences,
+        }
+        return {key: str(value) for key, value in values.items()}
+
+
+Point = SteeringPoint | SAEEvalPoint
+
+
+@dataclasses.dataclass(frozen=True)
 class Job:
-    """A batch of points generated together; `job_id` depends only on its points, not on the sweep."""
+    """Points run together (a batch of generations, or SAEs sharing forward passes); `job_id` depends only on its
+    points, not on the sweep."""
 
     job_id: str
-    points: tuple[SteeringPoint, ...]
+    points: tuple[Point, ...]
 
 
 def sweep_id(config: ExperimentConfig) -> str:
@@ -185,10 +239,11 @@ def pack_jobs(points: Sequence[SteeringPoint], batch_size: int) -> list[Job]:
     """
     if batch_size < 1:
         raise PlanError(f"batch size {batch_size} is not allowed (allowed: >= 1)")
-    return [
-        Job(job_id=_digest([p.point_key for p in chunk]), points=tuple(chunk))
-        for chunk in split_by_generations(points, batch_size)
-    ]
+    return [_job(chunk) for chunk in split_by_generations(points, batch_size)]
+
+
+def _job(points: Sequence[Point]) -> Job:
+    return Job(job_id=_digest([p.point_key for p in points]), points=tuple(points))
 
 
 def split_by_generations(points: Sequence[SteeringPoint], limit: int) -> list[list[SteeringPoint]]:
@@ -202,3 +257,56 @@ def split_by_generations(points: Sequence[SteeringPoint], limit: int) -> list[li
         chunks[-1].append(point)
         generations.add(point.generation_key)
     return chunks
+
+
+def expand_sae_eval_points(
+    config: ExperimentConfig,
+    layers: Sequence[int],
+    sae_ids: Mapping[tuple[int, str, str], str],
+    *,
+    text: str,
+    text_digest: str,
+) -> list[SAEEvalPoint]:
+    """Returns every SAE of the evaluation grid in the order layers x widths x l0s.
+
+    Args:
+      config: The experiment (with `sae_eval`).
+      layers: The evaluated blocks (`sae_eval.layers` with `all` resolved).
+      sae_ids: The SAE id of each `(layer, width, l0)`, l0 as its string (`canonical`, `71`).
+      text, text_digest: The evaluation text's description and token hash.
+
+    Raises:
+      PlanError: An SAE of the grid has no id.
+    """
+    grid = config.sae_eval
+    name = model_id(config.model)
+    keys = [(layer, width, str(l0)) for layer in layers for width in grid.widths for l0 in grid.l0s]
+    missing = [key for key in keys if key not in sae_ids]
+    if missing:
+        raise PlanError(f"sae_eval: no SAE id for (layer, width, l0) {missing[:3]}")
+    return [
+        SAEEvalPoint(
+            layer=layer,
+            site=config.sae.site,
+            width=width,
+            l0=l0,
+            sae_id=sae_ids[(layer, width, l0)],
+            model_id=name,
+            text=text,
+            text_digest=text_digest,
+            context_length=grid.context_length,
+            num_sequences=grid.num_sequences,
+        )
+        for layer, width, l0 in keys
+    ]
+
+
+def pack_sae_eval_jobs(points: Sequence[SAEEvalPoint], saes_per_job: int) -> list[Job]:
+    """Splits SAE evaluation points, in order, into consecutive jobs of at most `saes_per_job` SAEs.
+
+    Raises:
+      PlanError: `saes_per_job` < 1.
+    """
+    if saes_per_job < 1:
+        raise PlanError(f"saes per job {saes_per_job} is not allowed (allowed: >= 1)")
+    return [_job(points[start : start + saes_per_job]) for start in range(0, len(points), saes_per_job)]

@@ -1,9 +1,12 @@
-"""What one steered generation produced, as it travels from a worker back to the tracker."""
+"""What a worker sends back for each point, as it travels to the tracker."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,6 +18,7 @@ class PointResult:
       text: The generated continuation (prompt excluded).
       token_ids: The generated token ids.
       metrics: Scalar metrics of the generation (names are MLflow metric keys).
+      tags: Short texts about the point (MLflow tags), e.g. its feature's logit-lens tokens.
       worker: Which worker produced it (host name or actor id).
       attempt: 1 for the first try, incremented on each retry.
     """
@@ -23,6 +27,7 @@ class PointResult:
     text: str
     token_ids: tuple[int, ...]
     metrics: Mapping[str, float]
+    tags: Mapping[str, str] = dataclasses.field(default_factory=dict)
     worker: str = "local"
     attempt: int = 1
 
@@ -30,3 +35,45 @@ class PointResult:
         # Normalise numpy scalars and lists so results pickle small and serialise to JSON as-is.
         object.__setattr__(self, "token_ids", tuple(int(t) for t in self.token_ids))
         object.__setattr__(self, "metrics", {str(k): float(v) for k, v in self.metrics.items()})
+        object.__setattr__(self, "tags", {str(k): str(v) for k, v in self.tags.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class SAEEvalPointResult:
+    """The outcome of one SAE evaluation point (`runner.sae_eval.SAEEvalResult` without the site).
+
+    Attributes:
+      point_key: `SAEEvalPoint.point_key` of the point this result belongs to.
+      metrics: `sae/*`, `density/*` and `lm/*` metrics.
+      density: `[d_sae]` firing frequency of each latent.
+      density_histogram, density_histogram_edges: Counts and edges of `log10(density + 1e-10)`.
+      l0_histogram: `[d_sae + 1]` masked tokens by L0.
+      top_feature_rows: Per-token top latents of the first sequences (table rows).
+      worker: Which worker produced it.
+      attempt: 1 for the first try, incremented on each retry.
+    """
+
+    point_key: str
+    metrics: Mapping[str, float]
+    density: np.ndarray
+    density_histogram: np.ndarray
+    density_histogram_edges: np.ndarray
+    l0_histogram: np.ndarray
+    top_feature_rows: tuple[Mapping[str, Any], ...] = ()
+    worker: str = "local"
+    attempt: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metrics", {str(k): float(v) for k, v in self.metrics.items()})
+        object.__setattr__(self, "density", np.asarray(self.density, np.float64))
+        object.__setattr__(self, "density_histogram", np.asarray(self.density_histogram, np.int64))
+        object.__setattr__(self, "density_histogram_edges", np.asarray(self.density_histogram_edges, np.float64))
+        object.__setattr__(self, "l0_histogram", np.asarray(self.l0_histogram, np.int64))
+
+    @property
+    def tags(self) -> Mapping[str, str]:
+        """No per-point tags."""
+        return {}
+
+
+Result = PointResult | SAEEvalPointResult

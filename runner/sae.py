@@ -225,14 +225,33 @@ def random_sae_arrays(d_in: int, d_sae: int, seed: int) -> dict[str, np.ndarray]
 def calibrate_thresholds(
     arrays: dict[str, np.ndarray], activations: np.ndarray, target_l0: float
 ) -> dict[str, np.ndarray]:
-    """Sets each latent's threshold so that it fires on `target_l0 / d_sae` of the given activations.
+    """Fits a random tied SAE (`random_sae_arrays`) to activations: centred inputs, thresholds for a target L0,
+    and the encoder gain that reconstructs best.
 
-    The mean L0 over `activations` ([tokens, d_in], BOS and padding already removed) then lands near
-    `target_l0`. Thresholds are kept strictly positive, as JumpReLU requires.
+    - `b_dec` is the activations' mean and `b_enc = -b_dec @ W_enc`, so the SAE reads `x - b_dec`;
+    - each latent's threshold is set so that it fires on `target_l0 / d_sae` of the activations, so the mean L0
+      over `activations` ([tokens, d_in], BOS and padding already removed) lands near `target_l0`;
+    - the encoder (and thresholds) are scaled by the least-squares gain of the reconstruction, which changes no
+      firing decision and keeps the decoder rows unit-norm.
+
+    Thresholds are kept strictly positive, as JumpReLU requires.
     """
-    pre = activations.astype(np.float64) @ arrays["W_enc"].astype(np.float64) + arrays["b_enc"]
+    x = activations.astype(np.float64)
+    w_enc = arrays["W_enc"].astype(np.float64)
+    b_dec = x.mean(axis=0)
+    centred = x - b_dec
+    pre = centred @ w_enc
     d_sae = pre.shape[1]
     fire_fraction = min(max(target_l0 / d_sae, 0.0), 1.0)
-    thresholds = np.quantile(pre, 1.0 - fire_fraction, axis=0)
-    return {**arrays, "threshold": np.maximum(thresholds, 1e-3).astype(np.float32)}
-
+    thresholds = np.maximum(np.quantile(pre, 1.0 - fire_fraction, axis=0), 1e-3)
+    reconstruction = np.where(pre > thresholds, pre, 0.0) @ arrays["W_dec"].astype(np.float64)
+    energy = float(np.sum(reconstruction * reconstruction))
+    gain = float(np.sum(centred * reconstruction)) / energy if energy > 0 else 1.0
+    gain = gain if gain > 0 else 1.0
+    return {
+        **arrays,
+        "W_enc": (gain * w_enc).astype(np.float32),
+        "b_enc": (-gain * (b_dec @ w_enc)).astype(np.float32),
+        "b_dec": b_dec.astype(np.float32),
+        "threshold": (gain * thresholds).astype(np.float32),
+    }

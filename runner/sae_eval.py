@@ -2,7 +2,8 @@
 
 Conventions follow the project's Gemma Scope metrics sheet (`/work/shared/reference/gemma-scope-metrics.md`):
 
-- Site: `res`, the residual stream after block L (`steering.insert_after_block`).
+- Sites: `res`, `mlp` and `att` of block L (`runner.sites`); the splice and the zero-ablation change only the
+  site, and the model is re-run from the first block the change affects (`sites.suffix_from_block`).
 - Special-token mask `M[b, t] = token not in {PAD 0, EOS 1, BOS 2}`: BOS, EOS and padding never enter an SAE
   metric (`sae/l0_bos` is the only, diagnostic, exception).
 - Every scalar is a token-weighted global mean over masked tokens: per-token quantities are computed in float32
@@ -18,8 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -28,7 +28,7 @@ import numpy as np
 from penzai import pz
 from penzai.models.transformer import model_parts
 
-from runner import steering
+from runner import sites
 from runner.metrics import SPECIAL_TOKEN_IDS, special_token_mask
 from runner.sae import LATENT_AXIS, JumpReLUSAE
 from runner.tokenizer import BOS_ID, PAD_ID
@@ -58,7 +58,8 @@ def token_positions(tokens: jax.Array) -> jax.Array:
     return jnp.where(not_pad, jnp.cumsum(not_pad, axis=-1) - 1, -1).astype(jnp.int32)
 
 
-def _named_tokens(tokens: jax.Array) -> tuple[pz.nx.NamedArray, pz.nx.NamedArray]:
+def named_tokens(tokens: jax.Array) -> tuple[pz.nx.NamedArray, pz.nx.NamedArray]:
+    """`[B, S]` token ids as `{batch, seq}` named arrays of the tokens and of their `token_positions`."""
     tokens = jnp.asarray(tokens, jnp.int32)
     return (
         pz.nx.wrap(tokens).tag("batch", "seq"),
@@ -66,37 +67,43 @@ def _named_tokens(tokens: jax.Array) -> tuple[pz.nx.NamedArray, pz.nx.NamedArray
     )
 
 
-def capture_sites(
-    model: model_parts.TransformerLM, tokens: jax.Array, layers: Sequence[int]
-) -> tuple[jax.Array, dict[int, jax.Array]]:
-    """One forward pass returning the logits and the `res` activation after every block in `layers`.
+SiteKey = tuple[int, str]
 
-    Jittable (`jax.jit(capture_sites, static_argnames="layers")` with `layers` a tuple, over
-    `pz.freeze_params(model)`).
+
+def capture_sites(
+    model: model_parts.TransformerLM, tokens: jax.Array, site_keys: Sequence[SiteKey]
+) -> tuple[jax.Array, dict[SiteKey, jax.Array]]:
+    """One forward pass returning the logits and the activation at every `(layer, site)` in `site_keys`.
+
+    `(-1, "res")` is the residual stream entering block 0 (the scaled embeddings). Jittable
+    (`capture_sites_jit`, with `site_keys` a tuple and the model through `pz.freeze_params`).
 
     Args:
       model: The Penzai Gemma2 model.
       tokens: `[B, S]` token ids (BOS first; PAD anywhere gets position -1 and is not attended to).
-      layers: Blocks whose output to capture.
+      site_keys: The activations to capture (`runner.sites`).
 
     Returns:
-      `[B, S, V]` logits (the model's dtype, soft-capped) and `{layer: [B, S, D]}` residual activations.
+      `[B, S, V]` logits (the model's dtype, soft-capped) and `{(layer, site): [B, S, D]}` activations.
     """
-    named, positions = _named_tokens(tokens)
-    logits, residuals = steering.capture_residuals(model, named, list(layers), token_positions=positions)
+    named, positions = named_tokens(tokens)
+    inside = [key for key in site_keys if key[0] >= 0]
+    logits, activations = sites.capture(model, named, inside, token_positions=positions)
+    if (-1, "res") in site_keys:
+        activations[(-1, "res")] = sites.embedded_tokens(model, named, token_positions=positions)
     return (
         logits.unwrap("batch", "seq", "vocabulary"),
-        {layer: resid.unwrap("batch", "seq", "embedding") for layer, resid in residuals.items()},
+        {key: value.unwrap("batch", "seq", "embedding") for key, value in activations.items()},
     )
 
 
-#: `capture_sites` compiled (pass `layers` as a tuple, the model through `pz.freeze_params`).
-capture_sites_jit = jax.jit(capture_sites, static_argnames="layers")
+#: `capture_sites` compiled (pass `site_keys` as a tuple, the model through `pz.freeze_params`).
+capture_sites_jit = jax.jit(capture_sites, static_argnames="site_keys")
 
 
 @pz.pytree_dataclass
 class SpliceSAEReconstruction(pz.nn.Layer):
-    """Replaces the residual stream by the SAE reconstruction where the side input `splice_mask` is True.
+    """Replaces the site's activation by the SAE reconstruction where the side input `splice_mask` is True.
 
     Positions outside the mask (BOS, EOS, padding) keep their original activation. The SAE runs in float32 and
     its output is cast back to the stream's dtype.
@@ -113,19 +120,31 @@ class SpliceSAEReconstruction(pz.nn.Layer):
 
 
 @pz.pytree_dataclass
-class ZeroAblateResidual(pz.nn.Layer):
-    """Sets the residual stream to zero at every position (the splice evaluation's worst-case baseline)."""
+class ZeroAblate(pz.nn.Layer):
+    """Sets the site's activation to zero at every position (the splice evaluation's worst-case baseline)."""
 
     def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
         return pz.nx.nmap(jnp.zeros_like)(x)
 
 
-@jax.jit
-def _patched_logits(model: model_parts.TransformerLM, tokens: jax.Array) -> jax.Array:
-    """Logits of a model patched with `SpliceSAEReconstruction` or `ZeroAblateResidual` (mask: special tokens)."""
-    named, positions = _named_tokens(tokens)
+def patched_suffix(model: model_parts.TransformerLM, layer: int, site: str, patch: pz.nn.Layer) -> pz.nn.Layer:
+    """The part of the model that `patch` at `(layer, site)` changes: it takes the residual stream entering block
+    `sites.entry_point(layer, site)` (capture it at `entry_capture(layer, site)`) and returns the logits."""
+    patched = sites.insert_at_site(model, layer, site, patch)
+    return sites.suffix_from_block(patched, sites.entry_point(layer, site))
+
+
+def entry_capture(layer: int, site: str) -> SiteKey:
+    """The capture holding the input of `patched_suffix(model, layer, site, ...)`."""
+    return sites.block_input_site(sites.entry_point(layer, site))
+
+
+def _suffix_logits(suffix: pz.nn.Layer, entry: jax.Array, tokens: jax.Array) -> jax.Array:
+    named, positions = named_tokens(tokens)
     mask = pz.nx.wrap(~jnp.isin(named.unwrap("batch", "seq"), jnp.asarray(SPECIAL_TOKEN_IDS))).tag("batch", "seq")
-    logits = model(named, token_positions=positions, **{SPLICE_MASK_INPUT: mask})
+    logits = suffix(
+        pz.nx.wrap(entry).tag("batch", "seq", "embedding"), token_positions=positions, **{SPLICE_MASK_INPUT: mask}
+    )
     return logits.unwrap("batch", "seq", "vocabulary")
 
 
@@ -182,29 +201,26 @@ def next_token_loss_mask(tokens: np.ndarray) -> np.ndarray:
     return special_token_mask(tokens)[:, :-1] & (tokens[:, 1:] != PAD_ID)
 
 
+@jax.jit
+def clean_token_losses(clean_logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Per-position `[B, S-1]` next-token CE of the clean pass (unmasked: combine with `next_token_loss_mask`)."""
+    clean = clean_logits[:, :-1].astype(jnp.float32)
+    return cross_entropy_from_partition(clean, jax.nn.logsumexp(clean, axis=-1), tokens[:, 1:])
+
+
 @functools.partial(jax.jit, static_argnames="vocab_chunk")
-def splice_token_losses(
-    clean_logits: jax.Array,
-    spliced_logits: jax.Array,
-    ablated_logits: jax.Array,
+def patched_token_losses(
+    suffix: pz.nn.Layer,
+    entry: jax.Array,
     tokens: jax.Array,
+    clean_logits: jax.Array,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
 ) -> dict[str, jax.Array]:
-    """Per-position `[B, S-1]` next-token CE of the three passes and KL(clean || spliced), KL(clean || ablated).
-
-    Unmasked: combine with `next_token_loss_mask`.
-    """
-    targets = tokens[:, 1:]
-    clean, spliced, ablated = (logits[:, :-1] for logits in (clean_logits, spliced_logits, ablated_logits))
-    vs_spliced = logit_pair_statistics(clean, spliced, vocab_chunk)
-    vs_ablated = logit_pair_statistics(clean, ablated, vocab_chunk)
-    return {
-        "ce_clean": cross_entropy_from_partition(clean, vs_spliced["log_partition_p"], targets),
-        "ce_spliced": cross_entropy_from_partition(spliced, vs_spliced["log_partition_q"], targets),
-        "ce_zero_ablated": cross_entropy_from_partition(ablated, vs_ablated["log_partition_q"], targets),
-        "kl_spliced": vs_spliced["kl_pq"],
-        "kl_zero_ablated": vs_ablated["kl_pq"],
-    }
+    """Runs a `patched_suffix` on its captured input; returns per-position `[B, S-1]` `ce` (next-token CE of the
+    patched logits) and `kl` (KL(clean || patched)). Unmasked: combine with `next_token_loss_mask`."""
+    patched = _suffix_logits(suffix, entry, tokens)[:, :-1]
+    pair = logit_pair_statistics(clean_logits[:, :-1], patched, vocab_chunk)
+    return {"ce": cross_entropy_from_partition(patched, pair["log_partition_q"], tokens[:, 1:]), "kl": pair["kl_pq"]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -471,11 +487,26 @@ class SpliceLossSums:
 
 
 @dataclasses.dataclass(frozen=True)
+class SiteSAE:
+    """An SAE to evaluate and where it reads.
+
+    Attributes:
+      layer: The block of its site.
+      sae: The SAE.
+      site: `res`, `mlp` or `att` (`runner.sites`).
+    """
+
+    layer: int
+    sae: JumpReLUSAE
+    site: str = "res"
+
+
+@dataclasses.dataclass(frozen=True)
 class SAEEvalResult:
     """Everything measured for one SAE.
 
     Attributes:
-      layer: The `res` site (after block `layer`).
+      layer, site: Where the SAE reads.
       metrics: Scalar metrics (`sae/*`, `density/*`, `lm/*`) for MLflow.
       density: `[d_sae]` firing frequency per latent (an artifact, not a metric).
       density_histogram: `[bins]` counts of `log10(density + 1e-10)`.
@@ -487,6 +518,7 @@ class SAEEvalResult:
     """
 
     layer: int
+    site: str
     metrics: dict[str, float]
     density: np.ndarray
     density_histogram: np.ndarray
@@ -539,23 +571,25 @@ def _pad_rows(tokens: np.ndarray, batch_size: int) -> np.ndarray:
 
 def evaluate_saes(
     loaded_model: Any,
-    saes: Mapping[int, JumpReLUSAE],
+    saes: Mapping[Hashable, SiteSAE],
     tokens: np.ndarray,
     batch_size: int,
     *,
     top_features: int = DEFAULT_TOP_FEATURES,
     table_sequences: int = DEFAULT_TABLE_SEQUENCES,
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-) -> dict[int, SAEEvalResult]:
-    """Evaluates every SAE (one per `res` layer) on `tokens`, following the metrics sheet's conventions.
+) -> dict[Hashable, SAEEvalResult]:
+    """Evaluates every SAE on `tokens`, following the metrics sheet's conventions.
 
-    Per batch: one clean forward captures every site and serves every SAE; then, per SAE, one forward with the
-    reconstruction spliced in at masked positions and one with the site zero-ablated at all positions. The last
-    batch is filled up with all-PAD rows so one compiled program serves every batch.
+    Per batch: one clean forward captures every site and every patched suffix's input, and serves every SAE;
+    then, per SAE, the model from the first affected block on with the reconstruction spliced in at masked
+    positions, and per distinct `(layer, site)`, the same with the site zero-ablated at all positions (shared by
+    the SAEs of that site). The last batch is filled up with all-PAD rows so one compiled program serves every
+    batch.
 
     Args:
       loaded_model: `runner.model.LoadedModel` (or anything with `.model` and optionally `.tokenizer`).
-      saes: `{layer: SAE}` for the `res` site after block `layer`.
+      saes: The SAEs to evaluate, by any key (the results use the same keys).
       tokens: `[N, T]` int token ids, BOS first, PAD 0 allowed (masked out, not attended to).
       batch_size: Sequences per forward pass.
       top_features: Latents per position in the top-feature table.
@@ -563,87 +597,74 @@ def evaluate_saes(
       vocab_chunk: Vocabulary chunk of the KL sums.
 
     Returns:
-      `{layer: SAEEvalResult}`.
+      `{key: SAEEvalResult}`.
     """
     tokens = np.asarray(tokens, np.int32)
     if tokens.ndim != 2:
         raise ValueError(f"tokens must be [N, T], got shape {tokens.shape}")
+    if not saes:
+        return {}
     base = loaded_model.model
     tokenizer = getattr(loaded_model, "tokenizer", None)
-    layers = tuple(sorted(saes))
+    site_keys = sorted({(item.layer, item.site) for item in saes.values()})
+    captures = tuple(sorted(set(site_keys) | {entry_capture(*key) for key in site_keys}))
     frozen = pz.freeze_params(base)
-    spliced_models = {
-        layer: pz.freeze_params(steering.insert_after_block(base, layer, SpliceSAEReconstruction(saes[layer])))
-        for layer in layers
-    }
-    ablated_models = {
-        layer: pz.freeze_params(steering.insert_after_block(base, layer, ZeroAblateResidual())) for layer in layers
-    }
-    sae_sums = {layer: SAEMetricSums.empty(saes[layer].d_in, saes[layer].d_sae) for layer in layers}
-    loss_sums = {layer: SpliceLossSums() for layer in layers}
-    tables: dict[int, list[dict[str, Any]]] = {layer: [] for layer in layers}
-    top_k = min(top_features, min(saes[layer].d_sae for layer in layers))
+    spliced = {key: pz.freeze_params(patched_suffix(base, item.layer, item.site, SpliceSAEReconstruction(item.sae)))
+               for key, item in saes.items()}
+    ablated = {site_key: pz.freeze_params(patched_suffix(base, *site_key, ZeroAblate())) for site_key in site_keys}
+    sae_sums = {key: SAEMetricSums.empty(item.sae.d_in, item.sae.d_sae) for key, item in saes.items()}
+    loss_sums = {key: SpliceLossSums() for key in saes}
+    tables: dict[Hashable, list[dict[str, Any]]] = {key: [] for key in saes}
+    top_k = min(top_features, min(item.sae.d_sae for item in saes.values()))
 
     for start in range(0, tokens.shape[0], batch_size):
         batch = _pad_rows(tokens[start : start + batch_size], batch_size)
         device_batch = jnp.asarray(batch)
-        clean_logits, residuals = capture_sites_jit(frozen, device_batch, layers=layers)
-        for layer in layers:
-            stats = jax.device_get(sae_token_statistics(saes[layer], residuals[layer], device_batch, top_k=top_k))
-            sae_sums[layer].update(stats, batch)
-            table_rows = max(0, min(table_sequences - start, batch.shape[0]))
+        clean_logits, activations = capture_sites_jit(frozen, device_batch, site_keys=captures)
+        ce_clean = clean_token_losses(clean_logits, device_batch)
+        zero_ablated = {
+            site_key: patched_token_losses(
+                ablated[site_key], activations[entry_capture(*site_key)], device_batch, clean_logits,
+                vocab_chunk=vocab_chunk,
+            )
+            for site_key in site_keys
+        }
+        table_rows = max(0, min(table_sequences - start, batch.shape[0]))
+        for key, item in saes.items():
+            site_key = (item.layer, item.site)
+            stats = jax.device_get(sae_token_statistics(item.sae, activations[site_key], device_batch, top_k=top_k))
+            sae_sums[key].update(stats, batch)
             if table_rows:
-                tables[layer].extend(
+                tables[key].extend(
                     top_feature_rows(
-                        batch[:table_rows],
-                        stats["top_ids"][:table_rows],
-                        stats["top_values"][:table_rows],
-                        start,
+                        batch[:table_rows], stats["top_ids"][:table_rows], stats["top_values"][:table_rows], start,
                         tokenizer,
                     )
                 )
-            losses = splice_token_losses(
-                clean_logits,
-                _patched_logits(spliced_models[layer], device_batch),
-                _patched_logits(ablated_models[layer], device_batch),
-                device_batch,
+            splice = patched_token_losses(
+                spliced[key], activations[entry_capture(*site_key)], device_batch, clean_logits,
                 vocab_chunk=vocab_chunk,
             )
-            loss_sums[layer].update(jax.device_get(losses), batch)
+            losses = {
+                "ce_clean": ce_clean,
+                "ce_spliced": splice["ce"],
+                "kl_spliced": splice["kl"],
+                "ce_zero_ablated": zero_ablated[site_key]["ce"],
+                "kl_zero_ablated": zero_ablated[site_key]["kl"],
+            }
+            loss_sums[key].update(jax.device_get(losses), batch)
 
     results = {}
-    for layer in layers:
-        counts, edges = sae_sums[layer].log10_density_histogram()
-        results[layer] = SAEEvalResult(
-            layer=layer,
-            metrics={**sae_sums[layer].finalize(), **loss_sums[layer].finalize()},
-            density=sae_sums[layer].density(),
+    for key, item in saes.items():
+        counts, edges = sae_sums[key].log10_density_histogram()
+        results[key] = SAEEvalResult(
+            layer=item.layer,
+            site=item.site,
+            metrics={**sae_sums[key].finalize(), **loss_sums[key].finalize()},
+            density=sae_sums[key].density(),
             density_histogram=counts,
             density_histogram_edges=edges,
-            l0_histogram=sae_sums[layer].l0_histogram.copy(),
-            top_feature_rows=tables[layer],
+            l0_histogram=sae_sums[key].l0_histogram.copy(),
+            top_feature_rows=tables[key],
         )
     return results
-
-
-def density_histogram_png(
-    density: np.ndarray, path: Path, *, bins: int = DENSITY_HISTOGRAM_BINS, title: str | None = None
-) -> Path:
-    """Writes the histogram of `log10(density + 1e-10)` on `[-10, 0]` as a PNG (matplotlib Agg); returns `path`."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    counts, edges = log10_density_histogram(density, bins)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure = Figure(figsize=(6, 3.5), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    axes.stairs(counts, edges, fill=True)
-    axes.set_xlim(*DENSITY_HISTOGRAM_RANGE)
-    axes.set_xlabel("log10(feature density + 1e-10)")
-    axes.set_ylabel("latents")
-    axes.set_title(title or f"feature density ({int(np.sum(np.asarray(density) == 0))} dead)")
-    figure.tight_layout()
-    figure.savefig(path, format="png")
-    return path

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from penzai import pz
 
-from runner import gemma_scope, steering, tokenizer as tokenizer_lib
+from runner import gemma_scope, sites, tokenizer as tokenizer_lib
 from runner.errors import SAEError
 from runner.sae import calibrate_thresholds, random_sae_arrays, write_params_npz
 
@@ -33,6 +33,8 @@ class SAEFile:
       path: The `params.npz` (None until a synthetic SAE is written).
       release: Gemma Scope release when the SAE is one (for Neuronpedia links), else None.
       width: Width label of the SAE (`16k`, or the latent count of a synthetic SAE).
+      l0: The resolved L0 label: the N of `average_l0_N`, or a synthetic SAE's target L0.
+      site: Where the SAE reads (`res`, `mlp`, `att`).
     """
 
     layer: int
@@ -40,6 +42,8 @@ class SAEFile:
     path: Path | None
     release: str | None = None
     width: str | None = None
+    l0: str | None = None
+    site: str = "res"
 
     def neuronpedia_url(self, feature: int) -> str | None:
         """The feature's Neuronpedia page, for Gemma Scope SAEs."""
@@ -49,75 +53,94 @@ class SAEFile:
 
 
 def synthetic_sae_width(sae_config: Any, embedding_dim: int) -> int:
-    """Latents of a synthetic SAE: `width_features`, else 4 x the model width."""
+    """Latents of a steering sweep's synthetic SAE: `width_features`, else 4 x the model width."""
     return int(sae_config.width_features or 4 * embedding_dim)
 
 
-def synthetic_sae_id(model_id: str, layer: int, width: int, target_l0: float, seed: int) -> str:
+def width_latents(label: str) -> int:
+    """The latent count of a width label: `16k` = 16384, `1m` = 1048576, `256` = 256."""
+    factor = {"k": 1024, "m": 1024**2}.get(label[-1], 1)
+    return int(label.rstrip("km")) * factor
+
+
+def synthetic_sae_id(model_id: str, layer: int, width: int, target_l0: float, seed: int, site: str = "res") -> str:
     """Identifier of a synthetic SAE, fixed by its inputs before it is written."""
-    return f"synthetic:{model_id}:layer_{layer}:width_{width}:target_l0_{target_l0:g}:seed{seed}"
+    where = f"layer_{layer}" if site == "res" else f"layer_{layer}:{site}"
+    return f"synthetic:{model_id}:{where}:width_{width}:target_l0_{target_l0:g}:seed{seed}"
 
 
 def resolve_sae_files(
-    sae_config: Any, layers: Sequence[int], *, model_id: str, embedding_dim: int, cache_dir: Path
+    sae_config: Any, layers: Sequence[int], *, model_id: str, embedding_dim: int
 ) -> dict[int, SAEFile]:
-    """Finds (downloading Gemma Scope files if needed) the SAE file of every layer.
+    """The SAE file of every steered layer (the config's `width` and `l0`; see `resolve_sae_file`)."""
+    if sae_config.source == "synthetic":
+        width, l0 = str(synthetic_sae_width(sae_config, embedding_dim)), sae_config.target_l0
+    else:
+        width, l0 = sae_config.width, sae_config.l0
+    return {
+        layer: resolve_sae_file(sae_config, layer, width=width, l0=l0, model_id=model_id, num_layers=len(layers))
+        for layer in layers
+    }
+
+
+def resolve_sae_file(
+    sae_config: Any, layer: int, *, width: str, l0: int | float | str, model_id: str, num_layers: int = 1
+) -> SAEFile:
+    """Finds (downloading a Gemma Scope file if needed) one SAE of the configured source.
+
+    Args:
+      sae_config: `runner.config.SAEConfig` (source, release or path, site, seed).
+      layer: The block whose site the SAE reads.
+      width: Width label (`16k`); for synthetic SAEs the latent count.
+      l0: `canonical` or the N of `average_l0_N`; for synthetic SAEs the target L0.
+      model_id: Names synthetic SAEs (they are fitted to the model).
+      num_layers: Layers resolved from the same source (a single `params.npz` serves only one).
 
     Synthetic SAEs are only named here (path None); `write_synthetic_saes` creates them from the loaded model.
     """
     if sae_config.source == "synthetic":
-        width = synthetic_sae_width(sae_config, embedding_dim)
-        return {
-            layer: SAEFile(
-                layer,
-                synthetic_sae_id(model_id, layer, width, sae_config.target_l0, sae_config.seed),
-                path=None,
-                width=str(width),
-            )
-            for layer in layers
-        }
+        latents = width_latents(str(width))
+        sae_id = synthetic_sae_id(model_id, layer, latents, float(l0), sae_config.seed, sae_config.site)
+        return SAEFile(layer, sae_id, path=None, width=str(latents), l0=f"{float(l0):g}", site=sae_config.site)
     if sae_config.source == "huggingface":
-        return {layer: _huggingface_sae(sae_config, layer) for layer in layers}
-    return {layer: _local_sae(sae_config, layer, len(layers)) for layer in layers}
+        found = _huggingface_sae(sae_config.release, layer, width, l0)
+    else:
+        found = _local_sae(Path(sae_config.path), layer, width, l0, num_layers)
+    return dataclasses.replace(found, site=sae_config.site)
 
 
-def _huggingface_sae(sae_config: Any, layer: int) -> SAEFile:
+def _huggingface_sae(release: str, layer: int, width: str, l0: int | str) -> SAEFile:
     from huggingface_hub import hf_hub_download  # token: HF_TOKEN, read by huggingface_hub itself
 
-    l0 = gemma_scope.resolve_l0(sae_config.release, layer, sae_config.width, sae_config.l0)
-    filename = gemma_scope.params_path(layer, sae_config.width, l0)
-    path = Path(hf_hub_download(gemma_scope.hf_repo_id(sae_config.release), filename))
-    return SAEFile(
-        layer,
-        gemma_scope.sae_id(sae_config.release, layer, sae_config.width, l0),
-        path,
-        release=sae_config.release,
-        width=sae_config.width,
-    )
+    resolved = gemma_scope.resolve_l0(release, layer, width, l0)
+    filename = gemma_scope.params_path(layer, width, resolved)
+    path = Path(hf_hub_download(gemma_scope.hf_repo_id(release), filename))
+    sae_id = gemma_scope.sae_id(release, layer, width, resolved)
+    return SAEFile(layer, sae_id, path, release=release, width=width, l0=str(resolved))
 
 
-def _local_sae(sae_config: Any, layer: int, num_layers: int) -> SAEFile:
-    root = Path(sae_config.path)
+def _local_sae(root: Path, layer: int, width: str, l0: int | str, num_layers: int) -> SAEFile:
     if root.is_file():
         if num_layers != 1:
             raise SAEError(f"{root}: one params.npz given but {num_layers} layers are steered; give a directory tree")
-        return SAEFile(layer, f"local:{root}", root)
-    width_dir = root / f"layer_{layer}" / f"width_{sae_config.width}"
+        return SAEFile(layer, f"local:{root}", root, width=width, l0=str(l0))
+    width_dir = root / f"layer_{layer}" / f"width_{width}"
     if not width_dir.is_dir():
-        raise SAEError(f"{width_dir}: no SAE for layer {layer} at width {sae_config.width} in {root}")
+        raise SAEError(f"{width_dir}: no SAE for layer {layer} at width {width} in {root}")
     available = sorted(
         int(match.group(1)) for entry in width_dir.iterdir() if (match := _L0_FOLDER.match(entry.name))
     )
     if not available:
         raise SAEError(f"{width_dir}: holds no average_l0_N folders")
-    if sae_config.l0 == "canonical":
-        l0 = min(available, key=lambda n: (abs(n - 100), n))  # Gemma Scope's canonical: L0 closest to 100
-    elif sae_config.l0 in available:
-        l0 = sae_config.l0
+    if l0 == "canonical":
+        chosen = min(available, key=lambda n: (abs(n - 100), n))  # Gemma Scope's canonical: L0 closest to 100
+    elif int(l0) in available:
+        chosen = int(l0)
     else:
-        raise SAEError(f"{width_dir}: no average_l0_{sae_config.l0} (available: {available})")
-    path = width_dir / f"average_l0_{l0}" / "params.npz"
-    return SAEFile(layer, f"local:{root.name}/layer_{layer}/width_{sae_config.width}/average_l0_{l0}", path)
+        raise SAEError(f"{width_dir}: no average_l0_{l0} (available: {available})")
+    path = width_dir / f"average_l0_{chosen}" / "params.npz"
+    sae_id = f"local:{root.name}/layer_{layer}/width_{width}/average_l0_{chosen}"
+    return SAEFile(layer, sae_id, path, width=width, l0=str(chosen))
 
 
 def calibration_tokens(tokenizer: Any, num_sequences: int = 16, seq_len: int = 64) -> np.ndarray:
@@ -140,16 +163,19 @@ def write_synthetic_saes(
     width: int,
     target_l0: float,
     seed: int,
+    site: str = "res",
 ) -> dict[int, Path]:
     """Writes a calibrated random JumpReLU SAE per layer under `out_root` in the Gemma Scope layout.
 
     Decoder rows are unit-norm random directions (encoder tied to them); each latent's threshold is set so that
-    it fires on `target_l0 / width` of the corpus activations at that layer (BOS excluded), so the mean L0 lands
-    near `target_l0`. The folder name records the L0 measured on the calibration tokens. Reuses SAEs already
-    written with the same inputs.
+    it fires on `target_l0 / width` of the corpus activations at that layer's `site` (BOS excluded), so the mean
+    L0 lands near `target_l0`. The folder name records the L0 measured on the calibration tokens. Reuses SAEs
+    already written with the same inputs.
     """
     marker_path = out_root / "runner_synthetic_saes.json"
     request = {"width": width, "target_l0": target_l0, "seed": seed, "layers": sorted(layers)}
+    if site != "res":
+        request["site"] = site
     if marker_path.is_file():
         marker = json.loads(marker_path.read_text())
         if {k: marker.get(k) for k in request} == request:
@@ -157,10 +183,10 @@ def write_synthetic_saes(
 
     tokens = calibration_tokens(loaded_model.tokenizer)
     named_tokens = pz.nx.wrap(tokens).tag("batch", "seq")
-    _, residuals = steering.capture_residuals(loaded_model.model, named_tokens, list(layers))
+    _, activations_at = sites.capture(loaded_model.model, named_tokens, [(layer, site) for layer in layers])
     paths: dict[int, Path] = {}
     for layer in sorted(layers):
-        activations = np.asarray(residuals[layer].unwrap("batch", "seq", "embedding"), np.float32)[:, 1:]
+        activations = np.asarray(activations_at[(layer, site)].unwrap("batch", "seq", "embedding"), np.float32)[:, 1:]
         flat = activations.reshape(-1, activations.shape[-1])
         arrays = calibrate_thresholds(
             random_sae_arrays(flat.shape[-1], width, seed + 1000 * layer), flat, target_l0

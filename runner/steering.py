@@ -20,9 +20,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 from penzai import pz
-from penzai.models.transformer import model_parts
 
 from runner.sae import LATENT_AXIS, JumpReLUSAE
+from runner.sites import insert_after_block
 
 MODE_CODES: dict[str, int] = {"add": 0, "clamp": 1, "ablate": 1}
 NO_LAYER = -1
@@ -156,27 +156,6 @@ class SteeringSite(pz.nn.Layer):
         }
 
 
-@pz.pytree_dataclass
-class SaveResidual(pz.nn.Layer):
-    """Records its input in a state variable and passes it on (activation capture)."""
-
-    saved: pz.StateVariable[pz.nx.NamedArray | None]
-
-    def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
-        self.saved.value = x
-        return x
-
-
-def insert_after_block(model: pz.nn.Layer, layer_index: int, layer: pz.nn.Layer) -> pz.nn.Layer:
-    """Inserts `layer` right after transformer block `layer_index` (the `res` site of that layer)."""
-    return (
-        pz.select(model)
-        .at_instances_of(model_parts.TransformerBlock)
-        .pick_nth_selected(layer_index)
-        .insert_after(layer)
-    )
-
-
 def add_steering_sites(
     model: pz.nn.Layer, saes: Mapping[int, JumpReLUSAE], batch_size: int | None = None, num_probes: int = 1
 ) -> pz.nn.Layer:
@@ -193,18 +172,6 @@ def add_steering_sites(
             totals = pz.StateVariable(value=zeros, label=f"steering/totals_{layer_index}")
         model = insert_after_block(model, layer_index, SteeringSite(layer_index, saes[layer_index], totals))
     return model
-
-
-def capture_residuals(
-    model: model_parts.TransformerLM, tokens: pz.nx.NamedArray, layers: list[int], **side_inputs: Any
-) -> tuple[pz.nx.NamedArray, dict[int, pz.nx.NamedArray]]:
-    """Runs the model once and returns its logits and the residual stream after each block in `layers`."""
-    saved = {layer: pz.StateVariable(value=None, label=f"capture/resid_post_{layer}") for layer in layers}
-    patched = model
-    for layer in layers:
-        patched = insert_after_block(patched, layer, SaveResidual(saved[layer]))
-    logits = patched(tokens, **side_inputs)
-    return logits, {layer: var.value for layer, var in saved.items()}
 
 
 def combine_totals(totals_by_layer: Mapping[int, Mapping[str, Any]]) -> dict[str, np.ndarray]:

@@ -11,13 +11,16 @@ Conventions (project Gemma Scope metrics sheet, "Steering metrics"):
 - Distribution metrics (NLL, KL, entropy, logit-lens mass) are per-row means over the positions that predict a
   measured token; concept metrics are per-row means over the measured tokens' own positions. Sums are float64 on
   the host, divided once per row. All in nats. Logits are the model's (soft-capped), cast to float32.
-- A metric is omitted from a row's dict when it is undefined (no measured token, no SAE for the row's layer).
+- A mean is omitted from a row's metrics when it is undefined (no measured token).
+- Everything a batch needs (both teacher-forced passes, every per-position statistic, the logit lens) is one
+  compiled program per batch shape, so a sweep compiles it once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -26,13 +29,10 @@ import numpy as np
 from penzai import pz
 from penzai.models.transformer import model_parts
 
-from runner import sae_eval, steering
+from runner import sae_eval, sites, steering
 from runner.metrics import special_token_mask
 from runner.sae import LATENT_AXIS, JumpReLUSAE
 from runner.tokenizer import EOS_ID, PAD_ID
-
-#: `(tokens [B, S], token_positions [B, S]) -> logits [B, S, V]` of the steered model.
-SteeredLogits = Callable[[jax.Array, jax.Array], jax.Array]
 
 DEFAULT_LOGIT_LENS_K = 10
 
@@ -61,31 +61,9 @@ def top_logit_lens_tokens(model: Any, sae: JumpReLUSAE, feature: int, k: int = D
 
     Raw unembedding: no final norm, no soft-cap (metrics sheet, feature-card extras).
     """
-    return [int(token) for token in _logit_lens_rows(model, sae, [feature], k)[0]]
-
-
-def _logit_lens_rows(model: Any, sae: JumpReLUSAE, features: Sequence[int], k: int) -> np.ndarray:
     unembedding = unembedding_matrix(model).unwrap("vocabulary", "embedding")
-    directions = sae.decoder.w_dec.unwrap(LATENT_AXIS, "embedding")[jnp.asarray(features, jnp.int32)]
-    return np.asarray(_logit_lens_top_k(unembedding, directions, k=k))
-
-
-@jax.jit
-def _steering_site_logits(
-    model: model_parts.TransformerLM, inputs: steering.SteeringInputs, tokens: jax.Array, positions: jax.Array
-) -> jax.Array:
-    logits = model(
-        pz.nx.wrap(tokens).tag("batch", "seq"),
-        token_positions=pz.nx.wrap(positions).tag("batch", "seq"),
-        steering=inputs,
-    )
-    return logits.unwrap("batch", "seq", "vocabulary")
-
-
-def patched_steered_logits(patched_model: model_parts.TransformerLM, inputs: steering.SteeringInputs) -> SteeredLogits:
-    """The steered logits of a model patched with `steering.add_steering_sites`, one steering point per row."""
-    frozen = pz.freeze_params(patched_model)
-    return lambda tokens, positions: _steering_site_logits(frozen, inputs, tokens, positions)
+    direction = sae.decoder.w_dec.unwrap(LATENT_AXIS, "embedding")[feature][None]
+    return [int(token) for token in np.asarray(_logit_lens_top_k(unembedding, direction, k=k))[0]]
 
 
 def generated_token_mask(generated_tokens: np.ndarray) -> np.ndarray:
@@ -129,19 +107,51 @@ def repetition_metrics(tokens: Sequence[int]) -> dict[str, float]:
     return metrics
 
 
-@functools.partial(jax.jit, static_argnames="vocab_chunk")
+@functools.partial(jax.jit, static_argnames=("logit_lens_k", "vocab_chunk"))
 def _per_position_statistics(
-    base_logits: jax.Array,
-    steered_logits: jax.Array,
-    targets: jax.Array,
-    lens_tokens: jax.Array,
+    base_model: model_parts.TransformerLM,
+    steered_model: model_parts.TransformerLM,
+    inputs: steering.SteeringInputs,
+    saes: dict[int, JumpReLUSAE],
+    tokens: jax.Array,
+    layers: jax.Array,
+    features: jax.Array,
+    logit_lens_k: int,
     vocab_chunk: int,
 ) -> dict[str, jax.Array]:
-    """`[B, S]` NLL under base, KLs, entropies and base mass on each row's `lens_tokens [B, k]`."""
+    """One program: the base and steered teacher-forced passes and every per-position statistic of a batch.
+
+    Returns `[B, S]` `nll` (of the next token under base), `kl_steered_base`, `kl_base_steered`, `entropy_base`,
+    `entropy_steered`, `logit_lens_mass` (base probability of each row's lens tokens), `concept` (JumpReLU
+    activation of each row's feature at its layer when the base model reads the tokens), and `[B, k]` `lens_tokens`.
+    """
+    named, positions = sae_eval.named_tokens(tokens)
+    layer_list = sorted(saes)
+    base_logits, residuals = sites.capture(base_model, named, [(layer, "res") for layer in layer_list],
+                                           token_positions=positions)
+    steered_logits = steered_model(named, token_positions=positions, steering=inputs)
+    base_logits = base_logits.unwrap("batch", "seq", "vocabulary")
+    steered_logits = steered_logits.unwrap("batch", "seq", "vocabulary")
+
+    unembedding = unembedding_matrix(base_model).unwrap("vocabulary", "embedding")
+    concept = jnp.zeros(tokens.shape, jnp.float32)
+    directions = jnp.zeros((tokens.shape[0], unembedding.shape[1]), jnp.float32)
+    for layer in layer_list:  # each row reads its own layer's SAE; rows of other layers are masked out
+        encoder, decoder = saes[layer].encoder, saes[layer].decoder
+        on_layer = layers == layer
+        columns = encoder.w_enc.unwrap("embedding", LATENT_AXIS)[:, features]  # [D, B]
+        resid = residuals[(layer, "res")].unwrap("batch", "seq", "embedding").astype(jnp.float32)
+        pre = jnp.einsum("bsd,db->bs", resid, columns) + encoder.b_enc.unwrap(LATENT_AXIS)[features][:, None]
+        active = pre > encoder.threshold.unwrap(LATENT_AXIS)[features][:, None]
+        concept = jnp.where(on_layer[:, None], jnp.where(active, pre, 0.0), concept)
+        directions = jnp.where(on_layer[:, None], decoder.w_dec.unwrap(LATENT_AXIS, "embedding")[features], directions)
+    lens_tokens = _logit_lens_top_k(unembedding, directions, k=logit_lens_k)
+
     pair = sae_eval.logit_pair_statistics(steered_logits, base_logits, vocab_chunk)
     base_lse = pair["log_partition_q"]
-    batch, seq = targets.shape
-    lens_index = jnp.broadcast_to(lens_tokens[:, None, :], (batch, seq, lens_tokens.shape[-1]))
+    targets = jnp.concatenate([tokens[:, 1:], jnp.full((tokens.shape[0], 1), PAD_ID, tokens.dtype)], axis=1)
+    batch, seq = tokens.shape
+    lens_index = jnp.broadcast_to(lens_tokens[:, None, :], (batch, seq, logit_lens_k))
     lens_logits = jnp.take_along_axis(base_logits, lens_index, axis=-1).astype(jnp.float32)
     return {
         "nll": sae_eval.cross_entropy_from_partition(base_logits, base_lse, targets),
@@ -150,22 +160,28 @@ def _per_position_statistics(
         "entropy_steered": pair["entropy_p"],
         "entropy_base": pair["entropy_q"],
         "logit_lens_mass": jnp.sum(jnp.exp(lens_logits - base_lse[..., None]), axis=-1),
+        "concept": concept,
+        "lens_tokens": lens_tokens,
     }
 
 
-@jax.jit
-def _row_feature_activation(sae: JumpReLUSAE, resid: jax.Array, features: jax.Array) -> jax.Array:
-    """`[B, S]` JumpReLU activation of each row's own latent `features[b]` (float32)."""
-    w_enc = sae.encoder.w_enc.unwrap("embedding", LATENT_AXIS)[:, features]  # [D, B]
-    b_enc = sae.encoder.b_enc.unwrap(LATENT_AXIS)[features]
-    threshold = sae.encoder.threshold.unwrap(LATENT_AXIS)[features]
-    pre = jnp.einsum("bsd,db->bs", resid.astype(jnp.float32), w_enc) + b_enc[:, None]
-    return jnp.where(pre > threshold[:, None], pre, 0.0)
+@dataclasses.dataclass(frozen=True)
+class GenerationMetrics:
+    """The steering metrics of one generation.
+
+    Attributes:
+      metrics: MLflow metrics (see `steering_generation_metrics`).
+      logit_lens_tokens: The feature's top logit-lens token ids, largest first.
+    """
+
+    metrics: dict[str, float]
+    logit_lens_tokens: tuple[int, ...]
 
 
 def steering_generation_metrics(
     base_model: Any,
-    steered: SteeredLogits | tuple[model_parts.TransformerLM, steering.SteeringInputs],
+    steered_model: model_parts.TransformerLM,
+    inputs: steering.SteeringInputs,
     prompt_tokens: np.ndarray,
     generated_tokens: np.ndarray,
     saes: Mapping[int, JumpReLUSAE],
@@ -174,25 +190,26 @@ def steering_generation_metrics(
     *,
     logit_lens_k: int = DEFAULT_LOGIT_LENS_K,
     vocab_chunk: int = sae_eval.DEFAULT_VOCAB_CHUNK,
-) -> list[dict[str, float]]:
-    """Per-row steering metrics of a batch of generations.
+) -> list[GenerationMetrics]:
+    """Per-row steering metrics of a batch of generations, from one compiled program per batch shape.
 
     Convention: metrics sheet "Steering metrics" (teacher-forced cheap metrics; concept presence SAE-TS style),
     with the layout and masking of the module docstring.
 
     Args:
       base_model: The unsteered model (`LoadedModel` or Penzai `TransformerLM`).
-      steered: The steered configuration: a `SteeredLogits` callable, or `(patched model, SteeringInputs)` with the
-        model patched by `steering.add_steering_sites`.
+      steered_model: A model that reads the side input `steering` (patched with `steering.add_steering_sites`);
+        the base model itself for rows that are not steered at all.
+      inputs: The steering point of every row.
       prompt_tokens: `[B, P]` left-padded prompts.
       generated_tokens: `[B, G]` right-padded generations.
-      saes: `{layer: SAE}`; a row whose layer is not in it gets no concept or logit-lens metrics.
+      saes: `{layer: SAE}` of every layer in `layers` (one width).
       layers, features: `[B]` each row's steering layer and SAE latent.
       logit_lens_k: Size of the feature's logit-lens token set.
       vocab_chunk: Vocabulary chunk of the KL/entropy sums.
 
     Returns:
-      One dict per row with
+      One `GenerationMetrics` per row, whose metrics are
       - `steer/nll`, `steer/perplexity`: NLL (and `exp`) of the measured generated tokens under the unsteered model;
       - `steer/kl_steered_base` = KL(steered || base), `steer/kl_base_steered`, `steer/entropy_base`,
         `steer/entropy_steered`: means over the positions predicting measured tokens;
@@ -201,6 +218,7 @@ def steering_generation_metrics(
       - `steer/logit_lens_mass`: mean probability the unsteered model puts on the feature's
         `top_logit_lens_tokens`, over the positions predicting measured tokens;
       - `gen/distinct_1`, `gen/distinct_2`, `gen/longest_repeat` (`repetition_metrics`), `gen/tokens`.
+      Means over no measured token are left out.
     """
     prompt_tokens = np.asarray(prompt_tokens, np.int32)
     generated_tokens = np.asarray(generated_tokens, np.int32)
@@ -209,8 +227,9 @@ def steering_generation_metrics(
     features = [int(feature) for feature in features]
     if not (generated_tokens.shape[0] == len(layers) == len(features) == batch):
         raise ValueError("prompt_tokens, generated_tokens, layers and features must have the same number of rows")
-    if isinstance(steered, tuple):
-        steered = patched_steered_logits(*steered)
+    missing = sorted(set(layers) - set(saes))
+    if missing:
+        raise ValueError(f"no SAE for layer(s) {missing}")
 
     tokens = np.concatenate([prompt_tokens, generated_tokens], axis=1)
     seq_len = tokens.shape[1]
@@ -219,29 +238,18 @@ def steering_generation_metrics(
     predicts_measured[:, prompt_len - 1 : seq_len - 1] = measured
     at_measured = np.zeros((batch, seq_len), bool)
     at_measured[:, prompt_len:] = measured
-    targets = np.concatenate([tokens[:, 1:], np.full((batch, 1), PAD_ID, np.int32)], axis=1)
-
-    device_tokens = jnp.asarray(tokens)
-    site_layers = tuple(sorted(saes))  # every SAE layer, whatever this batch holds: one compiled program per sweep
-    base_logits, residuals = sae_eval.capture_sites_jit(
-        pz.freeze_params(_transformer(base_model)), device_tokens, layers=site_layers
-    )
-    steered_logits = steered(device_tokens, sae_eval.token_positions(device_tokens))
-
-    lens_tokens = np.zeros((batch, logit_lens_k), np.int32)
-    concept = np.zeros((batch, seq_len), np.float64)
-    for layer in site_layers:
-        rows = [row for row in range(batch) if layers[row] == layer]
-        row_features = [features[row] if row in rows else 0 for row in range(batch)]
-        lens_tokens[rows] = _logit_lens_rows(base_model, saes[layer], [features[row] for row in rows], logit_lens_k)
-        activation = np.asarray(
-            _row_feature_activation(saes[layer], residuals[layer], jnp.asarray(row_features, jnp.int32)), np.float64
-        )
-        concept[rows] = activation[rows]
 
     per_position = jax.device_get(
         _per_position_statistics(
-            base_logits, steered_logits, jnp.asarray(targets), jnp.asarray(lens_tokens), vocab_chunk=vocab_chunk
+            pz.freeze_params(_transformer(base_model)),
+            pz.freeze_params(steered_model),
+            inputs,
+            dict(saes),
+            jnp.asarray(tokens),
+            jnp.asarray(layers, jnp.int32),
+            jnp.asarray(features, jnp.int32),
+            logit_lens_k=logit_lens_k,
+            vocab_chunk=vocab_chunk,
         )
     )
     results = []
@@ -257,12 +265,10 @@ def steering_generation_metrics(
 
             metrics["steer/nll"] = mean("nll")
             metrics["steer/perplexity"] = float(np.exp(metrics["steer/nll"]))
-            for name in ("kl_steered_base", "kl_base_steered", "entropy_base", "entropy_steered"):
+            for name in ("kl_steered_base", "kl_base_steered", "entropy_base", "entropy_steered", "logit_lens_mass"):
                 metrics[f"steer/{name}"] = mean(name)
-            if layers[row] in saes:
-                metrics["steer/logit_lens_mass"] = mean("logit_lens_mass")
-                activation = concept[row][at_measured[row]]
-                metrics["steer/concept_rate"] = float(np.sum(activation > 0) / count)
-                metrics["steer/concept_activation"] = float(np.sum(activation) / count)
-        results.append(metrics)
+            activation = np.asarray(per_position["concept"][row], np.float64)[at_measured[row]]
+            metrics["steer/concept_rate"] = float(np.sum(activation > 0) / count)
+            metrics["steer/concept_activation"] = float(np.sum(activation) / count)
+        results.append(GenerationMetrics(metrics, tuple(int(t) for t in per_position["lens_tokens"][row])))
     return results

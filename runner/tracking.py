@@ -20,15 +20,17 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH
 
+from runner import plots
 from runner.config import ExperimentConfig
 from runner.errors import RunnerError
-from runner.plan import SteeringPoint
-from runner.results import PointResult
+from runner.plan import Point, SAEEvalPoint
+from runner.results import PointResult, Result, SAEEvalPointResult
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -50,11 +52,12 @@ TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 _TAG_LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"
 
 CONFIG_ARTIFACT = "config/experiment.yaml"
+#: The parent run's table of a steering sweep (one row per point) and of an SAE evaluation sweep (one per SAE).
 TABLE_ARTIFACT = "generations.json"
+SAE_TABLE_ARTIFACT = "sae_metrics.json"
 PLOTS_DIR = "plots"
-#: More features than this get no per-feature plot (each PNG costs ~0.1 s); the table still has every row.
-MAX_FEATURE_PLOTS = 100
 _TABLE_COLUMNS = ("point_key", "prompt_index", "layer", "feature", "scale", "seed", "text")
+_SAE_TABLE_COLUMNS = ("point_key", "sae_id", "layer", "site", "width", "l0_target")
 _PAGE = 1000
 
 
@@ -95,6 +98,7 @@ class SweepTracker:
         self._num_points = 0
         self._children: dict[str, _Child] = {}
         self._rows: dict[str, dict[str, Any]] = {}
+        self._kind = "steering"
 
     @property
     def experiment_id(self) -> str | None:
@@ -133,6 +137,7 @@ class SweepTracker:
             if TAG_ERROR in parent.data.tags:
                 self._client.delete_tag(run_id, TAG_ERROR)
         self._parent_run_id, self._sweep_id, self._num_points = run_id, sweep_id, num_points
+        self._kind = config.kind
         try:
             params = {"sweep_id": sweep_id, "num_points": str(num_points)}
             new = [Param(k, v) for k, v in params.items() if k not in logged]
@@ -202,8 +207,10 @@ class SweepTracker:
         runs = self._search_children("attributes.status = 'FINISHED'")
         return {run.data.tags[TAG_POINT_KEY] for run in runs if TAG_POINT_KEY in run.data.tags}
 
-    def log_point(self, point: SteeringPoint, result: PointResult) -> str:
-        """Logs one finished point as a child run (params, metrics, `generation.txt`, `generation.json`).
+    def log_point(self, point: Point, result: Result) -> str:
+        """Logs one finished point as a child run: params, metrics, the result's tags and artifacts (a steering
+        point: `generation.txt`, `generation.json`; an SAE: `density.npy`, `density_histogram.png`,
+        `top_features.json`, `l0_histogram.json`).
 
         Reuses the point's earlier unfinished run if there is one; if the point already has a FINISHED run, nothing
         is logged and that run's id is returned. Returns the child run id.
@@ -220,22 +227,23 @@ class SweepTracker:
             now = _now_ms()
             metrics = [Metric(k, v, now, 0) for k, v in sorted(result.metrics.items())]
             params = self._new_params(child, point)
-            # One call for params and metrics where MLflow's per-call limits allow it.
-            while params or metrics:
+            tags = [RunTag(k, _truncate(v)) for k, v in sorted(result.tags.items())]
+            # One call for params, metrics and tags where MLflow's per-call limits allow it.
+            while params or metrics or tags:
                 self._client.log_batch(
                     child.run_id,
                     params=params[:MAX_PARAMS_TAGS_PER_BATCH],
                     metrics=metrics[:MAX_METRICS_PER_BATCH],
+                    tags=tags[:MAX_PARAMS_TAGS_PER_BATCH],
                 )
                 params, metrics = params[MAX_PARAMS_TAGS_PER_BATCH:], metrics[MAX_METRICS_PER_BATCH:]
+                tags = tags[MAX_PARAMS_TAGS_PER_BATCH:]
             child.params = child.params | set(point.params())
             if child.has_error_tag:
                 self._client.delete_tag(child.run_id, TAG_ERROR)
                 child.has_error_tag = False
-            generation = {"text": result.text, "token_ids": list(result.token_ids), "prompt": point.prompt}
-            with tempfile.TemporaryDirectory(prefix="runner-generation-") as scratch:
-                Path(scratch, "generation.txt").write_text(result.text, encoding="utf-8")
-                Path(scratch, "generation.json").write_text(json.dumps(generation), encoding="utf-8")
+            with tempfile.TemporaryDirectory(prefix="runner-point-") as scratch:
+                write_point_artifacts(point, result, Path(scratch))
                 self._client.log_artifacts(child.run_id, scratch)
             self._client.set_terminated(child.run_id, "FINISHED")
         except BaseException as error:
@@ -243,10 +251,10 @@ class SweepTracker:
             child.status = _status_for(error)
             raise
         child.status = "FINISHED"
-        self._rows[key] = _row(key, point.params(), result.text, result.metrics)
+        self._rows[key] = table_row(key, point.params(), result.metrics, getattr(result, "text", None))
         return child.run_id
 
-    def fail_point(self, point: SteeringPoint, error: str, attempt: int) -> str:
+    def fail_point(self, point: Point, error: str, attempt: int) -> str:
         """Records a point that failed: its child run ends FAILED with tag `runner.error` (scrubbed, truncated).
 
         A point that already has a FINISHED run keeps it. Returns the child run id.
@@ -306,13 +314,13 @@ class SweepTracker:
             query += f" AND {extra_filter}"
         return _search_all(self._client, self._experiment_id, query)
 
-    def _start_child(self, parent: str, point: SteeringPoint, *, attempt: int, worker: str | None) -> _Child:
+    def _start_child(self, parent: str, point: Point, *, attempt: int, worker: str | None) -> _Child:
         """Creates the point's child run, or reopens its unfinished one, with fresh tags; status RUNNING."""
         tags = {TAG_PARENT: parent, TAG_SWEEP_ID: self._sweep_id, TAG_POINT_KEY: point.point_key,
                 TAG_ROLE: "point", TAG_ATTEMPT: str(attempt)}
         if worker is not None:
             tags[TAG_WORKER] = worker
-        if point.neuronpedia_url is not None:
+        if getattr(point, "neuronpedia_url", None) is not None:
             tags[TAG_NEURONPEDIA] = point.neuronpedia_url
         child = self._children.get(point.point_key)
         if child is None:
@@ -326,11 +334,11 @@ class SweepTracker:
         return child
 
     @staticmethod
-    def _new_params(child: _Child, point: SteeringPoint) -> list[Param]:
+    def _new_params(child: _Child, point: Point) -> list[Param]:
         """The point's params the run does not have yet (MLflow params are immutable)."""
         return [Param(k, v) for k, v in point.params().items() if k not in child.params]
 
-    def _log_params(self, child: _Child, point: SteeringPoint) -> None:
+    def _log_params(self, child: _Child, point: Point) -> None:
         """Logs the point's params the run does not have yet."""
         params = self._new_params(child, point)
         for start in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
@@ -362,7 +370,8 @@ class SweepTracker:
         return "FINISHED" if len(finished) >= self._num_points else "FAILED"
 
     def _table_rows(self, children: Sequence[Run]) -> list[dict[str, Any]]:
-        """One row per FINISHED child: from memory for points logged now, else from the run and its artifact."""
+        """One row per FINISHED child: from memory for points logged now, else from the run (and, for a steering
+        point, its `generation.json`)."""
         rows = []
         with tempfile.TemporaryDirectory(prefix="runner-table-") as tmp:
             for run in children:
@@ -371,59 +380,55 @@ class SweepTracker:
                     continue
                 row = self._rows.get(key)
                 if row is None:
-                    path = self._client.download_artifacts(run.info.run_id, "generation.json", tmp)
-                    text = json.loads(Path(path).read_text(encoding="utf-8"))["text"]
-                    row = _row(key, run.data.params, text, run.data.metrics)
+                    text = None
+                    if self._kind == "steering":
+                        path = self._client.download_artifacts(run.info.run_id, "generation.json", tmp)
+                        text = json.loads(Path(path).read_text(encoding="utf-8"))["text"]
+                    row = table_row(key, run.data.params, run.data.metrics, text)
                 rows.append(row)
-        return sorted(rows, key=lambda r: (r["prompt_index"], r["layer"], r["feature"], r["scale"], r["seed"]))
+        order = ("prompt_index", "layer", "feature", "scale", "seed") if self._kind == "steering" else \
+            ("layer", "site", "width", "l0_target")
+        return sorted(rows, key=lambda r: tuple(r[column] for column in order))
 
     def _log_table_and_plots(self, parent: str, rows: list[dict[str, Any]]) -> None:
         import pandas as pd  # imported here so workers that only log points never pay for pandas/matplotlib
 
         frame = pd.DataFrame(rows)
+        table_name = TABLE_ARTIFACT if self._kind == "steering" else SAE_TABLE_ARTIFACT
         with tempfile.TemporaryDirectory(prefix="runner-close-") as tmp:
-            table = Path(tmp) / TABLE_ARTIFACT
+            table = Path(tmp) / table_name
             frame.to_json(table, orient="split", index=False, date_format="iso")
             self._client.log_artifact(parent, str(table))
-            plots = Path(tmp) / PLOTS_DIR
-            if write_feature_plots(frame, plots):
-                self._client.log_artifacts(parent, str(plots), PLOTS_DIR)
+            plot_dir = Path(tmp) / PLOTS_DIR
+            if self._kind == "steering":
+                written = plots.write_feature_plots(frame, plot_dir, exclude=_TABLE_COLUMNS)
+            else:
+                written = plots.write_sae_eval_plots(frame, plot_dir)
+            if written:
+                self._client.log_artifacts(parent, str(plot_dir), PLOTS_DIR)
         logged = json.loads(self._client.get_run(parent).data.tags.get(_TAG_LOGGED_ARTIFACTS, "[]"))
-        entry = {"path": TABLE_ARTIFACT, "type": "table"}
+        entry = {"path": table_name, "type": "table"}
         if entry not in logged:
             self._client.set_tag(parent, _TAG_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
 
 
-def write_feature_plots(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Writes `feature_<i>.png` per feature: each metric (mean over prompts and seeds) against scale, one line per
-    layer. Returns the files written (none when the table has no metric columns)."""
-    from matplotlib.figure import Figure
-
-    metrics = [c for c in frame.columns if c not in _TABLE_COLUMNS and frame[c].dtype.kind in "fiu"]
-    if not metrics or frame.empty or not {"feature", "layer", "scale"} <= set(frame.columns):
-        return []
-    features = sorted(frame["feature"].unique())
-    if len(features) > MAX_FEATURE_PLOTS:
-        _log.warning("plotting the first %d of %d features", MAX_FEATURE_PLOTS, len(features))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for feature in features[:MAX_FEATURE_PLOTS]:
-        means = frame[frame["feature"] == feature].groupby(["layer", "scale"])[metrics].mean().reset_index()
-        columns = min(3, len(metrics))
-        rows = -(-len(metrics) // columns)
-        figure = Figure(figsize=(4 * columns, 3 * rows), layout="constrained")
-        for index, metric in enumerate(metrics):
-            axes = figure.add_subplot(rows, columns, index + 1)
-            for layer, group in means.groupby("layer"):
-                axes.plot(group["scale"], group[metric], marker="o", label=f"layer {layer}")
-            axes.set_xlabel("scale")
-            axes.set_title(metric, fontsize=9)
-            axes.legend(fontsize=7)
-        figure.suptitle(f"feature {feature}")
-        path = out_dir / f"feature_{feature}.png"
-        figure.savefig(path, dpi=72)
-        written.append(path)
-    return written
+def write_point_artifacts(point: Point, result: Result, directory: Path) -> None:
+    """Writes the files of one point's child run into `directory`."""
+    if isinstance(result, PointResult):
+        generation = {"text": result.text, "token_ids": list(result.token_ids), "prompt": point.prompt}
+        (directory / "generation.txt").write_text(result.text, encoding="utf-8")
+        (directory / "generation.json").write_text(json.dumps(generation), encoding="utf-8")
+        return
+    np.save(directory / "density.npy", result.density, allow_pickle=False)
+    plots.write_density_histogram(
+        result.density_histogram, result.density_histogram_edges, directory / "density_histogram.png",
+        title=f"layer {point.layer} {point.site} width {point.width}",
+        dead=int(result.metrics.get("density/n_dead", 0)),
+    )
+    columns = ["sequence", "position", "token", "token_text", "feature_ids", "feature_values"]
+    table = {"columns": columns, "data": [[row[c] for c in columns] for row in result.top_feature_rows]}
+    (directory / "top_features.json").write_text(json.dumps(table), encoding="utf-8")
+    (directory / "l0_histogram.json").write_text(json.dumps(result.l0_histogram.tolist()), encoding="utf-8")
 
 
 def sweep_status(uri: str, experiment_name: str, sweep_id: str) -> dict[str, Any]:
@@ -491,20 +496,21 @@ def _child_of(run: Run) -> _Child:
     return _Child(run.info.run_id, run.info.status, frozenset(run.data.params), TAG_ERROR in run.data.tags)
 
 
-def _row(key: str, params: Mapping[str, str], text: str, metrics: Mapping[str, float]) -> dict[str, Any]:
-    return {
-        "point_key": key,
-        "prompt_index": int(params["prompt_index"]),
-        "layer": int(params["layer"]),
-        "feature": int(params["feature"]),
-        "scale": float(params["scale"]),
-        "seed": int(params["seed"]),
-        "text": text,
-        **{k: float(v) for k, v in sorted(metrics.items())},
-    }
+def table_row(key: str, params: Mapping[str, str], metrics: Mapping[str, float], text: str | None) -> dict[str, Any]:
+    """A row of the parent's table from a point's params and metrics (steering points also have their `text`)."""
+    if "feature" in params:
+        fields = {"prompt_index": int(params["prompt_index"]), "layer": int(params["layer"]),
+                  "feature": int(params["feature"]), "scale": float(params["scale"]), "seed": int(params["seed"]),
+                  "text": text}
+    else:
+        fields = {"sae_id": params["sae_id"], "layer": int(params["layer"]), "site": params["site"],
+                  "width": params["width"], "l0_target": params["l0_target"]}
+    return {"point_key": key, **fields, **{k: float(v) for k, v in sorted(metrics.items())}}
 
 
-def _run_name(point: SteeringPoint) -> str:
+def _run_name(point: Point) -> str:
+    if isinstance(point, SAEEvalPoint):
+        return f"L{point.layer} {point.site} w{point.width} l0 {point.l0}"
     return f"L{point.layer} f{point.feature} x{point.scale:g} s{point.seed} p{point.prompt_index}"
 
 

@@ -1,31 +1,87 @@
-"""The host worker: loads the model and SAEs once, then turns jobs of steering points into results.
+"""Host workers: load the model and SAEs once, then turn jobs of points into results.
 
-A worker owns one host (all of its local accelerators, or the CPU in tests). It keeps one compiled
-`SteeringSampler` per (batch size, prompt bucket, max_new_tokens), so a sweep compiles once per shape.
-The Ray actor in `runner.cluster` wraps this class; a local run uses it directly.
+A worker owns one host (all of its local accelerators, or the CPU in tests). `SteeringWorker` keeps one compiled
+`SteeringSampler` per (batch size, prompt bucket, max_new_tokens), so a sweep compiles once per shape;
+`SAEEvalWorker` evaluates a job's SAEs over the sweep's evaluation tokens, sharing the clean forward passes. The
+Ray actor in `runner.cluster` wraps these classes; a local run uses them directly.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-
 from penzai import pz
 
-from runner import memory, metrics, plan, steering as steering_lib, steering_metrics, tokenizer as tokenizer_lib
+from runner import memory, metrics, plan, sae_eval, sites, steering as steering_lib, steering_metrics
+from runner import tokenizer as tokenizer_lib
 from runner.errors import PlanError
 from runner.model import LoadedModel, load_model, make_host_mesh
-from runner.plan import Job, SteeringPoint
-from runner.results import PointResult
+from runner.plan import Job, SAEEvalPoint, SteeringPoint
+from runner.results import PointResult, SAEEvalPointResult
 from runner.sae import LoadedSAE, load_sae
-from runner.sae_sources import SAEFile, synthetic_sae_width, write_synthetic_saes
+from runner.sae_sources import SAEFile, write_synthetic_saes
 from runner.sampling import SamplingBatch, SamplingOutput, SteeringSampler, left_pad, prompt_bucket
 from runner.steering import MODE_CODES, NO_LAYER
+
+#: Tag of a steering point: its feature's top logit-lens tokens, decoded (a JSON list).
+LOGIT_LENS_TAG = "logit_lens_tokens"
+#: Share of the device memory an `SAEEvalWorker` may fill with SAEs it keeps loaded between jobs.
+SAE_CACHE_FRACTION = 0.25
+
+
+@contextlib.contextmanager
+def count_compilations() -> Iterator[list[int]]:
+    """Counts XLA backend compilations inside the block (`counter[0]`)."""
+    counter = [0]
+
+    def listener(event: str, duration: float, **kwargs: Any) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            counter[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counter
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def load_host_model(config: Any, cache_dir: Path) -> LoadedModel:
+    """The configured model, sharded over this host's devices when it has several."""
+    mesh = make_host_mesh() if len(jax.local_devices()) > 1 else None
+    return load_model(config.model, cache_dir=cache_dir, mesh=mesh, model_id=plan.model_id(config.model))
+
+
+def load_saes(loaded: LoadedModel, config: Any, sae_files: Iterable[SAEFile], cache_dir: Path) -> dict[str, LoadedSAE]:
+    """Loads SAE files by id; synthetic ones (no path yet) are first written for this model under `cache_dir`."""
+    files = list(sae_files)
+    paths = {file.sae_id: file.path for file in files}
+    pending: dict[tuple[str, str, str], list[SAEFile]] = collections.defaultdict(list)
+    for file in files:
+        if file.path is None:
+            pending[(file.site, file.width, file.l0)].append(file)
+    slug = loaded.model_id.replace(":", "-").replace("/", "_")
+    for (site, width, target_l0), group in pending.items():
+        out_root = cache_dir / "synthetic-saes" / slug / f"{site}_width{width}_target{target_l0}_seed{config.sae.seed}"
+        written = write_synthetic_saes(
+            loaded, [file.layer for file in group], out_root, width=int(width), target_l0=float(target_l0),
+            seed=config.sae.seed, site=site,
+        )
+        paths.update({file.sae_id: written[file.layer] for file in group})
+    architecture = loaded.architecture
+    return {
+        file.sae_id: load_sae(
+            paths[file.sae_id], sae_id=file.sae_id, layer=file.layer, expected_d_in=sites.site_width(architecture, file.site)
+        )
+        for file in files
+    }
 
 
 def point_stream(point: SteeringPoint) -> int:
@@ -75,31 +131,31 @@ class SteeringWorker:
     """Runs steering jobs on this host's model.
 
     Args:
-      config: The experiment (`runner.config.ExperimentConfig`).
-      sae_files: The SAE file of every steered layer, as resolved by the driver.
+      config: The experiment (`runner.config.ExperimentConfig`, with `steering`).
+      sae_files: The SAE file of every steered layer, by SAE id, as resolved by the driver.
       batch_size: Points per job. With `sampling.batch_size: auto` the worker compiles for the largest batch
         up to this that fits its device memory (a bigger job then runs as several calls of one program); an
         explicit batch size that does not fit is refused.
       cache_dir: Where synthetic models and SAEs are written.
       worker_name: Recorded with each result.
+      eval_tokens: Unused (SAE evaluation sweeps only).
     """
 
     def __init__(
         self,
         config: Any,
-        sae_files: Mapping[int, SAEFile],
+        sae_files: Mapping[str, SAEFile],
         *,
         batch_size: int,
         cache_dir: Path,
         worker_name: str = "local",
+        eval_tokens: Any = None,
     ):
         self.config = config
         self.worker_name = worker_name
-        mesh = make_host_mesh() if len(jax.local_devices()) > 1 else None
-        self.loaded: LoadedModel = load_model(
-            config.model, cache_dir=cache_dir, mesh=mesh, model_id=plan.model_id(config.model)
-        )
-        self.saes: dict[int, LoadedSAE] = self._load_saes(sae_files, cache_dir)
+        self.loaded: LoadedModel = load_host_model(config, cache_dir)
+        loaded_saes = load_saes(self.loaded, config, sae_files.values(), cache_dir)
+        self.saes: dict[int, LoadedSAE] = {sae.layer: sae for sae in loaded_saes.values()}
         self._sae_layers = {layer: loaded.sae for layer, loaded in self.saes.items()}
         self._prompt_ids = {
             prompt: tokenizer_lib.encode_prompt(self.loaded.tokenizer, prompt) for prompt in config.prompts
@@ -110,6 +166,7 @@ class SteeringWorker:
         self.probe_features = sorted(set(config.steering.features))
         self._samplers: dict[tuple[int, int, int], SteeringSampler] = {}
         self._steered_model = steering_lib.add_steering_sites(self.loaded.model, self._sae_layers)
+        self._lens_tags: dict[tuple[int, ...], str] = {}
 
     def _fitting_batch_size(self, job_size: int) -> int:
         params = pz.unbind_params(self.loaded.model)[1]
@@ -128,29 +185,6 @@ class SteeringWorker:
                 f"{self.worker_name}; at most {fitting} fits (allowed: <= {fitting}, or auto)"
             )
         return fitting
-
-    def _load_saes(self, sae_files: Mapping[int, SAEFile], cache_dir: Path) -> dict[int, LoadedSAE]:
-        paths = {layer: file.path for layer, file in sae_files.items()}
-        pending = [layer for layer, path in paths.items() if path is None]
-        if pending:
-            sae_config = self.config.sae
-            width = synthetic_sae_width(sae_config, self.loaded.architecture.embedding_dim)
-            slug = self.loaded.model_id.replace(":", "-").replace("/", "_")
-            paths.update(
-                write_synthetic_saes(
-                    self.loaded,
-                    pending,
-                    cache_dir / "synthetic-saes" / f"{slug}-seed{sae_config.seed}",
-                    width=width,
-                    target_l0=sae_config.target_l0,
-                    seed=sae_config.seed,
-                )
-            )
-        d_in = self.loaded.architecture.embedding_dim
-        return {
-            layer: load_sae(paths[layer], sae_id=file.sae_id, layer=layer, expected_d_in=d_in)
-            for layer, file in sae_files.items()
-        }
 
     @property
     def compilations(self) -> int:
@@ -203,7 +237,7 @@ class SteeringWorker:
             else:
                 sums = tuple(output.totals[name][row] for name in steering_lib.TOTAL_NAMES)
             point_metrics = metrics.steering_point_metrics(*sums)
-            point_metrics.update(extra)
+            point_metrics.update(extra.metrics)
             point_metrics["gen/num_tokens"] = float(len(ids))
             point_metrics["gen/stopped_at_eos"] = float(stopped)
             results.append(
@@ -212,11 +246,18 @@ class SteeringWorker:
                     text=tokenizer_lib.decode_tokens(tokenizer, ids),
                     token_ids=tuple(ids),
                     metrics=point_metrics,
+                    tags={LOGIT_LENS_TAG: self._lens_tag(extra.logit_lens_tokens)},
                     worker=self.worker_name,
                     attempt=attempt,
                 )
             )
         return results
+
+    def _lens_tag(self, token_ids: tuple[int, ...]) -> str:
+        if token_ids not in self._lens_tags:
+            pieces = [tokenizer_lib.decode_tokens(self.loaded.tokenizer, [token]) for token in token_ids]
+            self._lens_tags[token_ids] = json.dumps(pieces, ensure_ascii=False)
+        return self._lens_tags[token_ids]
 
     def _padded(self, items: list) -> list:
         return items + [items[-1]] * (self.batch_size - len(items))
@@ -229,19 +270,107 @@ class SteeringWorker:
         padded = self._padded(rows)
         return sampler(batch_rows(padded, self._prompt_tokens(padded), self.prompt_len, self.probe_features))
 
-    def _generation_metrics(self, points: list[SteeringPoint], tokens: np.ndarray) -> list[dict[str, float]]:
+    def _generation_metrics(
+        self, points: list[SteeringPoint], tokens: np.ndarray
+    ) -> list[steering_metrics.GenerationMetrics]:
         """Judge-free steering metrics per point (`steering_metrics`), in batches of the compiled shape."""
         rows = []
         for start in range(0, len(points), self.batch_size):
             indices = self._padded(list(range(start, min(start + self.batch_size, len(points)))))
             piece = [points[i] for i in indices]
             batch = batch_rows(piece, self._prompt_tokens(piece), self.prompt_len, self.probe_features)
+            layers = [point.layer for point in piece]
             inputs = steering_lib.SteeringInputs.from_rows(
-                [point.layer for point in piece], batch.feature, batch.value, batch.mode, batch.steer_from
+                layers, batch.feature, batch.value, batch.mode, batch.steer_from
             )
             computed = steering_metrics.steering_generation_metrics(
-                self.loaded, (self._steered_model, inputs), batch.prompt_tokens, tokens[indices], self._sae_layers,
-                [point.layer for point in piece], batch.feature,
+                self.loaded, self._steered_model, inputs, batch.prompt_tokens, tokens[indices], self._sae_layers,
+                layers, batch.feature,
             )
             rows.extend(computed[: min(self.batch_size, len(points) - start)])
         return rows
+
+
+class SAEEvalWorker:
+    """Runs SAE evaluation jobs on this host's model over the sweep's evaluation tokens.
+
+    SAEs stay loaded between jobs while they fit in `SAE_CACHE_FRACTION` of the device memory (least recently
+    used first out), so a worker that sees an SAE again does not read it again.
+
+    Args:
+      config: The experiment (`runner.config.ExperimentConfig`, with `sae_eval`).
+      sae_files: Every SAE of the sweep, by SAE id, as resolved by the driver.
+      batch_size: Sequences per forward pass (`sae_eval.batch_size`).
+      cache_dir: Where synthetic models and SAEs are written.
+      worker_name: Recorded with each result.
+      eval_tokens: The evaluation set (`runner.text_sets.EvalTokens`).
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        sae_files: Mapping[str, SAEFile],
+        *,
+        batch_size: int,
+        cache_dir: Path,
+        worker_name: str = "local",
+        eval_tokens: Any = None,
+    ):
+        if eval_tokens is None:
+            raise ValueError("an SAE evaluation worker needs the sweep's evaluation tokens")
+        self.config = config
+        self.worker_name = worker_name
+        self.batch_size = batch_size
+        self.tokens = np.asarray(eval_tokens.tokens, np.int32)
+        self._cache_dir = cache_dir
+        self._files = dict(sae_files)
+        self.loaded: LoadedModel = load_host_model(config, cache_dir)
+        self._saes: collections.OrderedDict[str, LoadedSAE] = collections.OrderedDict()
+        self._cache_budget = int(memory.device_memory_bytes() * SAE_CACHE_FRACTION)
+        self.compilations = 0
+
+    def _sae(self, sae_id: str) -> LoadedSAE:
+        """The SAE of an id, loaded on first use and kept while the cache budget allows."""
+        if sae_id in self._saes:
+            self._saes.move_to_end(sae_id)
+            return self._saes[sae_id]
+        loaded = load_saes(self.loaded, self.config, [self._files[sae_id]], self._cache_dir)[sae_id]
+        self._saes[sae_id] = loaded
+        while len(self._saes) > 1 and sum(_sae_bytes(sae) for sae in self._saes.values()) > self._cache_budget:
+            self._saes.popitem(last=False)
+        return loaded
+
+    def run_job(self, job: Job, attempt: int = 1) -> list[SAEEvalPointResult]:
+        """Evaluates every SAE of `job` in one pass over the evaluation tokens."""
+        points: list[SAEEvalPoint] = list(job.points)
+        saes = {
+            point.point_key: sae_eval.SiteSAE(point.layer, self._sae(point.sae_id).sae, point.site) for point in points
+        }
+        with count_compilations() as compiled:
+            evaluated = sae_eval.evaluate_saes(
+                self.loaded, saes, self.tokens, self.batch_size, table_sequences=self.config.sae_eval.table_sequences
+            )
+        self.compilations += compiled[0]
+        return [
+            SAEEvalPointResult(
+                point_key=point.point_key,
+                metrics=evaluated[point.point_key].metrics,
+                density=evaluated[point.point_key].density,
+                density_histogram=evaluated[point.point_key].density_histogram,
+                density_histogram_edges=evaluated[point.point_key].density_histogram_edges,
+                l0_histogram=evaluated[point.point_key].l0_histogram,
+                top_feature_rows=tuple(evaluated[point.point_key].top_feature_rows),
+                worker=self.worker_name,
+                attempt=attempt,
+            )
+            for point in points
+        ]
+
+
+def _sae_bytes(loaded: LoadedSAE) -> int:
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(loaded.sae))
+
+
+def worker_class_for(kind: str) -> type:
+    """The worker class of a sweep kind (`ExperimentConfig.kind`)."""
+    return {"steering": SteeringWorker, "sae_eval": SAEEvalWorker}[kind]

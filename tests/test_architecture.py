@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from penzai.models.transformer.variants import gemma
 
-from runner.architecture import Gemma2Architecture
+from runner.architecture import PUBLISHED, Gemma2Architecture, published_architecture
 from runner.errors import CheckpointError
 
-REAL_SIZES = {
-    "gemma2_2b": Gemma2Architecture(26, 2304, 8, 4, 256, 9216, 256_128, gating_is_d_by_f=True),
-    "gemma2_9b": Gemma2Architecture(42, 3584, 16, 8, 256, 14_336, 256_128, gating_is_d_by_f=False),
-    "gemma2_27b": Gemma2Architecture(46, 4608, 32, 16, 128, 36_864, 256_128, gating_is_d_by_f=False),
-}
+#: Penzai's preset names of the published sizes.
+REAL_SIZES = {name.replace("-", "_"): arch for name, arch in PUBLISHED.items()}
 
 
 def shapes_of(arch: Gemma2Architecture) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -51,3 +50,10 @@ def test_inconsistent_layer_shape_is_named() -> None:
     shapes["transformer/layer_7/mlp/linear"]["w"] = (9000, 2304)
     with pytest.raises(CheckpointError, match=r"layer_7/mlp/linear/w has shape \(9000, 2304\)"):
         Gemma2Architecture.from_shapes(shapes)
+
+
+def test_published_sizes_are_known_by_kaggle_variant_and_hugging_face_repo() -> None:
+    assert published_architecture("gemma2-9b-it") == PUBLISHED["gemma2-9b"]
+    assert published_architecture("google/gemma-2-2b") == dataclasses.replace(PUBLISHED["gemma2-2b"], vocab_size=256_000)
+    assert published_architecture("google/gemma-2-27b-it").num_layers == 46
+    assert published_architecture("someone/other-model") is None

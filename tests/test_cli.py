@@ -148,7 +148,7 @@ def test_synth_writes_a_model_and_saes_that_a_local_sweep_runs_on(tmp_path, cach
     }
     (tmp_path / "offline.yaml").write_text(yaml.safe_dump(config))
     sweep_plan = prepare_sweep(load_experiment(tmp_path / "offline.yaml"), cache_dir)
-    sae_path = sweep_plan.sae_files[3].path
+    sae_path = next(f.path for f in sweep_plan.sae_files.values() if f.layer == 3)
     assert (sae_path.parents[2].name, sae_path.parents[1].name, sae_path.name) == ("layer_3", "width_256", "params.npz")
     summary = run_sweep(sweep_plan, cache_dir=cache_dir)
     assert (summary.points_finished, summary.points_failed) == (4, 0)

@@ -68,7 +68,8 @@ def test_to_yaml_round_trips_and_canonical_dict_is_json_safe(tmp_path):
     [
         (
             MINIMAL + "colour: red\n",
-            "unknown field 'colour' (allowed: name, model, sae, prompts, steering, sampling, tracking, cluster)",
+            "unknown field 'colour' (allowed: name, model, sae, prompts, steering, sae_eval, sampling, tracking, "
+            "cluster)",
         ),
         (
             MINIMAL.replace("scales: [0, 8.5]", "scales: [0, 8.5], colour: red"),
@@ -284,3 +285,74 @@ def test_an_accelerator_platform_needs_its_resource(tmp_path):
         "cluster.platform: 'tpu' needs resources.TPU (allowed: request every TPU of a host, e.g. "
         "resources: {TPU: 4}, or platform cpu)"
     )
+
+
+EVALUATION = """\
+name: layer-sweep
+model: {source: synthetic}
+sae: {source: huggingface, release: gemma-scope-2b-pt-res}
+sae_eval: {widths: [16k, 65k], l0s: [canonical, 71]}
+"""
+
+
+def test_an_sae_evaluation_needs_only_its_grid_and_gets_documented_defaults(tmp_path):
+    config = load_experiment(write(tmp_path, EVALUATION))
+    assert config.kind == "sae_eval" and config.steering is None and config.prompts == ()
+    grid = config.sae_eval
+    assert (grid.layers, grid.widths, grid.l0s) == ("all", ["16k", "65k"], ["canonical", 71])
+    assert (grid.text.source, grid.context_length, grid.num_sequences, grid.batch_size) == ("bundled", 128, 32, 8)
+    assert grid.saes_per_job == "auto" and grid.table_sequences == 4
+    assert "steering" not in config.canonical_dict(), "the unused sweep kind stays out of the sweep's identity"
+    again = load_experiment(write(tmp_path, config.to_yaml(), name="dump.yaml"))
+    assert again == config
+
+
+def test_a_steering_sweep_keeps_its_identity_without_an_sae_eval_section(tmp_path):
+    assert "sae_eval" not in load_experiment(write(tmp_path)).canonical_dict()
+
+
+def test_a_text_file_glob_is_resolved_against_the_yaml(tmp_path):
+    text = EVALUATION.replace("l0s: [canonical, 71]}", "l0s: [71], text: {source: file, path: 'texts/*.txt'}}")
+    assert load_experiment(write(tmp_path, text)).sae_eval.text.path == str(tmp_path / "texts" / "*.txt")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (MINIMAL.replace("steering: {layers: [1], features: [0, 3], scales: [0, 8.5]}\n", ""),
+         "(top level): neither 'steering' nor 'sae_eval' is given (allowed: exactly one of them: a steering sweep "
+         "or an SAE evaluation)"),
+        (MINIMAL + "sae_eval: {widths: [16k], l0s: [71]}\n",
+         "(top level): both 'steering' and 'sae_eval' are given (allowed: exactly one of them: a steering sweep or "
+         "an SAE evaluation)"),
+        (EVALUATION + "prompts: [hello]\n", "prompts: does not apply to sae_eval sweeps (they read sae_eval.text)"),
+        (EVALUATION + "sampling: {temperature: 1}\n", "sampling: does not apply to sae_eval sweeps"),
+        (EVALUATION.replace("release: gemma-scope-2b-pt-res}", "release: gemma-scope-2b-pt-res, width: 16k}"),
+         "sae.width: is set by the evaluation grid (set sae_eval.widths instead)"),
+        (EVALUATION.replace("[16k, 65k]", "[16k, 8k]"),
+         "sae_eval.widths: ['8k'] are not Gemma Scope widths (allowed: 16k, 32k, 65k, 131k, 262k, 524k, 1m)"),
+        (EVALUATION.replace("[canonical, 71]", "[canonical, canonical]"),
+         "sae_eval.l0s: repeats ['canonical'] (allowed: each l0 once)"),
+        (EVALUATION.replace("[canonical, 71]", "[0]"), "sae_eval.l0s.0: 0 is not allowed (allowed: >= 1)"),
+        (EVALUATION.replace("l0s:", "layers: some, l0s:"),
+         "sae_eval.layers: 'some' is not allowed (allowed: 'all' or a list of block indices)"),
+        (EVALUATION.replace("l0s:", "layers: [], l0s:"), "sae_eval.layers: must not be empty"),
+        (EVALUATION.replace("l0s:", "context_length: 1, l0s:"),
+         "sae_eval.context_length: 1 is not allowed (allowed: >= 2)"),
+        (EVALUATION.replace("l0s: [canonical, 71]}", "l0s: [71], text: {source: file}}"),
+         "sae_eval.text.path: is required with source 'file' (fields for file: source, path, column)"),
+        (EVALUATION.replace("l0s: [canonical, 71]}", "l0s: [71], text: {source: huggingface, dataset: a/b}}"),
+         "sae_eval.text.files: is required with source 'huggingface'"),
+        (EVALUATION.replace("l0s: [canonical, 71]}", "l0s: [71], text: {source: bundled, column: body}}"),
+         "sae_eval.text.column: does not apply to source 'bundled'"),
+        (EVALUATION.replace("{source: huggingface, release: gemma-scope-2b-pt-res}", "{source: synthetic}")
+         .replace("[16k, 65k]", "['256']"),
+         "sae_eval.l0s: 'canonical' has no meaning for synthetic SAEs (allowed: target L0s, integers >= 1)"),
+        (MINIMAL.replace("sae: {source: synthetic}", "sae: {source: synthetic, site: mlp}"),
+         "sae.site: 'mlp': steering adds decoder rows to the residual stream (allowed: res)"),
+        (MINIMAL.replace("prompts: [\"The weather today is\", \"My favourite city is\"]\n", ""),
+         "prompts: is required with steering (a list of strings, or {file: PATH})"),
+    ],
+)
+def test_invalid_sweep_kinds_and_evaluation_grids_are_one_line_errors(tmp_path, text, expected):
+    assert error_of(write(tmp_path, text)).startswith(expected)

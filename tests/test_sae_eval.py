@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 from penzai import pz
 
-from runner import sae_eval, steering
+from runner import plots, sae_eval, sites
 from runner.sae import JumpReLUSAE
 from runner.sae_sources import calibration_tokens
 from runner.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 LAYERS = (1, 2)
+#: The SAEs evaluated together: two at the residual stream, one at an MLP output, one at attention heads.
+SITE_KEYS = ((1, "res"), (2, "res"), (1, "mlp"), (2, "att"))
 BATCH_SIZE = 4  # 6 sequences: one full batch and one filled up with PAD rows
 TABLE_SEQUENCES = 2
 
@@ -31,9 +33,9 @@ class ReplaceResidual(pz.nn.Layer):
 @jax.jit
 def _reference_capture(model, tokens):
     """Plain forward with Penzai's default positions (valid for these right-padded rows)."""
-    logits, residuals = steering.capture_residuals(model, pz.nx.wrap(tokens).tag("batch", "seq"), list(LAYERS))
-    resid = {layer: value.unwrap("batch", "seq", "embedding") for layer, value in residuals.items()}
-    return logits.unwrap("batch", "seq", "vocabulary"), resid
+    logits, activations = sites.capture(model, pz.nx.wrap(tokens).tag("batch", "seq"), list(SITE_KEYS))
+    at_sites = {key: value.unwrap("batch", "seq", "embedding") for key, value in activations.items()}
+    return logits.unwrap("batch", "seq", "vocabulary"), at_sites
 
 
 @jax.jit
@@ -58,8 +60,9 @@ def captured(tiny_model, eval_tokens):
 
 
 @pytest.fixture(scope="module")
-def evaluation(tiny_model, tiny_saes, eval_tokens) -> dict[int, sae_eval.SAEEvalResult]:
-    saes = {layer: tiny_saes[layer] for layer in LAYERS}
+def evaluation(tiny_model, tiny_saes, eval_tokens) -> dict[tuple[int, str], sae_eval.SAEEvalResult]:
+    """The SAE of each layer evaluated at every site of `SITE_KEYS` (the tiny model's sites are all 64 wide)."""
+    saes = {(layer, site): sae_eval.SiteSAE(layer, tiny_saes[layer], site) for layer, site in SITE_KEYS}
     return sae_eval.evaluate_saes(tiny_model, saes, eval_tokens, BATCH_SIZE, table_sequences=TABLE_SEQUENCES)
 
 
@@ -135,28 +138,29 @@ def reference_lm_metrics(clean, spliced, ablated, tokens) -> dict[str, float]:
 
 def test_capture_sites_matches_a_plain_capture_and_ignores_left_padding(tiny_model, eval_tokens, captured) -> None:
     frozen = pz.freeze_params(tiny_model.model)
-    logits, residuals = sae_eval.capture_sites_jit(frozen, jnp.asarray(eval_tokens), layers=LAYERS)
-    ref_logits, ref_residuals = captured
+    logits, activations = sae_eval.capture_sites_jit(frozen, jnp.asarray(eval_tokens), site_keys=SITE_KEYS)
+    ref_logits, ref_activations = captured
     real = eval_tokens != PAD_ID
     np.testing.assert_allclose(np.asarray(logits)[real], ref_logits[real], atol=1e-5)
-    for layer in LAYERS:
-        np.testing.assert_allclose(np.asarray(residuals[layer])[real], ref_residuals[layer][real], atol=1e-5)
+    for key in SITE_KEYS:
+        np.testing.assert_allclose(np.asarray(activations[key])[real], ref_activations[key][real], atol=1e-5)
     # The same rows left-padded by 3 (last 3 tokens dropped) read as if unpadded.
     shift = 3
     left = np.full_like(eval_tokens, PAD_ID)
     left[:, shift:] = eval_tokens[:, :-shift]
-    _, left_residuals = sae_eval.capture_sites_jit(frozen, jnp.asarray(left), layers=LAYERS)
+    _, left_activations = sae_eval.capture_sites_jit(frozen, jnp.asarray(left), site_keys=SITE_KEYS)
     keep = real[:, :-shift]
-    np.testing.assert_allclose(
-        np.asarray(left_residuals[2])[:, shift:][keep], ref_residuals[2][:, :-shift][keep], atol=1e-4
-    )
+    for key in ((2, "res"), (2, "att")):
+        np.testing.assert_allclose(
+            np.asarray(left_activations[key])[:, shift:][keep], ref_activations[key][:, :-shift][keep], atol=1e-4
+        )
 
 
-@pytest.mark.parametrize("layer", LAYERS)
-def test_sae_metrics_match_numpy_reference(tiny_saes, eval_tokens, captured, evaluation, layer) -> None:
-    arrays = tiny_saes[layer].to_arrays()
-    expected = reference_sae_metrics(captured[1][layer], eval_tokens, arrays)
-    metrics = evaluation[layer].metrics
+@pytest.mark.parametrize("site_key", SITE_KEYS)
+def test_sae_metrics_match_numpy_reference(tiny_saes, eval_tokens, captured, evaluation, site_key) -> None:
+    arrays = tiny_saes[site_key[0]].to_arrays()
+    expected = reference_sae_metrics(captured[1][site_key], eval_tokens, arrays)
+    metrics = evaluation[site_key].metrics
     counts = ("sae/l0", "sae/l0_p50", "sae/l0_p90", "sae/l0_max", "sae/l0_bos", "density/n_dead", "density/n_tokens")
     for name in counts:
         assert metrics[name] == pytest.approx(expected[name], rel=1e-12), name
@@ -164,12 +168,13 @@ def test_sae_metrics_match_numpy_reference(tiny_saes, eval_tokens, captured, eva
         assert metrics[name] == pytest.approx(value, rel=2e-5, abs=1e-6), name
 
 
-@pytest.mark.parametrize("layer", LAYERS)
-def test_density_vector_histogram_and_l0_identity(tiny_saes, eval_tokens, captured, evaluation, layer) -> None:
+@pytest.mark.parametrize("site_key", SITE_KEYS)
+def test_density_vector_histogram_and_l0_identity(tiny_saes, eval_tokens, captured, evaluation, site_key) -> None:
+    layer = site_key[0]
     arrays = tiny_saes[layer].to_arrays()
-    pre, _, _ = sae_reference(captured[1][layer], arrays)
+    pre, _, _ = sae_reference(captured[1][site_key], arrays)
     density = (pre[ordinary(eval_tokens)] > arrays["threshold"]).mean(0)
-    result = evaluation[layer]
+    result = evaluation[site_key]
     np.testing.assert_allclose(result.density, density, rtol=1e-12)
     assert result.density.sum() == pytest.approx(result.metrics["sae/l0"], rel=1e-12)
     counts, edges = np.histogram(np.log10(density + 1e-10), bins=50, range=(-10, 0))
@@ -179,23 +184,38 @@ def test_density_vector_histogram_and_l0_identity(tiny_saes, eval_tokens, captur
     assert result.l0_histogram.sum() == ordinary(eval_tokens).sum()
 
 
-@pytest.mark.parametrize("layer", LAYERS)
-def test_lm_metrics_match_numpy_reference(tiny_model, tiny_saes, eval_tokens, captured, evaluation, layer) -> None:
-    x = captured[1][layer]
+@pytest.mark.parametrize("site_key", SITE_KEYS)
+def test_lm_metrics_match_numpy_reference(tiny_model, tiny_saes, eval_tokens, captured, evaluation, site_key) -> None:
+    """The splice and the zero-ablation re-run only the blocks they affect; the reference patches the whole model."""
+    layer, site = site_key
+    x = captured[1][site_key]
     _, _, x_hat = sae_reference(x, tiny_saes[layer].to_arrays())
     spliced_site = np.where(ordinary(eval_tokens)[..., None], x_hat, x).astype(np.float32)
 
     def logits_with_site(value: np.ndarray) -> np.ndarray:
-        layer_value = pz.nx.wrap(jnp.asarray(value)).tag("batch", "seq", "embedding")
-        patched = steering.insert_after_block(tiny_model.model, layer, ReplaceResidual(layer_value))
+        site_value = pz.nx.wrap(jnp.asarray(value)).tag("batch", "seq", "embedding")
+        patched = sites.insert_at_site(tiny_model.model, layer, site, ReplaceResidual(site_value))
         return np.asarray(_reference_logits(pz.freeze_params(patched), jnp.asarray(eval_tokens)), np.float64)
 
     expected = reference_lm_metrics(
         captured[0], logits_with_site(spliced_site), logits_with_site(np.zeros_like(spliced_site)), eval_tokens
     )
     for name, value in expected.items():
-        assert evaluation[layer].metrics[name] == pytest.approx(value, rel=1e-4, abs=2e-5), name
-    assert evaluation[layer].metrics["lm/kl_spliced"] > 1e-3  # the random SAE is far from exact
+        assert evaluation[site_key].metrics[name] == pytest.approx(value, rel=1e-4, abs=2e-5), name
+    assert evaluation[site_key].metrics["lm/kl_spliced"] > 1e-3  # the random SAE is far from exact
+
+
+def test_saes_of_one_site_share_its_ablation_and_match_their_lone_evaluation(tiny_model, tiny_saes, eval_tokens,
+                                                                             evaluation) -> None:
+    together = sae_eval.evaluate_saes(
+        tiny_model,
+        {"own": sae_eval.SiteSAE(2, tiny_saes[2]), "other": sae_eval.SiteSAE(2, tiny_saes[3])},
+        eval_tokens, BATCH_SIZE,
+    )
+    assert together["own"].metrics["lm/ce_zero_ablated"] == together["other"].metrics["lm/ce_zero_ablated"]
+    assert together["own"].metrics["sae/fvu"] != together["other"].metrics["sae/fvu"]
+    for name, value in evaluation[(2, "res")].metrics.items():
+        assert together["own"].metrics[name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
 
 
 def identity_sae(d_in: int) -> JumpReLUSAE:
@@ -213,7 +233,8 @@ def identity_sae(d_in: int) -> JumpReLUSAE:
 
 
 def test_exact_sae_has_zero_error_delta_loss_and_kl(tiny_model, eval_tokens) -> None:
-    metrics = sae_eval.evaluate_saes(tiny_model, {1: identity_sae(64)}, eval_tokens, BATCH_SIZE)[1].metrics
+    metrics = sae_eval.evaluate_saes(tiny_model, {1: sae_eval.SiteSAE(1, identity_sae(64))}, eval_tokens,
+                                     BATCH_SIZE)[1].metrics
     assert metrics["sae/fvu"] == pytest.approx(0.0, abs=1e-12)
     assert metrics["sae/explained_variance"] == pytest.approx(1.0, abs=1e-12)
     assert metrics["sae/mse_per_token"] == pytest.approx(0.0, abs=1e-12)
@@ -229,7 +250,7 @@ def test_exact_sae_has_zero_error_delta_loss_and_kl(tiny_model, eval_tokens) -> 
 
 def test_bos_and_padding_never_enter_sae_metrics(tiny_saes, eval_tokens, captured) -> None:
     sae, tokens = tiny_saes[2], eval_tokens[:BATCH_SIZE]
-    x = captured[1][2][:BATCH_SIZE].astype(np.float32)
+    x = captured[1][(2, "res")][:BATCH_SIZE].astype(np.float32)
     changed = x.copy()
     special = ~ordinary(tokens)
     changed[special] = 40.0 * np.random.default_rng(0).standard_normal((special.sum(), x.shape[-1]))
@@ -254,8 +275,8 @@ def test_bos_and_padding_never_enter_sae_metrics(tiny_saes, eval_tokens, capture
 
 
 def test_top_feature_table_rows(tiny_saes, eval_tokens, captured, evaluation) -> None:
-    _, features, _ = sae_reference(captured[1][2], tiny_saes[2].to_arrays())
-    rows = evaluation[2].top_feature_rows
+    _, features, _ = sae_reference(captured[1][(2, "res")], tiny_saes[2].to_arrays())
+    rows = evaluation[(2, "res")].top_feature_rows
     mask = ordinary(eval_tokens[:TABLE_SEQUENCES])
     assert [(r["sequence"], r["position"]) for r in rows] == [tuple(map(int, p)) for p in zip(*np.nonzero(mask))]
     for row in rows:
@@ -265,10 +286,13 @@ def test_top_feature_table_rows(tiny_saes, eval_tokens, captured, evaluation) ->
         assert row["token"] == eval_tokens[row["sequence"], row["position"]]
         assert row["feature_ids"] == order.tolist()
         np.testing.assert_allclose(row["feature_values"], f[order], rtol=1e-4)
-    assert not any("feature" in name or "top" in name for name in evaluation[2].metrics)  # table only
+    assert not any("feature" in name or "top" in name for name in evaluation[(2, "res")].metrics)  # table only
 
 
 def test_density_histogram_png(tmp_path, evaluation) -> None:
-    path = sae_eval.density_histogram_png(evaluation[1].density, tmp_path / "density.png")
+    result = evaluation[(1, "res")]
+    path = plots.write_density_histogram(
+        result.density_histogram, result.density_histogram_edges, tmp_path / "density.png", title="layer 1", dead=0
+    )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert path.stat().st_size > 1000

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from penzai import pz
 
-from runner import steering, tokenizer as tokenizer_lib
+from runner import sites, steering, tokenizer as tokenizer_lib
 from runner.sae import LATENT_AXIS
 from runner.sampling import SamplingBatch, SteeringSampler, left_pad, prompt_bucket, sample_next_tokens
 
@@ -181,7 +181,7 @@ def test_measurements_match_a_teacher_forced_reread(tiny_model, tiny_saes, sampl
         pz.select(steering.add_steering_sites(tiny_model.model, tiny_saes))
         .at_instances_of(steering.SteeringSite)
         .where(lambda site: site.layer_index == layer)
-        .insert_after(steering.SaveResidual(saved))
+        .insert_after(sites.SaveActivation(saved))
     )
     probe(
         pz.nx.wrap(jnp.asarray([sequence], jnp.int32)).tag("batch", "seq"),

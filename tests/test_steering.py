@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from penzai import pz
 
-from runner import metrics, steering, tokenizer as tokenizer_lib
+from runner import metrics, sites, steering, tokenizer as tokenizer_lib
 from runner.sae import LATENT_AXIS
 
 PROMPT = "Would you be able to travel through time using a wormhole?"
@@ -35,9 +35,9 @@ def logits_array(logits: pz.nx.NamedArray) -> np.ndarray:
 
 def test_capture_encode_l0_and_top_features(tiny_model, tiny_saes, prompt_tokens) -> None:
     layer = 2
-    logits, residuals = steering.capture_residuals(tiny_model.model, prompt_tokens, [layer])
+    logits, residuals = sites.capture(tiny_model.model, prompt_tokens, [(layer, "res")])
     np.testing.assert_array_equal(logits_array(logits), logits_array(tiny_model.model(prompt_tokens)))
-    features = tiny_saes[layer].encode(residuals[layer])
+    features = tiny_saes[layer].encode(residuals[(layer, "res")])
     per_token = np.asarray(metrics.per_token_l0(features).unwrap("batch", "seq"))[0]
     ids = np.asarray(prompt_tokens.unwrap("batch", "seq"))
     # The per-token L0 equals a plain numpy count, and the mean excludes BOS.
@@ -71,7 +71,7 @@ def test_steering_equals_adding_the_decoder_row_by_hand(tiny_model, tiny_saes, p
     seq_len = prompt_tokens.named_shape["seq"]
     by_position = np.outer(np.arange(seq_len) >= steer_from, scale * w_dec[feature]).astype(np.float32)
     vector = pz.nx.wrap(jnp.asarray(by_position)).tag("seq", "embedding")
-    by_hand = steering.insert_after_block(tiny_model.model, layer, AddVector(vector))
+    by_hand = sites.insert_after_block(tiny_model.model, layer, AddVector(vector))
     np.testing.assert_allclose(steered, logits_array(by_hand(prompt_tokens)), rtol=1e-5, atol=1e-5)
     assert np.abs(steered - logits_array(tiny_model.model(prompt_tokens))).max() > 1e-2
 
@@ -92,7 +92,8 @@ def test_clamp_sets_the_feature_activation_before_decoding(tiny_model, tiny_saes
     i read at c, plus the SAE error of the unsteered stream, gives the steered stream exactly."""
     layer, feature, value = 2, 11, 6.0
     sae = tiny_saes[layer]
-    _, before = steering.capture_residuals(tiny_model.model, prompt_tokens, [layer])
+    _, captured = sites.capture(tiny_model.model, prompt_tokens, [(layer, "res")])
+    before = {layer: captured[(layer, "res")]}
     patched = steering.add_steering_sites(tiny_model.model, {layer: sae})
     inputs = steering.SteeringInputs.from_rows([layer], [feature], [value], ["clamp"], [0])
 
@@ -115,7 +116,7 @@ def _steered_stream(patched, tokens, layer, inputs) -> np.ndarray:
         pz.select(patched)
         .at_instances_of(steering.SteeringSite)
         .where(lambda site: site.layer_index == layer)
-        .insert_after(steering.SaveResidual(saved))
+        .insert_after(sites.SaveActivation(saved))
     )
     probe(tokens, steering=inputs)
     return np.asarray(saved.value.unwrap("batch", "seq", "embedding"))[0]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from penzai import pz
 
-from runner import sae_eval, steering, steering_metrics
+from runner import sae_eval, sites, steering, steering_metrics
 from runner.sae import JumpReLUSAE, random_sae_arrays
 from runner.sae_sources import calibration_tokens
 from runner.tokenizer import BOS_ID, EOS_ID, PAD_ID
@@ -20,14 +20,24 @@ K = 10
 
 @jax.jit
 def _plain_capture(model, tokens):
-    logits, residuals = steering.capture_residuals(model, pz.nx.wrap(tokens).tag("batch", "seq"), [1, 2])
-    resid = {layer: value.unwrap("batch", "seq", "embedding") for layer, value in residuals.items()}
+    logits, residuals = sites.capture(model, pz.nx.wrap(tokens).tag("batch", "seq"), [(1, "res"), (2, "res")])
+    resid = {layer: value.unwrap("batch", "seq", "embedding") for (layer, _), value in residuals.items()}
     return logits.unwrap("batch", "seq", "vocabulary"), resid
 
 
 @jax.jit
 def _plain_steered_logits(model, inputs, tokens):
     return model(pz.nx.wrap(tokens).tag("batch", "seq"), steering=inputs).unwrap("batch", "seq", "vocabulary")
+
+
+@jax.jit
+def _padded_steered_logits(model, inputs, tokens):
+    """Steered logits with padding at position -1, never attended to."""
+    return model(
+        pz.nx.wrap(tokens).tag("batch", "seq"),
+        token_positions=pz.nx.wrap(sae_eval.token_positions(tokens)).tag("batch", "seq"),
+        steering=inputs,
+    ).unwrap("batch", "seq", "vocabulary")
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +99,10 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
 def test_metrics_match_numpy_reference(tiny_model, tiny_saes, patched, batch) -> None:
     prompt_tokens, generated = batch
     inputs = steering_inputs([8.0, 4.0, 0.0])
-    results = steering_metrics.steering_generation_metrics(
-        tiny_model, (patched, inputs), prompt_tokens, generated, tiny_saes, LAYERS, FEATURES, logit_lens_k=K
+    computed = steering_metrics.steering_generation_metrics(
+        tiny_model, patched, inputs, prompt_tokens, generated, tiny_saes, LAYERS, FEATURES, logit_lens_k=K
     )
+    results = [row.metrics for row in computed]
 
     tokens, prompt_lens, gens = unpadded_rows(prompt_tokens, generated)
     base_logits, residuals = (
@@ -129,16 +140,17 @@ def test_metrics_match_numpy_reference(tiny_model, tiny_saes, patched, batch) ->
         assert sorted(metrics) == sorted([*expected, "gen/distinct_1", "gen/distinct_2", "gen/longest_repeat"])
         for name, value in expected.items():
             assert metrics[name] == pytest.approx(value, rel=1e-4, abs=1e-5), (row, name)
+        assert list(computed[row].logit_lens_tokens) == lens.tolist()
     assert [r["gen/tokens"] for r in results] == [10, 6, 4]
     assert results[0]["steer/kl_steered_base"] > 1e-3 and abs(results[2]["steer/kl_steered_base"]) < 1e-6
 
 
 def test_kl_is_exactly_zero_at_scale_zero(tiny_model, tiny_saes, patched, batch) -> None:
     results = steering_metrics.steering_generation_metrics(
-        tiny_model, (patched, steering_inputs([0.0] * 3)), *batch, tiny_saes, LAYERS, FEATURES
+        tiny_model, patched, steering_inputs([0.0] * 3), *batch, tiny_saes, LAYERS, FEATURES
     )
-    # Base and steered logits come from two compiled programs: equal up to float32 rounding, not bit for bit.
-    for metrics in results:
+    # Base and steered logits come from two passes: equal up to float32 rounding, not bit for bit.
+    for metrics in (row.metrics for row in results):
         assert metrics["steer/kl_steered_base"] == pytest.approx(0.0, abs=1e-6)
         assert metrics["steer/kl_base_steered"] == pytest.approx(0.0, abs=1e-6)
         assert metrics["steer/entropy_base"] == pytest.approx(metrics["steer/entropy_steered"], abs=1e-5)
@@ -196,25 +208,28 @@ def test_concept_feature_fires_on_its_token_text_only(tiny_model, windows) -> No
     arrays["threshold"][0] = (projection[0].min() + projection[1:].max()) / 2
     concept_sae = JumpReLUSAE.from_arrays(arrays)
 
-    def base_logits(tokens, positions):  # a steered callable that does not steer
-        return sae_eval.capture_sites_jit(pz.freeze_params(tiny_model.model), tokens, layers=())[0]
-
-    results = steering_metrics.steering_generation_metrics(
-        tiny_model, base_logits, prompt_tokens, generated, {layer: concept_sae}, [layer] * 3, [0] * 3
-    )
+    # The base model as the "steered" model: nothing is steered, only the concept is read.
+    unsteered = steering.SteeringInputs.from_rows([layer] * 3, [0] * 3, [0.0] * 3, ["add"] * 3, [0] * 3)
+    results = [
+        row.metrics
+        for row in steering_metrics.steering_generation_metrics(
+            tiny_model, tiny_model.model, unsteered, prompt_tokens, generated, {layer: concept_sae}, [layer] * 3,
+            [0] * 3,
+        )
+    ]
     assert [r["steer/concept_rate"] for r in results] == [1.0, 0.0, 0.0]
     expected_activation = np.where(projection[0] > arrays["threshold"][0], projection[0], 0).mean()
     assert results[0]["steer/concept_activation"] == pytest.approx(expected_activation, rel=1e-4)
     assert results[1]["steer/concept_activation"] == 0.0
 
 
-def greedy(steered: steering_metrics.SteeredLogits, prompt_tokens: np.ndarray) -> np.ndarray:
+def greedy(patched, inputs: steering.SteeringInputs, prompt_tokens: np.ndarray) -> np.ndarray:
     """Greedy decoding by full forward passes over a fixed-size buffer (future slots are PAD, never attended)."""
     buffer = np.concatenate([prompt_tokens, np.full((prompt_tokens.shape[0], GEN_LEN), PAD_ID, np.int32)], 1)
     done = np.zeros(prompt_tokens.shape[0], bool)
+    frozen = pz.freeze_params(patched)
     for step in range(GEN_LEN):
-        tokens = jnp.asarray(buffer)
-        logits = np.array(steered(tokens, sae_eval.token_positions(tokens))[:, PROMPT_LEN + step - 1])
+        logits = np.array(_padded_steered_logits(frozen, inputs, jnp.asarray(buffer))[:, PROMPT_LEN + step - 1])
         logits[:, PAD_ID] = -np.inf
         token = np.where(done, PAD_ID, logits.argmax(-1))
         buffer[:, PROMPT_LEN + step] = token
@@ -224,14 +239,16 @@ def greedy(steered: steering_metrics.SteeredLogits, prompt_tokens: np.ndarray) -
 
 def test_greedy_unsteered_generation_is_likelier_than_heavily_steered(tiny_model, tiny_saes, patched, batch) -> None:
     prompt_tokens, _ = batch
-    unsteered = steering_metrics.patched_steered_logits(patched, steering_inputs([0.0] * 3))
-    heavy = steering_metrics.patched_steered_logits(patched, steering_inputs([60.0] * 3))
-    plain_generation, steered_generation = greedy(unsteered, prompt_tokens), greedy(heavy, prompt_tokens)
+    unsteered, heavy = steering_inputs([0.0] * 3), steering_inputs([60.0] * 3)
+    plain_generation, steered_generation = greedy(patched, unsteered, prompt_tokens), greedy(patched, heavy, prompt_tokens)
     assert (plain_generation != steered_generation).any()
     plain, steered = (
-        steering_metrics.steering_generation_metrics(
-            tiny_model, heavy, prompt_tokens, generation, tiny_saes, LAYERS, FEATURES
-        )
+        [
+            row.metrics
+            for row in steering_metrics.steering_generation_metrics(
+                tiny_model, patched, heavy, prompt_tokens, generation, tiny_saes, LAYERS, FEATURES
+            )
+        ]
         for generation in (plain_generation, steered_generation)
     )
     for row in range(3):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -134,3 +136,72 @@ def test_scale_zero_points_share_one_baseline_generation_per_prompt(finished_swe
             baselines.setdefault(point.prompt_index, set()).add(tuple(ids[point.point_key]))
     assert [len(generations) for generations in baselines.values()] == [1, 1]
     assert len({point.generation_key for point in plan.points}) == len(plan.points) - 8 + 2  # 8 baselines, 2 rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SAE evaluation sweeps
+
+LAYER_SWEEP = Path(__file__).parent.parent / "experiments" / "synthetic_layer_sweep.yaml"
+
+
+@pytest.fixture(scope="module")
+def evaluation_sweep(tmp_path_factory, cache_dir):
+    """The shipped synthetic layer sweep (4 layers x 3 target L0s), tracked in a fresh database."""
+    tmp_path = tmp_path_factory.mktemp("evaluation")
+    config = load_experiment(LAYER_SWEEP, [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    plan = prepare_sweep(config, cache_dir)
+    return config, plan, run_sweep(plan, cache_dir=cache_dir), tmp_path
+
+
+def test_an_evaluation_sweep_logs_one_finished_run_per_sae(evaluation_sweep) -> None:
+    config, plan, summary, _ = evaluation_sweep
+    assert (summary.points_total, summary.points_finished, summary.points_failed) == (12, 12, 0)
+    runs = child_runs(config.tracking.uri, config.name)
+    assert sorted(run.data.tags["point_key"] for run in runs) == sorted(p.point_key for p in plan.points)
+    for run in runs:
+        params, metrics = run.data.params, run.data.metrics
+        assert (params["site"], params["width"], params["text"]) == ("res", "256", "bundled:eval_text.txt")
+        target = float(params["l0_target"])
+        assert 0.5 * target < metrics["sae/l0"] < 1.5 * target, "calibrated on other text, near its target"
+        assert metrics["density/n_tokens"] == 16 * 63, "BOS never counted"
+        assert {"sae/fvu", "sae/cosine_similarity", "lm/delta_loss", "lm/kl_spliced", "lm/ce_loss_score",
+                "density/n_dead", "density/mean_log10"} <= set(metrics)
+    assert MlflowClient(config.tracking.uri).get_run(summary.parent_run_id).info.status == "FINISHED"
+
+
+def test_each_sae_run_carries_its_density_histogram_and_top_features(evaluation_sweep) -> None:
+    config, _, _, tmp_path = evaluation_sweep
+    client = MlflowClient(config.tracking.uri)
+    run = child_runs(config.tracking.uri, config.name)[0]
+    files = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
+    assert files == {"density.npy", "density_histogram.png", "top_features.json", "l0_histogram.json"}
+    local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts")))
+    density = np.load(local / "density.npy", allow_pickle=False)
+    assert density.shape == (256,) and density.sum() == pytest.approx(run.data.metrics["sae/l0"], rel=1e-9)
+    assert (local / "density_histogram.png").read_bytes()[:4] == b"\x89PNG"
+    table = json.loads((local / "top_features.json").read_text())
+    assert table["columns"][:3] == ["sequence", "position", "token"] and len(table["data"]) == 4 * 63
+    assert sum(json.loads((local / "l0_histogram.json").read_text())) == 16 * 63
+
+
+def test_the_parent_run_has_the_sae_table_and_the_frontier_and_by_layer_plots(evaluation_sweep) -> None:
+    config, _, summary, tmp_path = evaluation_sweep
+    client = MlflowClient(config.tracking.uri)
+    files = {a.path for a in client.list_artifacts(summary.parent_run_id)}
+    assert {"sae_metrics.json", "plots", "config"} <= files
+    plots = {a.path for a in client.list_artifacts(summary.parent_run_id, "plots")}
+    assert plots == {"plots/sae_frontier.png", "plots/sae_by_layer.png"}
+    table = pd.read_json(client.download_artifacts(summary.parent_run_id, "sae_metrics.json", str(tmp_path)),
+                         orient="split")
+    assert len(table) == 12 and {"layer", "width", "l0_target", "sae/l0", "lm/delta_loss"} <= set(table.columns)
+    # The frontier the plot draws: on every layer, more active latents reconstruct better.
+    for _, layer in table.groupby("layer"):
+        ordered = layer.sort_values("sae/l0")
+        assert list(ordered["sae/fvu"]) == sorted(ordered["sae/fvu"], reverse=True)
+
+
+def test_a_rerun_of_an_evaluation_sweep_skips_every_finished_sae(evaluation_sweep, cache_dir) -> None:
+    config, plan, _, _ = evaluation_sweep
+    again = run_sweep(prepare_sweep(config, cache_dir), cache_dir=cache_dir)
+    assert (again.points_skipped, again.points_finished) == (len(plan.points), 0)
+    assert len(child_runs(config.tracking.uri, config.name)) == len(plan.points)

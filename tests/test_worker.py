@@ -25,7 +25,7 @@ def sweep_plan(cache_dir):
 
 def test_one_compilation_for_3_layers_x_4_features_x_5_scales(sweep_plan, cache_dir) -> None:
     assert len(sweep_plan.points) == 3 * 4 * 5
-    worker = SteeringWorker(sweep_plan.config, sweep_plan.sae_files, batch_size=sweep_plan.batch_size, cache_dir=cache_dir)
+    worker = SteeringWorker(**sweep_plan.worker_args(), cache_dir=cache_dir)
     points = [point for job in sweep_plan.jobs for point in job.points]
     results = [result for job in sweep_plan.jobs for result in worker.run_job(job)]
     assert len(sweep_plan.jobs) > 1
