@@ -15,6 +15,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # MLflow's usage telemetry wraps every client call (half the cost of logging a point) and phones home.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow's HTTP client retries a call for minutes before it reports an unreachable server; runner's tracking
+# thread does the retrying (tracking.retry_timeout_s), with results kept meanwhile.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 import logging  # noqa: E402
 import warnings  # noqa: E402
@@ -171,8 +175,9 @@ def run(
         except RunnerError as error:
             raise _fail(error) from None
 
+    spooled = f" ({summary.points_from_spool} logged from the spool)" if summary.points_from_spool else ""
     typer.echo(
-        f"{summary.points_finished} points finished, {summary.points_failed} failed, "
+        f"{summary.points_finished} points finished{spooled}, {summary.points_failed} failed, "
         f"{summary.points_skipped} already done; {summary.generated_tokens} tokens in {summary.seconds:.1f}s "
         f"(MLflow logging {summary.tracking_seconds:.1f}s)"
     )

@@ -331,6 +331,7 @@ class TrackingConfig(BaseModel):
 
     uri: str = Field(default="sqlite:///mlflow.db", min_length=1)
     experiment: str | None = Field(default=None, min_length=1)
+    retry_timeout_s: float = Field(default=600.0, gt=0, allow_inf_nan=False)
 
     @field_validator("uri")
     @classmethod

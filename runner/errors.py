@@ -21,3 +21,7 @@ class SAEError(RunnerError):
 
 class PlanError(RunnerError):
     """The sweep cannot run as asked (index out of range, prompt too long, batch does not fit)."""
+
+
+class TrackingUnavailable(RunnerError):
+    """The tracking server stayed unreachable for longer than `tracking.retry_timeout_s`."""

@@ -37,6 +37,11 @@ class PointResult:
         object.__setattr__(self, "metrics", {str(k): float(v) for k, v in self.metrics.items()})
         object.__setattr__(self, "tags", {str(k): str(v) for k, v in self.tags.items()})
 
+    @property
+    def tokens(self) -> int:
+        """Tokens generated."""
+        return len(self.token_ids)
+
 
 @dataclasses.dataclass(frozen=True)
 class SAEEvalPointResult:
@@ -74,6 +79,11 @@ class SAEEvalPointResult:
     def tags(self) -> Mapping[str, str]:
         """No per-point tags."""
         return {}
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the SAE was evaluated on (BOS and padding excluded)."""
+        return int(self.metrics.get("density/n_tokens", 0))
 
 
 Result = PointResult | SAEEvalPointResult

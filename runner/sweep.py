@@ -7,8 +7,10 @@ skips points that already finished (resume), runs the rest in jobs, and logs eac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,15 +19,16 @@ from typing import Any, Protocol
 from runner import plan, text_sets, tokenizer as tokenizer_lib
 from runner.architecture import Gemma2Architecture
 from runner.config import ExperimentConfig
-from runner.errors import PlanError, SAEError
+from runner.errors import PlanError, SAEError, TrackingUnavailable
 from runner.model import read_architecture, resolve_model_location
 from runner.plan import Job, Point
-from runner.results import PointResult, Result
+from runner.results import Result
 from runner.sae import read_params_npz
 from runner.sae_sources import SAEFile, resolve_sae_file, resolve_sae_files, width_latents
 from runner.sites import site_width
 from runner.text_sets import EvalTokens
 from runner.tracking import SweepTracker
+from runner.tracking_writer import RetryPolicy, Spool, TrackingWriter
 
 #: Largest batch chosen automatically when `sampling.batch_size` is `auto`.
 MAX_AUTO_BATCH = 64
@@ -94,6 +97,7 @@ class SweepSummary:
     seconds: float
     tracking_seconds: float
     compilations: int
+    points_from_spool: int = 0
 
 
 def prepare_sweep(config: ExperimentConfig, cache_dir: Path) -> SweepPlan:
@@ -379,11 +383,9 @@ class LocalExecutor:
                 on_result(job, results)
 
 
-def result_tokens(result: Result) -> int:
-    """Tokens behind a result: generated tokens of a steering point, evaluated tokens of an SAE."""
-    if isinstance(result, PointResult):
-        return len(result.token_ids)
-    return int(result.metrics.get("density/n_tokens", 0))
+def spool_path(output_dir: Path, sweep_id: str) -> Path:
+    """Where a sweep's results wait while the tracking server is unreachable."""
+    return Path(output_dir) / ".runner" / "spool" / f"{sweep_id}.jsonl"
 
 
 def run_sweep(
@@ -392,62 +394,78 @@ def run_sweep(
     cache_dir: Path,
     executor: JobExecutor | None = None,
     progress: ProgressCallback | None = None,
+    output_dir: Path | None = None,
 ) -> SweepSummary:
     """Runs the planned sweep and logs every point to MLflow (this process is the only MLflow writer).
 
-    Points whose child run already FINISHED are skipped, so re-running a sweep resumes it. `executor` defaults to
-    a `LocalExecutor`. `progress` is called after every job with (points done, points to run, failures, tokens).
+    Points whose child run already FINISHED are skipped, so re-running a sweep resumes it; results spooled by an
+    earlier run whose tracking server went away (`output_dir/.runner/spool/`) are logged first, without being
+    computed again. Results are logged by a tracking thread while the executor goes on (`TrackingWriter`).
+    `executor` defaults to a `LocalExecutor`. `progress` is called after every logged job with (points done,
+    points to run, failures, tokens).
+
+    Raises:
+      TrackingUnavailable: The tracking server stayed unreachable for `tracking.retry_timeout_s`; the finished
+        results are in the spool for the next run.
     """
     config = sweep_plan.config
     executor = executor if executor is not None else LocalExecutor(sweep_plan, cache_dir)
     tracker = SweepTracker(config.tracking.uri, config.tracking.experiment)
+    spool = Spool(spool_path(output_dir if output_dir is not None else Path.cwd(), sweep_plan.sweep_id))
     started = time.perf_counter()
     counts = {"finished": 0, "failed": 0, "tokens": 0, "to_run": 0}
+    counts_lock = threading.Lock()
 
-    def report() -> None:
+    def on_logged(finished: int, failed: int, tokens: int) -> None:
+        with counts_lock:
+            counts["finished"] += finished
+            counts["failed"] += failed
+            counts["tokens"] += tokens
+            done, to_run = counts["finished"] + counts["failed"], counts["to_run"]
         if progress is not None:
-            progress(counts["finished"] + counts["failed"], counts["to_run"], counts["failed"], counts["tokens"])
+            progress(done, to_run, counts["failed"], counts["tokens"])
 
-    tracking_seconds = 0.0
-
-    def on_result(job: Job, results: list[Result]) -> None:
-        nonlocal tracking_seconds
-        logging_started = time.perf_counter()
-        for point, result in zip(job.points, results):
-            tracker.log_point(point, result)
-            counts["tokens"] += result_tokens(result)
-        tracking_seconds += time.perf_counter() - logging_started
-        counts["finished"] += len(results)
-        report()
-
-    def on_failure(job: Job, error: str, attempt: int) -> None:
-        nonlocal tracking_seconds
-        logging_started = time.perf_counter()
-        for point in job.points:
-            tracker.fail_point(point, error, attempt=attempt)
-        tracking_seconds += time.perf_counter() - logging_started
-        counts["failed"] += len(job.points)
-        report()
-
+    by_key = {point.point_key: point for point in sweep_plan.points}
     opened = time.perf_counter()
     with tracker.sweep(config, sweep_plan.sweep_id, len(sweep_plan.points)) as parent_run_id:
         done_keys = tracker.finished_point_keys()
+        spooled = [r for r in spool.read() if r.point_key in by_key and r.point_key not in done_keys]
+        for result in spooled:
+            tracker.log_point(by_key[result.point_key], result)
+        spool.clear()
+        done_keys |= {result.point_key for result in spooled}
         remaining = [point for point in sweep_plan.points if point.point_key not in done_keys]
         counts["to_run"] = len(remaining)
-        tracking_seconds += time.perf_counter() - opened
-        executor.run(sweep_plan.pack(remaining), on_result, on_failure)
+        writer = TrackingWriter(
+            tracker, spool, RetryPolicy(give_up_after_s=config.tracking.retry_timeout_s), on_logged
+        )
+        setup_seconds = time.perf_counter() - opened
+        try:
+            executor.run(
+                sweep_plan.pack(remaining),
+                lambda job, results: writer.put_results(job.points, results),
+                lambda job, error, attempt: writer.put_failure(job.points, error, attempt),
+            )
+        except TrackingUnavailable:
+            writer.close(abandon=True)  # raises it again, saying where the unlogged results are kept
+            raise
+        except BaseException:
+            with contextlib.suppress(TrackingUnavailable):
+                writer.close(abandon=True)
+            raise
+        writer.close()
         closing = time.perf_counter()
-    tracking_seconds += time.perf_counter() - closing
     return SweepSummary(
         sweep_id=sweep_plan.sweep_id,
         parent_run_id=parent_run_id,
         experiment_id=tracker.experiment_id,
         points_total=len(sweep_plan.points),
-        points_skipped=len(sweep_plan.points) - len(remaining),
-        points_finished=counts["finished"],
+        points_skipped=len(sweep_plan.points) - len(remaining) - len(spooled),
+        points_finished=counts["finished"] + len(spooled),
         points_failed=counts["failed"],
         generated_tokens=counts["tokens"],
         seconds=time.perf_counter() - started,
-        tracking_seconds=tracking_seconds,
+        tracking_seconds=setup_seconds + writer.busy_seconds + (time.perf_counter() - closing),
         compilations=executor.compilations,
+        points_from_spool=len(spooled),
     )

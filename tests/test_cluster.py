@@ -11,7 +11,6 @@ import _thread
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -44,6 +43,7 @@ from runner.plan import Job
 from runner.results import PointResult
 from runner.sweep import SweepPlan, SweepSummary, prepare_sweep, run_sweep
 from runner.worker import SteeringWorker
+from tests.mlflow_server import DIRECT, MlflowServer, free_port, kill_process_group, rest
 
 # Workers unpickle the test's worker subclasses by value: this module is not importable on Ray's workers.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -372,14 +372,6 @@ def runner_cli_env(jax_cache: Path) -> dict[str, str]:
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_HOST}"}
 
 
-def with_leftovers_killed(session_id: int) -> None:
-    """SIGKILLs what is left of a process group this test started (a killed driver's local Ray, a server)."""
-    try:
-        os.killpg(session_id, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 def test_a_killed_driver_resumes_without_duplicates_or_reruns(tmp_path, cache_dir, jax_cache) -> None:
     # Two prompt buckets: the worker compiles again mid-sweep, so the kill lands before the end.
     grid = {"layers": [1], "features": [3, 17, 40, 41], "scales": [0, 30], "seeds": [0]}
@@ -399,7 +391,7 @@ def test_a_killed_driver_resumes_without_duplicates_or_reruns(tmp_path, cache_di
         driver.wait()
     finally:
         driver.kill()
-        with_leftovers_killed(driver.pid)
+        kill_process_group(driver.pid)
         log.close()
 
     before = finished_children(database)
@@ -420,58 +412,16 @@ def test_a_killed_driver_resumes_without_duplicates_or_reruns(tmp_path, cache_di
 # A real MLflow server over HTTP
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-#: Talks to 127.0.0.1 directly, whatever proxy the environment sets.
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def rest(base: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    """GET (or POST `body` as JSON) an MLflow REST endpoint; returns the JSON answer."""
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
-    with _DIRECT.open(request, timeout=30) as response:
-        return json.loads(response.read())
-
-
 @pytest.fixture()
 def mlflow_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """`mlflow server` on a sqlite file and a free 127.0.0.1 port; yields its base URL."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        cwd=tmp_path, stdout=(tmp_path / "server.log").open("w"), stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    server = MlflowServer(tmp_path)
+    server.start()
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow server did not come up"
-            try:
-                with _DIRECT.open(base + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.3)
-        yield base
+        yield server.url
     finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and the uvicorn workers it started
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass  # a slow shutdown on a loaded machine: what is left is killed below
-        finally:
-            with_leftovers_killed(server.pid)
-            server.wait()
+        server.stop()
 
 
 def test_a_sweep_logged_to_an_mlflow_server_reads_back_through_its_rest_api(
@@ -504,7 +454,7 @@ def test_a_sweep_logged_to_an_mlflow_server_reads_back_through_its_rest_api(
 
     run_id = next(iter(by_key.values()))
     query = urllib.parse.urlencode({"run_uuid": run_id, "path": "generation.json"})
-    with _DIRECT.open(f"{mlflow_server}/get-artifact?{query}", timeout=30) as response:
+    with DIRECT.open(f"{mlflow_server}/get-artifact?{query}", timeout=30) as response:
         assert "token_ids" in json.loads(response.read())
     parent = rest(mlflow_server, f"/api/2.0/mlflow/runs/get?run_id={summary.parent_run_id}")["run"]
     assert parent["info"]["status"] == "FINISHED"
