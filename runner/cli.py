@@ -181,8 +181,13 @@ def run(
         f"{summary.points_skipped} already done; {summary.generated_tokens} tokens in {summary.seconds:.1f}s "
         f"(MLflow logging {summary.tracking_seconds:.1f}s)"
     )
-    if executor.lost_host_events:
-        typer.echo(f"{len(executor.lost_host_events)} job(s) requeued after losing their worker or host")
+    faults = summary.faults
+    if any(faults.values()):
+        typer.echo(
+            f"faults: {faults['preemptions']} preemption(s) and {faults['worker_crashes']} worker crash(es) "
+            f"(jobs requeued), {faults['job_retries']} job retr{'y' if faults['job_retries'] == 1 else 'ies'} "
+            "after a job's own error"
+        )
     typer.echo(f"parent run {summary.parent_run_id} in {config.tracking.uri}")
     typer.echo(f"view: {_runs_page(config.tracking.uri, summary.experiment_id)}")
     if summary.points_failed:

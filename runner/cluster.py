@@ -60,6 +60,9 @@ INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: Tags of a point whose job lost its host to a preemption or its worker to a crash (absent: none).
+TAG_PREEMPTIONS = "runner.preemptions"
+TAG_WORKER_CRASHES = "runner.worker_crashes"
 
 
 class WorkerPlatformError(RunnerError):
@@ -260,11 +263,12 @@ def ray_actor_options(cluster: ClusterConfig, max_restarts: int) -> dict[str, An
 
 @dataclasses.dataclass
 class _Task:
-    """A job waiting or running: `attempt` counts the job's own failures, `lost_hosts` the infrastructure's."""
+    """A job waiting or running: `attempt` counts the job's own failures; `lost_on_nodes` holds the Ray node of
+    each worker the job lost (a node that died meanwhile: a preemption; one still alive: a worker crash)."""
 
     job: Job
     attempt: int = 1
-    lost_hosts: int = 0
+    lost_on_nodes: list[str | None] = dataclasses.field(default_factory=list)
 
 
 SlotState = Literal["probing", "waiting", "idle", "busy", "dead"]
@@ -280,6 +284,7 @@ class _Slot:
     next_probe_at: float = 0.0
     failed_probes: int = 0
     last_error: str = ""
+    node_id: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,7 +292,7 @@ class _Policy:
     """How the controller retries, waits and gives up."""
 
     max_job_retries: int
-    max_lost_hosts_per_job: int
+    max_worker_crashes: int
     worker_wait_s: float
     probe_interval_s: float
     worker_resources: Mapping[str, float]
@@ -310,7 +315,6 @@ class RayExecutor:
       cluster_config: Workers, their resources, platform, address and job retries.
       worker_class: What each actor runs (a `SteeringWorker` or subclass).
       max_restarts: Restarts Ray grants each actor (-1: unlimited, as for preemptible hosts).
-      max_lost_hosts_per_job: A job that loses its worker this often fails (a job that kills every host).
       worker_wait_s: How long jobs wait while no worker is alive (starting, restarting) before they fail.
       probe_interval_s: Pause between probes of a restarting worker.
     """
@@ -323,7 +327,6 @@ class RayExecutor:
         worker_class: type | None = None,
         *,
         max_restarts: int = -1,
-        max_lost_hosts_per_job: int = 10,
         worker_wait_s: float = 1800.0,
         probe_interval_s: float = 1.0,
     ):
@@ -341,7 +344,7 @@ class RayExecutor:
         self._max_restarts = max_restarts
         self._policy = _Policy(
             max_job_retries=cluster_config.max_job_retries,
-            max_lost_hosts_per_job=max_lost_hosts_per_job,
+            max_worker_crashes=cluster_config.max_worker_crashes,
             worker_wait_s=worker_wait_s,
             probe_interval_s=probe_interval_s,
             worker_resources=dict(cluster_config.resources),
@@ -349,6 +352,7 @@ class RayExecutor:
         self._compilations = 0
         self._lost_host_events: list[dict[str, str]] = []
         self._workers_seen: list[dict[str, Any]] = []
+        self._job_retries = 0
         keep_driver_jax_on_cpu()
 
     @property
@@ -358,8 +362,16 @@ class RayExecutor:
 
     @property
     def lost_host_events(self) -> list[dict[str, str]]:
-        """Each time a job was requeued because its worker or host went away: job id, worker, error."""
+        """Each time a job was requeued because its worker or host went away: job id, worker, node, error, and
+        `kind`: `preemption` (the node died) or `worker_crash` (the worker process died on a live node)."""
         return list(self._lost_host_events)
+
+    def fault_counts(self) -> dict[str, int]:
+        """How often jobs lost their host to preemption, lost their worker to a crash, and were retried after
+        their own error, in the last run."""
+        kinds = [event["kind"] for event in self._lost_host_events]
+        return {"preemptions": kinds.count("preemption"), "worker_crashes": kinds.count("worker_crash"),
+                "job_retries": self._job_retries}
 
     @property
     def workers_seen(self) -> list[dict[str, Any]]:
@@ -375,6 +387,7 @@ class RayExecutor:
             return
         owns_ray = self._connect()
         slots: list[_Slot] = []
+        controller = None
         try:
             slots = self._start_workers()
             controller = _Controller(
@@ -384,6 +397,9 @@ class RayExecutor:
             controller.run([_Task(job) for job in jobs])
             self._compilations = _count_compilations(slots)
         finally:
+            if controller is not None:
+                self._lost_host_events = controller.classified_lost_host_events()
+                self._job_retries = controller.job_retries
             for slot in slots:
                 with contextlib.suppress(Exception):
                     ray.kill(slot.actor, no_restart=True)
@@ -505,6 +521,8 @@ class _Controller:
         self._in_flight: dict[Any, tuple[_Slot, _Task | None]] = {}  # ObjectRef -> (worker, its task; None: probe)
         self._last_worker_alive = time.monotonic()
         self._last_wait_warning = time.monotonic()
+        self._lost_host_events: list[dict[str, str]] = []
+        self.job_retries = 0
 
     def run(self, tasks: list[_Task]) -> None:
         """Runs until every task has reported a result or a failure."""
@@ -554,7 +572,7 @@ class _Controller:
             slot.last_error = describe_ray_error(error)
             self._probe_later(slot)
         else:
-            slot.state, slot.failed_probes = "idle", 0
+            slot.state, slot.failed_probes, slot.node_id = "idle", 0, info.get("node_id")
             self._on_worker_ready(info)
             _log.info("worker ready: %s", info)
 
@@ -595,26 +613,41 @@ class _Controller:
             self._job_failed(task, describe_ray_error(error))
         else:
             slot.state = "idle"
-            self._dispatch()  # keep the worker busy while this thread logs the results
-            self._on_result(task.job, results)
+            self._dispatch()  # keep the worker busy while this thread hands the results over
+            self._on_result(task.job, _with_fault_tags(results, task))
 
     def _job_failed(self, task: _Task, error: str) -> None:
         if task.attempt <= self._policy.max_job_retries:
             _log.warning("job %s failed on attempt %d, retrying: %s", task.job.job_id, task.attempt, error)
-            self._queue.append(_Task(task.job, task.attempt + 1, task.lost_hosts))
+            self.job_retries += 1
+            self._queue.append(_Task(task.job, task.attempt + 1, task.lost_on_nodes))
         else:
             self._on_failure(task.job, error, task.attempt)
 
     def _lost_host(self, slot: _Slot, task: _Task) -> None:
-        """Requeues the job of a lost worker without using an attempt (bounded by `max_lost_hosts_per_job`)."""
-        self._on_lost_host({"job_id": task.job.job_id, "worker": slot.name, "error": slot.last_error})
+        """Requeues the job of a lost worker without using an attempt.
+
+        A preemption (the worker's node died) is retried without limit. A worker that died on a node that is
+        still alive may have been killed by the job itself (out of memory, a crash in XLA): after
+        `max_worker_crashes` such losses the job fails.
+        """
+        event = {"job_id": task.job.job_id, "worker": slot.name, "node_id": slot.node_id or "", "error": slot.last_error}
+        self._lost_host_events.append(event)
+        self._on_lost_host(event)
         _log.warning("lost worker %s while it ran job %s: %s", slot.name, task.job.job_id, slot.last_error)
-        task.lost_hosts += 1
-        if task.lost_hosts >= self._policy.max_lost_hosts_per_job:
-            self._on_failure(task.job, f"lost its worker {task.lost_hosts} times; last: {slot.last_error}",
+        task.lost_on_nodes.append(slot.node_id)
+        crashes = _fault_kinds(task.lost_on_nodes).count("worker_crash")
+        if crashes >= self._policy.max_worker_crashes:
+            self._on_failure(task.job, f"crashed its worker {crashes} times on hosts that stayed up "
+                             f"(cluster.max_worker_crashes={self._policy.max_worker_crashes}); last: {slot.last_error}",
                              task.attempt)
         else:
             self._queue.appendleft(task)
+
+    def classified_lost_host_events(self) -> list[dict[str, str]]:
+        """Every lost-host event with its `kind`, judged now that Ray has had time to notice dead nodes."""
+        kinds = _fault_kinds([event["node_id"] or None for event in self._lost_host_events])
+        return [{**event, "kind": kind} for event, kind in zip(self._lost_host_events, kinds)]
 
     def _gave_up_for_lack_of_workers(self) -> bool:
         """Fails the queued jobs when every worker is dead, or none has been alive for `worker_wait_s`."""
@@ -638,6 +671,35 @@ class _Controller:
             task = self._queue.popleft()
             self._on_failure(task.job, reason, task.attempt)
         return True
+
+
+def _fault_kinds(node_ids: Sequence[str | None]) -> list[str]:
+    """`preemption` for each node that is no longer alive (or unknown), else `worker_crash`.
+
+    Ray marks a node dead only after its health checks fail (seconds), so a loss judged right after it happened
+    can look like a crash; judged again later (when the job's results come back, at the end of the run) it is
+    a preemption.
+    """
+    if not node_ids:
+        return []
+    alive = _alive_nodes()
+    return ["worker_crash" if node_id in alive else "preemption" for node_id in node_ids]
+
+
+def _alive_nodes() -> set[str]:
+    try:
+        return {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
+    except Exception:  # noqa: BLE001 - without an answer from Ray every loss counts as a preemption
+        return set()
+
+
+def _with_fault_tags(results: list[Result], task: _Task) -> list[Result]:
+    """Stamps `runner.preemptions` / `runner.worker_crashes` on the results of a job that lost workers."""
+    if not task.lost_on_nodes:
+        return results
+    kinds = _fault_kinds(task.lost_on_nodes)
+    tags = {TAG_PREEMPTIONS: str(kinds.count("preemption")), TAG_WORKER_CRASHES: str(kinds.count("worker_crash"))}
+    return [dataclasses.replace(result, tags={**result.tags, **tags}) for result in results]
 
 
 def describe_ray_error(error: BaseException) -> str:

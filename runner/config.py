@@ -363,6 +363,7 @@ class ClusterConfig(BaseModel):
     address: str | None = None
     replica: Literal["host", "slice"] = "host"
     max_job_retries: int = Field(default=2, ge=0)
+    max_worker_crashes: int = Field(default=3, ge=1)
     platform: Literal["auto", "cpu", "gpu", "tpu"] = "auto"
 
     @model_validator(mode="after")

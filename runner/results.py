@@ -54,6 +54,7 @@ class SAEEvalPointResult:
       density_histogram, density_histogram_edges: Counts and edges of `log10(density + 1e-10)`.
       l0_histogram: `[d_sae + 1]` masked tokens by L0.
       top_feature_rows: Per-token top latents of the first sequences (table rows).
+      tags: Short texts about the point (MLflow tags).
       worker: Which worker produced it.
       attempt: 1 for the first try, incremented on each retry.
     """
@@ -65,6 +66,7 @@ class SAEEvalPointResult:
     density_histogram_edges: np.ndarray
     l0_histogram: np.ndarray
     top_feature_rows: tuple[Mapping[str, Any], ...] = ()
+    tags: Mapping[str, str] = dataclasses.field(default_factory=dict)
     worker: str = "local"
     attempt: int = 1
 
@@ -74,11 +76,7 @@ class SAEEvalPointResult:
         object.__setattr__(self, "density_histogram", np.asarray(self.density_histogram, np.int64))
         object.__setattr__(self, "density_histogram_edges", np.asarray(self.density_histogram_edges, np.float64))
         object.__setattr__(self, "l0_histogram", np.asarray(self.l0_histogram, np.int64))
-
-    @property
-    def tags(self) -> Mapping[str, str]:
-        """No per-point tags."""
-        return {}
+        object.__setattr__(self, "tags", {str(k): str(v) for k, v in self.tags.items()})
 
     @property
     def tokens(self) -> int:

@@ -98,6 +98,7 @@ class SweepSummary:
     tracking_seconds: float
     compilations: int
     points_from_spool: int = 0
+    faults: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def prepare_sweep(config: ExperimentConfig, cache_dir: Path) -> SweepPlan:
@@ -353,6 +354,9 @@ class JobExecutor(Protocol):
     def compilations(self) -> int:
         """Programs compiled by the executor's workers so far."""
 
+    def fault_counts(self) -> dict[str, int]:
+        """`preemptions`, `worker_crashes` and `job_retries` of the last run."""
+
 
 class LocalExecutor:
     """Runs jobs in this process on one `SteeringWorker` (built on first use); a job's error fails its points."""
@@ -366,6 +370,10 @@ class LocalExecutor:
     def compilations(self) -> int:
         """Programs compiled by the local worker so far."""
         return self._worker.compilations if self._worker is not None else 0
+
+    def fault_counts(self) -> dict[str, int]:
+        """No host to lose, and no retries: a job's error fails its points at once."""
+        return {"preemptions": 0, "worker_crashes": 0, "job_retries": 0}
 
     def run(self, jobs: Sequence[Job], on_result: ResultCallback, on_failure: FailureCallback) -> None:
         """Runs the jobs one after another."""
@@ -455,6 +463,8 @@ def run_sweep(
             raise
         writer.close()
         closing = time.perf_counter()
+        faults = executor.fault_counts()
+        tracker.log_sweep_metrics(faults)
     return SweepSummary(
         sweep_id=sweep_plan.sweep_id,
         parent_run_id=parent_run_id,
@@ -468,4 +478,5 @@ def run_sweep(
         tracking_seconds=setup_seconds + writer.busy_seconds + (time.perf_counter() - closing),
         compilations=executor.compilations,
         points_from_spool=len(spooled),
+        faults=faults,
     )

@@ -226,6 +226,12 @@ class SweepTracker:
         self._client.set_terminated(parent, status)
         self._parent_run_id = None
 
+    def log_sweep_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Logs metrics of the whole sweep on its parent run (e.g. `preemptions`, `worker_crashes`)."""
+        parent = self._require_open()
+        now = _now_ms()
+        self._client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())])
+
     @contextlib.contextmanager
     def sweep(self, config: ExperimentConfig, sweep_id: str, num_points: int) -> Iterator[str]:
         """Opens the sweep and guarantees it is closed: see the class docstring. Yields the parent run id."""

@@ -158,6 +158,9 @@ class LoseAHostAfterTheFirstResult:
     def compilations(self) -> int:
         return self.inner.compilations
 
+    def fault_counts(self) -> dict[str, int]:
+        return self.inner.fault_counts()
+
     def run(self, jobs, on_result, on_failure) -> None:
         def remove_then_report(job: Job, results: list[PointResult]) -> None:
             on_result(job, results)
@@ -172,13 +175,17 @@ class LoseAHostAfterTheFirstResult:
 
 
 class FailingWorker(SteeringWorker):
-    """Raises on every attempt of a job holding an `always_failing` point, and on the first of a `flaky` one."""
+    """Raises on every attempt of a job holding an `always_failing` point and on the first of a `flaky` one, and
+    kills its own process (the host stays up) on a job holding a `crashing` point."""
 
     always_failing: frozenset[str] = frozenset()
     flaky: frozenset[str] = frozenset()
+    crashing: frozenset[str] = frozenset()
 
     def run_job(self, job: Job, attempt: int = 1) -> list[PointResult]:
         keys = {point.point_key for point in job.points}
+        if keys & self.crashing:
+            os._exit(1)
         if keys & self.always_failing or (attempt == 1 and keys & self.flaky):
             raise RuntimeError(f"injected failure on attempt {attempt}")
         return super().run_job(job, attempt)
@@ -186,12 +193,14 @@ class FailingWorker(SteeringWorker):
 
 @pytest.fixture(scope="module")
 def failing_sweep(ray_cluster, tmp_path_factory, cache_dir) -> tuple[SweepPlan, SweepSummary]:
-    """A 24-point sweep on the test cluster whose job 1 always fails and job 2 fails once (1 retry allowed)."""
+    """A 24-point sweep on the test cluster whose job 1 always fails, job 2 fails once (1 retry allowed) and job
+    3 crashes its worker process every time (2 crashes allowed)."""
     sweep_plan = plan_sweep(tmp_path_factory.mktemp("failing"), cache_dir, SAME_BUCKET_PROMPTS[:2], GRID,
-                            on_test_cluster(ray_cluster))
+                            on_test_cluster(ray_cluster, max_worker_crashes=2))
     worker_class = type("FailingWorker", (FailingWorker,), {
         "always_failing": frozenset(p.point_key for p in sweep_plan.jobs[1].points),
         "flaky": frozenset(p.point_key for p in sweep_plan.jobs[2].points),
+        "crashing": frozenset(p.point_key for p in sweep_plan.jobs[3].points),
     })
     executor = RayExecutor(sweep_plan, cache_dir, sweep_plan.config.cluster, worker_class=worker_class)
     return sweep_plan, run_sweep(sweep_plan, cache_dir=cache_dir, executor=executor)
@@ -266,17 +275,24 @@ def test_losing_a_host_mid_sweep_requeues_its_job_and_every_point_finishes_once(
     summary = run_sweep(sweep_plan, cache_dir=cache_dir, executor=executor)
 
     assert executor.removed_node_id is not None
-    assert inner.lost_host_events, "the job handed to the lost host was requeued"
+    assert [event["kind"] for event in inner.lost_host_events] == ["preemption"], "the lost job was requeued"
+    assert summary.faults == {"preemptions": 1, "worker_crashes": 0, "job_retries": 0}
     assert (summary.points_finished, summary.points_failed) == (24, 0)
     runs = assert_each_point_finished_exactly_once(sweep_plan)
     assert {run.data.tags["runner.attempt"] for run in runs} == {"1"}, "a lost host does not use an attempt"
+    preempted = [run for run in runs if run.data.tags.get("runner.preemptions") == "1"]
+    assert len(preempted) == 4, "the requeued job's points carry the preemption"
+    assert not any("runner.worker_crashes" in run.data.tags and run.data.tags["runner.worker_crashes"] != "0"
+                   for run in runs)
     parent = MlflowClient(sweep_plan.config.tracking.uri).get_run(summary.parent_run_id)
     assert parent.info.status == "FINISHED"
+    assert (parent.data.metrics["preemptions"], parent.data.metrics["worker_crashes"]) == (1.0, 0.0)
 
 
 def test_a_failing_job_fails_its_points_after_its_retries_and_the_rest_finish(failing_sweep) -> None:
     sweep_plan, summary = failing_sweep
-    assert (summary.points_finished, summary.points_failed) == (20, 4)
+    assert (summary.points_finished, summary.points_failed) == (16, 8)
+    assert summary.faults == {"preemptions": 0, "worker_crashes": 2, "job_retries": 2}
     runs = {run.data.tags["point_key"]: run for run in child_runs(sweep_plan.config.tracking.uri)}
     assert len(runs) == 24, "one child run per point, retries included"
     for index, job in enumerate(sweep_plan.jobs):
@@ -286,6 +302,10 @@ def test_a_failing_job_fails_its_points_after_its_retries_and_the_rest_finish(fa
                 assert run.info.status == "FAILED"
                 assert run.data.tags["runner.attempt"] == "2", "1 try + max_job_retries=1"
                 assert "RuntimeError: injected failure on attempt 2" in run.data.tags["runner.error"]
+            elif index == 3:
+                assert run.info.status == "FAILED"
+                assert run.data.tags["runner.attempt"] == "1", "a crashed worker does not use the job's attempts"
+                assert "crashed its worker 2 times on hosts that stayed up" in run.data.tags["runner.error"]
             else:
                 assert run.info.status == "FINISHED"
                 assert run.data.tags["runner.attempt"] == ("2" if index == 2 else "1")
@@ -469,7 +489,7 @@ def test_runs_prints_the_parent_status_and_children_by_status(failing_sweep) -> 
     result = CliRunner().invoke(app, ["runs", str(experiment_file(sweep_plan))])
     assert result.exit_code == 0, result.output
     assert f"parent run {summary.parent_run_id}: FAILED" in result.stdout
-    assert "24 points: 20 FINISHED, 4 FAILED, 0 not started" in result.stdout
+    assert "24 points: 16 FINISHED, 8 FAILED, 0 not started" in result.stdout
 
 
 def test_run_refuses_an_unreachable_ray_address_before_creating_any_run(tmp_path, cache_dir) -> None:
@@ -500,16 +520,16 @@ def test_export_writes_one_row_per_finished_point(failing_sweep, tmp_path, file_
     assert result.exit_code == 0, result.output
     frame = pd.read_csv(out, keep_default_na=False) if file_format == "csv" else pd.read_parquet(out)
 
-    failed = {point.point_key for point in sweep_plan.jobs[1].points}
+    failed = {point.point_key for job in (sweep_plan.jobs[1], sweep_plan.jobs[3]) for point in job.points}
     expected = {point.point_key: point for point in sweep_plan.points if point.point_key not in failed}
-    assert len(frame) == 20 and set(frame["point_key"]) == set(expected)
+    assert len(frame) == 16 and set(frame["point_key"]) == set(expected)
     assert {"run_id", "layer", "feature", "scale", "seed", "prompt", "text", "steer/l0"} <= set(frame.columns)
     for row in frame.itertuples(index=False):
         point = expected[row.point_key]
         assert (row.layer, row.feature, row.scale, row.prompt) == (point.layer, point.feature, point.scale,
                                                                   point.prompt)
         assert isinstance(row.text, str)
-    assert f"wrote 20 rows to {out}" in result.stdout
+    assert f"wrote 16 rows to {out}" in result.stdout
 
 
 def experiment_file(sweep_plan: SweepPlan) -> Path:
