@@ -126,6 +126,7 @@ def run(
     import json
 
     from runner.cluster import RayExecutor, keep_driver_jax_on_cpu
+    from runner.slices import SliceExecutor
 
     keep_driver_jax_on_cpu()  # before anything imports JAX: the driver must never take a host's accelerator
     from runner.config import load_experiment
@@ -145,7 +146,8 @@ def run(
             if status.get("parent_status") is None:
                 raise RunnerError(f"{file}: --resume given but sweep {sweep_plan.sweep_id} has no run yet in "
                                   f"{config.tracking.uri}; run without --resume to start it")
-        executor = RayExecutor(sweep_plan, _cache_dir(cache_dir), config.cluster)
+        executor_class = SliceExecutor if config.cluster.replica == "slice" else RayExecutor
+        executor = executor_class(sweep_plan, _cache_dir(cache_dir), config.cluster)
     except RunnerError as error:
         raise _fail(error) from None
 

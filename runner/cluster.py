@@ -262,13 +262,75 @@ def ray_actor_options(cluster: ClusterConfig, max_restarts: int) -> dict[str, An
 
 
 @dataclasses.dataclass
-class _Task:
+class Task:
     """A job waiting or running: `attempt` counts the job's own failures; `lost_on_nodes` holds the Ray node of
     each worker the job lost (a node that died meanwhile: a preemption; one still alive: a worker crash)."""
 
     job: Job
     attempt: int = 1
     lost_on_nodes: list[str | None] = dataclasses.field(default_factory=list)
+
+
+class JobFaults:
+    """What happens to a job after its own error or the loss of its worker, for host and slice replicas alike.
+
+    - The job's own error: retried `max_job_retries` more times (at the back of the queue), then its points fail.
+    - A lost worker: the job goes back to the front of the queue without using an attempt. A preemption (the
+      worker's node died) is retried without limit; a worker that died on a node that is still alive may have
+      been killed by the job itself (out of memory, a crash in XLA), so after `max_worker_crashes` such losses
+      the job fails.
+
+    Args:
+      max_job_retries: Retries of a job that raised.
+      max_worker_crashes: Worker crashes a job may cause before it fails.
+      queue: The controller's queue of tasks.
+      on_failure: Reports a job that failed for good.
+    """
+
+    def __init__(self, max_job_retries: int, max_worker_crashes: int, queue: collections.deque[Task],
+                 on_failure: FailureCallback):
+        self._max_job_retries = max_job_retries
+        self._max_worker_crashes = max_worker_crashes
+        self._queue = queue
+        self._on_failure = on_failure
+        self._events: list[dict[str, str]] = []
+        self.job_retries = 0
+
+    def job_raised(self, task: Task, error: str) -> None:
+        """The job failed by itself: retry it, or fail its points."""
+        if task.attempt <= self._max_job_retries:
+            _log.warning("job %s failed on attempt %d, retrying: %s", task.job.job_id, task.attempt, error)
+            self.job_retries += 1
+            self._queue.append(Task(task.job, task.attempt + 1, task.lost_on_nodes))
+        else:
+            self._on_failure(task.job, error, task.attempt)
+
+    def worker_lost(self, task: Task, worker: str, node_id: str | None, error: str) -> dict[str, str]:
+        """The job's worker went away on `node_id`: requeue the job, or fail it after too many crashes. Returns
+        the event recorded."""
+        event = {"job_id": task.job.job_id, "worker": worker, "node_id": node_id or "", "error": error}
+        self._events.append(event)
+        _log.warning("lost worker %s while it ran job %s: %s", worker, task.job.job_id, error)
+        task.lost_on_nodes.append(node_id)
+        crashes = fault_kinds(task.lost_on_nodes).count("worker_crash")
+        if crashes >= self._max_worker_crashes:
+            self._on_failure(task.job, f"crashed its worker {crashes} times on hosts that stayed up "
+                             f"(cluster.max_worker_crashes={self._max_worker_crashes}); last: {error}", task.attempt)
+        else:
+            self._queue.appendleft(task)
+        return event
+
+    def classified_events(self) -> list[dict[str, str]]:
+        """Every lost-worker event with its `kind`, judged now that Ray has had time to notice dead nodes."""
+        kinds = fault_kinds([event["node_id"] or None for event in self._events])
+        return [{**event, "kind": kind} for event, kind in zip(self._events, kinds)]
+
+
+def fault_counts(events: Sequence[Mapping[str, str]], job_retries: int) -> dict[str, int]:
+    """`preemptions`, `worker_crashes` and `job_retries` from classified lost-worker events."""
+    kinds = [event["kind"] for event in events]
+    return {"preemptions": kinds.count("preemption"), "worker_crashes": kinds.count("worker_crash"),
+            "job_retries": job_retries}
 
 
 SlotState = Literal["probing", "waiting", "idle", "busy", "dead"]
@@ -331,10 +393,7 @@ class RayExecutor:
         probe_interval_s: float = 1.0,
     ):
         if cluster_config.replica != "host":
-            raise RunnerError(
-                f"cluster.replica: {cluster_config.replica!r} is not supported by the Ray executor yet "
-                "(allowed: 'host', one independent worker per host)"
-            )
+            raise RunnerError("cluster.replica: 'slice' replicas run on runner.slices.SliceExecutor, not RayExecutor")
         if cluster_config.address:
             check_ray_address_reachable(cluster_config.address)
         self._plan = sweep_plan
@@ -369,9 +428,7 @@ class RayExecutor:
     def fault_counts(self) -> dict[str, int]:
         """How often jobs lost their host to preemption, lost their worker to a crash, and were retried after
         their own error, in the last run."""
-        kinds = [event["kind"] for event in self._lost_host_events]
-        return {"preemptions": kinds.count("preemption"), "worker_crashes": kinds.count("worker_crash"),
-                "job_retries": self._job_retries}
+        return fault_counts(self._lost_host_events, self._job_retries)
 
     @property
     def workers_seen(self) -> list[dict[str, Any]]:
@@ -385,7 +442,7 @@ class RayExecutor:
         """
         if not jobs:
             return
-        owns_ray = self._connect()
+        owns_ray = connect_ray(self._cluster)
         slots: list[_Slot] = []
         controller = None
         try:
@@ -394,54 +451,17 @@ class RayExecutor:
                 slots, self._policy, on_result, on_failure,
                 on_worker_ready=self._workers_seen.append, on_lost_host=self._lost_host_events.append,
             )
-            controller.run([_Task(job) for job in jobs])
+            controller.run([Task(job) for job in jobs])
             self._compilations = _count_compilations(slots)
         finally:
             if controller is not None:
-                self._lost_host_events = controller.classified_lost_host_events()
-                self._job_retries = controller.job_retries
+                self._lost_host_events = controller.faults.classified_events()
+                self._job_retries = controller.faults.job_retries
             for slot in slots:
                 with contextlib.suppress(Exception):
                     ray.kill(slot.actor, no_restart=True)
             if owns_ray:
                 ray.shutdown()
-
-    def _connect(self) -> bool:
-        """Starts or joins Ray; returns whether this executor connected (and so must disconnect)."""
-        if ray.is_initialized():
-            return False
-        address = self._cluster.address or os.environ.get("RAY_ADDRESS")
-        try:
-            if address:
-                ray.init(address=address, logging_level=logging.WARNING)
-            else:
-                per_worker_cpus = self._cluster.resources.get("CPU", 0.0)
-                num_cpus = max(os.cpu_count() or 1, math.ceil(self._cluster.workers * per_worker_cpus))
-                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
-        except (ConnectionError, RuntimeError, ValueError) as error:
-            _shutdown_quietly()
-            where = f"Ray at {address!r}" if address else "a local Ray"
-            raise RunnerError(f"cluster.address: cannot start or join {where}: {_first_line(str(error))}") from None
-        except BaseException:  # Ctrl-C while connecting
-            _shutdown_quietly()
-            raise
-        if not address:
-            try:
-                self._check_local_resources()
-            except RunnerError:
-                ray.shutdown()
-                raise
-        return True
-
-    def _check_local_resources(self) -> None:
-        available = ray.cluster_resources()
-        short = {k: v for k, v in self._cluster.resources.items() if available.get(k, 0.0) < v}
-        if short:
-            have = {k: available.get(k, 0.0) for k in short}
-            raise RunnerError(
-                f"cluster.resources: a worker needs {short} but this machine has {have} (allowed: what this "
-                "machine has, or cluster.address / --address of a Ray cluster with such hosts)"
-            )
 
     def _start_workers(self) -> list[_Slot]:
         remote_class = ray.remote(HostWorker).options(**ray_actor_options(self._cluster, self._max_restarts))
@@ -457,6 +477,44 @@ class RayExecutor:
             )
             slots.append(_Slot(name=name, actor=actor))
         return slots
+
+
+def connect_ray(cluster: ClusterConfig) -> bool:
+    """Starts a local Ray or joins `cluster.address` (or `RAY_ADDRESS`); returns whether it connected (and so must
+    disconnect). A local Ray must have the resources one worker asks for.
+
+    Raises:
+      RunnerError: Ray cannot be started or joined, or this machine lacks a worker's resources.
+    """
+    if ray.is_initialized():
+        return False
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            per_worker_cpus = cluster.resources.get("CPU", 0.0)
+            hosts = cluster.workers * (cluster.hosts_per_replica if cluster.replica == "slice" else 1)
+            num_cpus = max(os.cpu_count() or 1, math.ceil(hosts * per_worker_cpus))
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as error:
+        _shutdown_quietly()
+        where = f"Ray at {address!r}" if address else "a local Ray"
+        raise RunnerError(f"cluster.address: cannot start or join {where}: {_first_line(str(error))}") from None
+    except BaseException:  # Ctrl-C while connecting
+        _shutdown_quietly()
+        raise
+    if not address:
+        available = ray.cluster_resources()
+        short = {k: v for k, v in cluster.resources.items() if available.get(k, 0.0) < v}
+        if short:
+            ray.shutdown()
+            have = {k: available.get(k, 0.0) for k in short}
+            raise RunnerError(
+                f"cluster.resources: a worker needs {short} but this machine has {have} (allowed: what this "
+                "machine has, or cluster.address / --address of a Ray cluster with such hosts)"
+            )
+    return True
 
 
 def _shutdown_quietly() -> None:
@@ -517,14 +575,13 @@ class _Controller:
         self._on_failure = on_failure
         self._on_worker_ready = on_worker_ready
         self._on_lost_host = on_lost_host
-        self._queue: collections.deque[_Task] = collections.deque()
-        self._in_flight: dict[Any, tuple[_Slot, _Task | None]] = {}  # ObjectRef -> (worker, its task; None: probe)
+        self._queue: collections.deque[Task] = collections.deque()
+        self._in_flight: dict[Any, tuple[_Slot, Task | None]] = {}  # ObjectRef -> (worker, its task; None: probe)
         self._last_worker_alive = time.monotonic()
         self._last_wait_warning = time.monotonic()
-        self._lost_host_events: list[dict[str, str]] = []
-        self.job_retries = 0
+        self.faults = JobFaults(policy.max_job_retries, policy.max_worker_crashes, self._queue, on_failure)
 
-    def run(self, tasks: list[_Task]) -> None:
+    def run(self, tasks: list[Task]) -> None:
         """Runs until every task has reported a result or a failure."""
         self._queue.extend(tasks)
         for slot in self._slots:
@@ -595,59 +652,26 @@ class _Controller:
                 slot.state = "busy"
                 self._in_flight[slot.actor.run_job.remote(task.job, task.attempt)] = (slot, task)
 
-    def _job_returned(self, slot: _Slot, task: _Task, ref: Any) -> None:
+    def _job_returned(self, slot: _Slot, task: Task, ref: Any) -> None:
         try:
             results = ray.get(ref)
         except ray_errors.RayTaskError as error:  # the job's own error
             slot.state = "idle"
-            self._job_failed(task, _describe_cause(error))
+            self.faults.job_raised(task, describe_cause(error))
         except INFRASTRUCTURE_ERRORS as error:
             slot.last_error = describe_ray_error(error)
             if isinstance(error, ray_errors.ActorDiedError) and error.actor_init_failed:
                 self._drop(slot)
             else:
                 self._probe(slot)
-            self._lost_host(slot, task)
+            self._on_lost_host(self.faults.worker_lost(task, slot.name, slot.node_id, slot.last_error))
         except ray_errors.RayError as error:  # anything else Ray reports is charged to the job: bounded retries
             slot.state = "idle"
-            self._job_failed(task, describe_ray_error(error))
+            self.faults.job_raised(task, describe_ray_error(error))
         else:
             slot.state = "idle"
             self._dispatch()  # keep the worker busy while this thread hands the results over
-            self._on_result(task.job, _with_fault_tags(results, task))
-
-    def _job_failed(self, task: _Task, error: str) -> None:
-        if task.attempt <= self._policy.max_job_retries:
-            _log.warning("job %s failed on attempt %d, retrying: %s", task.job.job_id, task.attempt, error)
-            self.job_retries += 1
-            self._queue.append(_Task(task.job, task.attempt + 1, task.lost_on_nodes))
-        else:
-            self._on_failure(task.job, error, task.attempt)
-
-    def _lost_host(self, slot: _Slot, task: _Task) -> None:
-        """Requeues the job of a lost worker without using an attempt.
-
-        A preemption (the worker's node died) is retried without limit. A worker that died on a node that is
-        still alive may have been killed by the job itself (out of memory, a crash in XLA): after
-        `max_worker_crashes` such losses the job fails.
-        """
-        event = {"job_id": task.job.job_id, "worker": slot.name, "node_id": slot.node_id or "", "error": slot.last_error}
-        self._lost_host_events.append(event)
-        self._on_lost_host(event)
-        _log.warning("lost worker %s while it ran job %s: %s", slot.name, task.job.job_id, slot.last_error)
-        task.lost_on_nodes.append(slot.node_id)
-        crashes = _fault_kinds(task.lost_on_nodes).count("worker_crash")
-        if crashes >= self._policy.max_worker_crashes:
-            self._on_failure(task.job, f"crashed its worker {crashes} times on hosts that stayed up "
-                             f"(cluster.max_worker_crashes={self._policy.max_worker_crashes}); last: {slot.last_error}",
-                             task.attempt)
-        else:
-            self._queue.appendleft(task)
-
-    def classified_lost_host_events(self) -> list[dict[str, str]]:
-        """Every lost-host event with its `kind`, judged now that Ray has had time to notice dead nodes."""
-        kinds = _fault_kinds([event["node_id"] or None for event in self._lost_host_events])
-        return [{**event, "kind": kind} for event, kind in zip(self._lost_host_events, kinds)]
+            self._on_result(task.job, with_fault_tags(results, task.lost_on_nodes))
 
     def _gave_up_for_lack_of_workers(self) -> bool:
         """Fails the queued jobs when every worker is dead, or none has been alive for `worker_wait_s`."""
@@ -673,7 +697,7 @@ class _Controller:
         return True
 
 
-def _fault_kinds(node_ids: Sequence[str | None]) -> list[str]:
+def fault_kinds(node_ids: Sequence[str | None]) -> list[str]:
     """`preemption` for each node that is no longer alive (or unknown), else `worker_crash`.
 
     Ray marks a node dead only after its health checks fail (seconds), so a loss judged right after it happened
@@ -693,11 +717,11 @@ def _alive_nodes() -> set[str]:
         return set()
 
 
-def _with_fault_tags(results: list[Result], task: _Task) -> list[Result]:
+def with_fault_tags(results: list[Result], lost_on_nodes: Sequence[str | None]) -> list[Result]:
     """Stamps `runner.preemptions` / `runner.worker_crashes` on the results of a job that lost workers."""
-    if not task.lost_on_nodes:
+    if not lost_on_nodes:
         return results
-    kinds = _fault_kinds(task.lost_on_nodes)
+    kinds = fault_kinds(lost_on_nodes)
     tags = {TAG_PREEMPTIONS: str(kinds.count("preemption")), TAG_WORKER_CRASHES: str(kinds.count("worker_crash"))}
     return [dataclasses.replace(result, tags={**result.tags, **tags}) for result in results]
 
@@ -711,7 +735,8 @@ def describe_ray_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
-def _describe_cause(error: ray_errors.RayTaskError) -> str:
+def describe_cause(error: ray_errors.RayTaskError) -> str:
+    """The exception a Ray task raised, in one line."""
     cause = error.cause if error.cause is not None else error
     return f"{type(cause).__name__}: {cause}"
 

@@ -362,9 +362,37 @@ class ClusterConfig(BaseModel):
     )
     address: str | None = None
     replica: Literal["host", "slice"] = "host"
+    hosts_per_replica: int = Field(default=1, ge=1)
+    slice_topology: str | None = None
+    accelerator_version: Literal["v4", "v5e", "v5p", "v6e"] | None = None
+    placement: Literal["spread", "pack"] = "spread"
     max_job_retries: int = Field(default=2, ge=0)
     max_worker_crashes: int = Field(default=3, ge=1)
     platform: Literal["auto", "cpu", "gpu", "tpu"] = "auto"
+
+    @field_validator("slice_topology")
+    @classmethod
+    def _topology_shape(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"\d+(x\d+){1,2}", value):
+            raise _error(f"{value!r} is not a TPU topology (allowed: like 4x4 or 2x2x2)")
+        return value
+
+    @model_validator(mode="after")
+    def _slice_fields_fit_replica(self) -> ClusterConfig:
+        slice_only = {"hosts_per_replica": 1, "slice_topology": None, "accelerator_version": None, "placement": "spread"}
+        if self.replica == "host":
+            for field, default in slice_only.items():
+                if getattr(self, field) != default:
+                    raise _error("applies to cluster.replica 'slice' only (one replica spanning several hosts)", field)
+        elif self.slice_topology is not None:
+            if self.accelerator_version is None:
+                raise _error("is required with slice_topology (allowed: v4, v5e, v5p, v6e)", "accelerator_version")
+            if self.hosts_per_replica != 1:
+                raise _error("is given by slice_topology (the slice's hosts); leave it out", "hosts_per_replica")
+        elif "hosts_per_replica" not in self.model_fields_set:
+            raise _error("is required with replica 'slice': the hosts one replica spans, e.g. 2 (or give "
+                         "slice_topology and accelerator_version for a TPU slice)", "hosts_per_replica")
+        return self
 
     @model_validator(mode="after")
     def _accelerator_platform_needs_its_resource(self) -> ClusterConfig:

@@ -66,8 +66,9 @@ class CheckpointLocation:
 
 
 def make_host_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-    """A one-axis (`model`) mesh over this host's local devices, with Auto axis types for Penzai."""
-    devices = devices if devices is not None else jax.local_devices()
+    """A one-axis (`model`) mesh, with Auto axis types for Penzai, over `devices` or every device JAX sees: this
+    host's, or under `jax.distributed` every host's of the slice."""
+    devices = devices if devices is not None else jax.devices()
     return Mesh(np.array(devices), (MODEL_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 

@@ -17,12 +17,15 @@ activation and firing count, measured on the residual stream after steering.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from penzai import pz
 from penzai.models.transformer import model_parts, sampling_mode
 
@@ -130,7 +133,9 @@ class SteeringSampler:
     """Patched sampling of a fixed (batch size, prompt bucket, max_new_tokens) as one compiled program.
 
     Build one per shape and keep it: calling it again with other prompts, steering points, seeds or sampling
-    settings reuses the compiled program (`compilations` stays 1).
+    settings reuses the compiled program (`compilations` stays 1). With `mesh` (the model's, `LoadedModel.mesh`)
+    the batch and the outputs are replicated over it, which a slice replica under `jax.distributed` needs: every
+    process passes the same batch (checked) and reads the whole output.
     """
 
     def __init__(
@@ -144,6 +149,7 @@ class SteeringSampler:
         num_probes: int = 1,
         eos_id: int = EOS_ID,
         pad_id: int = PAD_ID,
+        mesh: Mesh | None = None,
     ):
         self.batch_size = batch_size
         self.prompt_len = prompt_len
@@ -164,7 +170,10 @@ class SteeringSampler:
         self._state_template = jax.tree.map(
             lambda leaf: jax.ShapeDtypeStruct(jnp.shape(leaf), jnp.asarray(leaf).dtype), list(state_values)
         )
-        self._program = jax.jit(self._generate)
+        # On a mesh, inputs and outputs are replicated over it: under `jax.distributed` every process gives the
+        # same batch and reads the whole output locally.
+        self._replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+        self._program = jax.jit(self._generate, out_shardings=self._replicated)
 
     def __call__(self, batch: SamplingBatch) -> SamplingOutput:
         """Runs one batch (its shape must match the sampler's)."""
@@ -175,10 +184,8 @@ class SteeringSampler:
                 f"batch of shape {batch.prompt_tokens.shape} with {batch.probe_features.shape} probes given to a "
                 f"sampler for {(self.batch_size, self.prompt_len)} with {self.num_probes}"
             )
-        arrays = {
-            field.name: jnp.asarray(getattr(batch, field.name)) for field in dataclasses.fields(SamplingBatch)
-        }
-        tokens, totals, steps = self._program(self._pure_model, arrays)
+        host = {field.name: np.asarray(getattr(batch, field.name)) for field in dataclasses.fields(SamplingBatch)}
+        tokens, totals, steps = self._program(self._pure_model, self._device_inputs(host))
         totals_by_layer = {layer: totals[i] for i, layer in enumerate(self.layers)}
         return SamplingOutput(
             tokens=np.asarray(tokens),
@@ -186,6 +193,14 @@ class SteeringSampler:
             baseline={layer: steering_lib.baseline_totals(t) for layer, t in totals_by_layer.items()},
             decode_steps=int(steps),
         )
+
+    def _device_inputs(self, host: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        if self._replicated is None or jax.process_count() == 1:
+            return {name: jnp.asarray(value) for name, value in host.items()}
+        # Processes that disagree on the batch would compute garbage or hang in a collective: check first.
+        digest = hashlib.sha256(b"".join(np.ascontiguousarray(host[name]).tobytes() for name in sorted(host)))
+        multihost_utils.assert_equal(np.frombuffer(digest.digest(), np.uint32), "the batch differs between processes")
+        return {name: jax.make_array_from_process_local_data(self._replicated, value) for name, value in host.items()}
 
     def _generate(self, pure_model: Any, arrays: dict[str, jax.Array]) -> tuple[jax.Array, list, jax.Array]:
         self.compilations += 1  # Runs only while tracing, i.e. once per compilation.

@@ -36,13 +36,16 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from runner.cluster import (
     INFRASTRUCTURE_ERRORS,
-    TAG_PREEMPTIONS,
-    TAG_WORKER_CRASHES,
     FailureCallback,
+    JobFaults,
     ResultCallback,
+    Task,
     check_jax_platform,
+    check_ray_address_reachable,
     connect_ray,
+    describe_cause,
     describe_ray_error,
+    fault_counts,
     fault_kinds,
     keep_driver_jax_on_cpu,
     ray_actor_options,
@@ -50,7 +53,6 @@ from runner.cluster import (
     with_fault_tags,
 )
 from runner.config import ClusterConfig
-from runner.errors import RunnerError
 from runner.plan import Job
 from runner.results import Result
 
@@ -146,13 +148,6 @@ class SliceHostWorker:
         jax.distributed.shutdown()
 
 
-@dataclasses.dataclass
-class _Task:
-    job: Job
-    attempt: int = 1
-    lost_on_nodes: list[str | None] = dataclasses.field(default_factory=list)
-
-
 class _Gang:
     """One slice replica as the driver sees it: its placement group, members and what they are doing."""
 
@@ -161,8 +156,9 @@ class _Gang:
         self.members: list[Any] = []
         self.infos: list[dict[str, Any]] = []
         self.state = "down"  # down -> starting -> idle <-> busy; dead
-        self.refs: list[Any] = []
-        self.task: _Task | None = None
+        self.refs: list[Any] = []  # one per member, in rank order, for what the gang is doing now
+        self.pending: set[Any] = set()  # those not returned yet
+        self.task: Task | None = None
         self.results: dict[Any, list[Result]] = {}
         self.start_failures = 0
         self.last_error = ""
@@ -200,19 +196,20 @@ class _Gang:
         ]
         coordinator = ray.get(self.members[0].coordinator_address.remote(), timeout=GANG_TIMEOUT_S)
         self.refs = [member.start.remote(coordinator) for member in self.members]  # all at once: they wait for each other
-        self.state, self.results = "starting", {}
+        self.pending, self.state, self.results = set(self.refs), "starting", {}
 
-    def submit(self, task: _Task) -> None:
+    def submit(self, task: Task) -> None:
         """Sends the same job to every member."""
         self.task, self.results, self.state = task, {}, "busy"
         self.refs = [member.run_job.remote(task.job, task.attempt) for member in self.members]
+        self.pending = set(self.refs)
 
     def kill(self) -> None:
         """Kills every member (a failed gang cannot be reused)."""
         for member in self.members:
             with contextlib.suppress(Exception):
                 ray.kill(member, no_restart=True)
-        self.members, self.refs, self.state = [], [], "down"
+        self.members, self.refs, self.pending, self.state = [], [], set(), "down"
 
     def close(self) -> None:
         """Leaves `jax.distributed` on every member at once, then kills them and frees the placement group."""
@@ -243,8 +240,6 @@ class SliceExecutor:
 
     def __init__(self, sweep_plan: Any, cache_dir: Path, cluster_config: ClusterConfig):
         if cluster_config.address:
-            from runner.cluster import check_ray_address_reachable
-
             check_ray_address_reachable(cluster_config.address)
         keep_driver_jax_on_cpu()
         self._plan = sweep_plan
@@ -253,6 +248,7 @@ class SliceExecutor:
         self._compilations = 0
         self._events: list[dict[str, str]] = []
         self._job_retries = 0
+        self._faults: JobFaults | None = None
         self.workers_seen: list[dict[str, Any]] = []
 
     @property
@@ -267,9 +263,7 @@ class SliceExecutor:
 
     def fault_counts(self) -> dict[str, int]:
         """`preemptions`, `worker_crashes` and `job_retries` of the last run."""
-        kinds = [event["kind"] for event in self._events]
-        return {"preemptions": kinds.count("preemption"), "worker_crashes": kinds.count("worker_crash"),
-                "job_retries": self._job_retries}
+        return fault_counts(self._events, self._job_retries)
 
     def run(self, jobs: Sequence[Job], on_result: ResultCallback, on_failure: FailureCallback) -> None:
         """Runs every job on the replicas; `on_result`/`on_failure` are called on this thread, once per job."""
@@ -278,22 +272,23 @@ class SliceExecutor:
         worker_args = _with_synthetic_saes_written(self._plan, self._cache_dir)
         owns_ray = connect_ray(self._cluster)
         gangs: list[_Gang] = []
+        queue: collections.deque[Task] = collections.deque(Task(job) for job in jobs)
+        self._faults = JobFaults(self._cluster.max_job_retries, self._cluster.max_worker_crashes, queue, on_failure)
         try:
             gangs = [_Gang(f"replica-{index}", self._cluster, worker_args, self._cache_dir)
                      for index in range(self._cluster.workers)]
-            self._loop(gangs, collections.deque(_Task(job) for job in jobs), on_result, on_failure)
+            self._loop(gangs, queue, on_result, on_failure)
             self._compilations = sum(
                 ray.get(gang.members[0].compilations.remote(), timeout=30) for gang in gangs if gang.state == "idle"
             )
         finally:
-            kinds = fault_kinds([event.pop("node_id") or None for event in self._events])
-            self._events = [{**event, "kind": kind} for event, kind in zip(self._events, kinds)]
+            self._events, self._job_retries = self._faults.classified_events(), self._faults.job_retries
             for gang in gangs:
                 gang.close()
             if owns_ray:
                 ray.shutdown()
 
-    def _loop(self, gangs: list[_Gang], queue: collections.deque[_Task], on_result: ResultCallback,
+    def _loop(self, gangs: list[_Gang], queue: collections.deque[Task], on_result: ResultCallback,
               on_failure: FailureCallback) -> None:
         for gang in gangs:
             gang.start()
@@ -308,24 +303,24 @@ class SliceExecutor:
                     task = queue.popleft()
                     on_failure(task.job, reason, task.attempt)
                 return
-            refs = [ref for gang in live for ref in gang.refs]
+            refs = [ref for gang in live for ref in gang.pending]
             if not refs:
                 time.sleep(0.2)
                 continue
             ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
             for ref in ready:
-                gang = next(g for g in live if ref in g.refs)
-                self._member_returned(gang, ref, queue, on_result, on_failure)
+                gang = next(g for g in live if ref in g.pending)
+                gang.pending.discard(ref)
+                self._member_returned(gang, ref, on_result)
 
-    def _member_returned(self, gang: _Gang, ref: Any, queue: collections.deque[_Task], on_result: ResultCallback,
-                         on_failure: FailureCallback) -> None:
+    def _member_returned(self, gang: _Gang, ref: Any, on_result: ResultCallback) -> None:
         try:
             value = ray.get(ref)
         except Exception as error:  # noqa: BLE001 - any member's failure ends the gang
-            self._gang_failed(gang, error, queue, on_failure)
+            self._gang_failed(gang, error)
             return
         gang.results[ref] = value
-        if len(gang.results) < len(gang.refs):
+        if gang.pending:
             return
         values = [gang.results[r] for r in gang.refs]
         if gang.state == "starting":
@@ -334,11 +329,9 @@ class SliceExecutor:
             _log.info("slice replica %s ready on %d hosts", gang.name, len(values))
             return
         task, gang.task, gang.state, gang.refs = gang.task, None, "idle", []
-        results = next(value for value in values if value)  # process 0's
-        on_result(task.job, with_fault_tags(results, task.lost_on_nodes))
+        on_result(task.job, with_fault_tags(values[0], task.lost_on_nodes))  # rank 0 is process 0: it reports
 
-    def _gang_failed(self, gang: _Gang, error: BaseException, queue: collections.deque[_Task],
-                     on_failure: FailureCallback) -> None:
+    def _gang_failed(self, gang: _Gang, error: BaseException) -> None:
         was_starting, task = gang.state == "starting", gang.task
         gang.last_error = describe_ray_error(error) if isinstance(error, ray_errors.RayError) else str(error)
         node_ids = gang.node_ids()
@@ -346,10 +339,11 @@ class SliceExecutor:
         _log.warning("slice replica %s failed: %s", gang.name, gang.last_error)
         if task is not None:
             if isinstance(error, ray_errors.RayTaskError) and not isinstance(error, INFRASTRUCTURE_ERRORS):
-                self._job_failed(task, f"{type(error.cause or error).__name__}: {error.cause or error}", queue,
-                                 on_failure)
+                self._faults.job_raised(task, describe_cause(error))
             else:
-                self._lost_replica(gang, task, node_ids, queue, on_failure)
+                # A replica is preempted when any of its hosts is: charge the loss to a dead node if there is one.
+                dead = [node for node, kind in zip(node_ids, fault_kinds(node_ids)) if kind == "preemption"]
+                self._faults.worker_lost(task, gang.name, dead[0] if dead else node_ids[0], gang.last_error)
         if was_starting:
             gang.start_failures += 1
             if gang.start_failures >= MAX_GANG_START_FAILURES:
@@ -359,30 +353,6 @@ class SliceExecutor:
             gang.start()
         except Exception as restart_error:  # noqa: BLE001 - e.g. the placement group never comes back
             gang.last_error, gang.state = f"cannot rebuild: {restart_error}", "dead"
-
-    def _job_failed(self, task: _Task, error: str, queue: collections.deque[_Task],
-                    on_failure: FailureCallback) -> None:
-        if task.attempt <= self._cluster.max_job_retries:
-            self._job_retries += 1
-            queue.append(_Task(task.job, task.attempt + 1, task.lost_on_nodes))
-        else:
-            on_failure(task.job, error, task.attempt)
-
-    def _lost_replica(self, gang: _Gang, task: _Task, node_ids: list[str | None], queue: collections.deque[_Task],
-                      on_failure: FailureCallback) -> None:
-        dead = [node for node, kind in zip(node_ids, fault_kinds(node_ids)) if kind == "preemption"]
-        node = dead[0] if dead else node_ids[0]  # a replica is preempted when any of its hosts is
-        self._events.append({"job_id": task.job.job_id, "worker": gang.name, "node_id": node or "",
-                             "error": gang.last_error})
-        task.lost_on_nodes.append(node)
-        crashes = fault_kinds(task.lost_on_nodes).count("worker_crash")
-        if crashes >= self._cluster.max_worker_crashes:
-            on_failure(task.job, f"crashed its replica {crashes} times on hosts that stayed up "
-                       f"(cluster.max_worker_crashes={self._cluster.max_worker_crashes}); last: {gang.last_error}",
-                       task.attempt)
-        else:
-            queue.appendleft(task)
-
 
 def _with_synthetic_saes_written(sweep_plan: Any, cache_dir: Path) -> dict[str, Any]:
     """The plan's worker arguments with every synthetic SAE written (on this, the driver's, CPU) and its path set.
@@ -397,12 +367,3 @@ def _with_synthetic_saes_written(sweep_plan: Any, cache_dir: Path) -> dict[str, 
 
     loaded = load_host_model(sweep_plan.config, cache_dir, mesh=None)
     return {**args, "sae_files": write_pending_synthetic_saes(loaded, sweep_plan.config, files, cache_dir)}
-
-
-def check_slice_config(cluster: ClusterConfig) -> None:
-    """Raises `RunnerError` for slice settings Ray cannot place."""
-    if cluster.slice_topology is None and cluster.hosts_per_replica < 1:
-        raise RunnerError("cluster.hosts_per_replica: must be >= 1")
-
-
-__all__ = ["SliceExecutor", "SliceHostWorker", "TAG_PREEMPTIONS", "TAG_WORKER_CRASHES"]

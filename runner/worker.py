@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -18,6 +19,8 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 from penzai import pz
 
 from runner import memory, metrics, plan, sae_eval, sites, steering as steering_lib, steering_metrics
@@ -53,18 +56,21 @@ def count_compilations() -> Iterator[list[int]]:
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def load_host_model(config: Any, cache_dir: Path) -> LoadedModel:
-    """The configured model, sharded over this host's devices when it has several."""
-    mesh = make_host_mesh() if len(jax.local_devices()) > 1 else None
+def load_host_model(config: Any, cache_dir: Path, mesh: Mesh | None | str = "auto") -> LoadedModel:
+    """The configured model: with `mesh="auto"`, sharded over every device JAX sees when there are several (this
+    host's, or under `jax.distributed` the whole slice's); else on `mesh`, or unsharded for None."""
+    if mesh == "auto":
+        mesh = make_host_mesh() if jax.device_count() > 1 else None
     return load_model(config.model, cache_dir=cache_dir, mesh=mesh, model_id=plan.model_id(config.model))
 
 
-def load_saes(loaded: LoadedModel, config: Any, sae_files: Iterable[SAEFile], cache_dir: Path) -> dict[str, LoadedSAE]:
-    """Loads SAE files by id; synthetic ones (no path yet) are first written for this model under `cache_dir`."""
-    files = list(sae_files)
-    paths = {file.sae_id: file.path for file in files}
+def write_pending_synthetic_saes(
+    loaded: LoadedModel, config: Any, sae_files: Mapping[str, SAEFile], cache_dir: Path
+) -> dict[str, SAEFile]:
+    """The files with every synthetic SAE (no path yet) written for this model under `cache_dir`."""
+    files = dict(sae_files)
     pending: dict[tuple[str, str, str], list[SAEFile]] = collections.defaultdict(list)
-    for file in files:
+    for file in files.values():
         if file.path is None:
             pending[(file.site, file.width, file.l0)].append(file)
     slug = loaded.model_id.replace(":", "-").replace("/", "_")
@@ -74,13 +80,19 @@ def load_saes(loaded: LoadedModel, config: Any, sae_files: Iterable[SAEFile], ca
             loaded, [file.layer for file in group], out_root, width=int(width), target_l0=float(target_l0),
             seed=config.sae.seed, site=site,
         )
-        paths.update({file.sae_id: written[file.layer] for file in group})
+        files.update({file.sae_id: dataclasses.replace(file, path=written[file.layer]) for file in group})
+    return files
+
+
+def load_saes(loaded: LoadedModel, config: Any, sae_files: Iterable[SAEFile], cache_dir: Path) -> dict[str, LoadedSAE]:
+    """Loads SAE files by id; synthetic ones (no path yet) are first written for this model under `cache_dir`."""
+    files = write_pending_synthetic_saes(loaded, config, {file.sae_id: file for file in sae_files}, cache_dir)
     architecture = loaded.architecture
     return {
-        file.sae_id: load_sae(
-            paths[file.sae_id], sae_id=file.sae_id, layer=file.layer, expected_d_in=sites.site_width(architecture, file.site)
+        sae_id: load_sae(
+            file.path, sae_id=sae_id, layer=file.layer, expected_d_in=sites.site_width(architecture, file.site)
         )
-        for file in files
+        for sae_id, file in files.items()
     }
 
 
@@ -139,6 +151,7 @@ class SteeringWorker:
       cache_dir: Where synthetic models and SAEs are written.
       worker_name: Recorded with each result.
       eval_tokens: Unused (SAE evaluation sweeps only).
+      mesh: Where the model lives (`load_host_model`); a slice replica passes its global mesh.
     """
 
     def __init__(
@@ -150,10 +163,11 @@ class SteeringWorker:
         cache_dir: Path,
         worker_name: str = "local",
         eval_tokens: Any = None,
+        mesh: Mesh | None | str = "auto",
     ):
         self.config = config
         self.worker_name = worker_name
-        self.loaded: LoadedModel = load_host_model(config, cache_dir)
+        self.loaded: LoadedModel = load_host_model(config, cache_dir, mesh)
         loaded_saes = load_saes(self.loaded, config, sae_files.values(), cache_dir)
         self.saes: dict[int, LoadedSAE] = {sae.layer: sae for sae in loaded_saes.values()}
         self._sae_layers = {layer: loaded.sae for layer, loaded in self.saes.items()}
@@ -179,6 +193,8 @@ class SteeringWorker:
             sae_widths=[sae.d_sae for sae in self._sae_layers.values()],
         )
         fitting = memory.largest_fitting_batch(estimate, memory.device_memory_bytes(), at_most=job_size)
+        if jax.process_count() > 1:  # every process of a slice must compile the same program
+            fitting = int(np.min(multihost_utils.process_allgather(np.int32(fitting))))
         if self.config.sampling.batch_size != "auto" and fitting < job_size:
             raise PlanError(
                 f"sampling.batch_size: {job_size} needs about {estimate.total(job_size) / 2**30:.1f} GiB on "
@@ -202,6 +218,7 @@ class SteeringWorker:
                 prompt_len=prompt_len,
                 max_new_tokens=max_new_tokens,
                 num_probes=len(self.probe_features),
+                mesh=self.loaded.mesh,
             )
         return self._samplers[key]
 
@@ -304,6 +321,7 @@ class SAEEvalWorker:
       cache_dir: Where synthetic models and SAEs are written.
       worker_name: Recorded with each result.
       eval_tokens: The evaluation set (`runner.text_sets.EvalTokens`).
+      mesh: Where the model lives (`load_host_model`); a slice replica passes its global mesh.
     """
 
     def __init__(
@@ -315,6 +333,7 @@ class SAEEvalWorker:
         cache_dir: Path,
         worker_name: str = "local",
         eval_tokens: Any = None,
+        mesh: Mesh | None | str = "auto",
     ):
         if eval_tokens is None:
             raise ValueError("an SAE evaluation worker needs the sweep's evaluation tokens")
@@ -324,7 +343,7 @@ class SAEEvalWorker:
         self.tokens = np.asarray(eval_tokens.tokens, np.int32)
         self._cache_dir = cache_dir
         self._files = dict(sae_files)
-        self.loaded: LoadedModel = load_host_model(config, cache_dir)
+        self.loaded: LoadedModel = load_host_model(config, cache_dir, mesh)
         self._saes: collections.OrderedDict[str, LoadedSAE] = collections.OrderedDict()
         self._cache_budget = int(memory.device_memory_bytes() * SAE_CACHE_FRACTION)
         self.compilations = 0

@@ -41,6 +41,7 @@ from runner.cluster import (
 from runner.config import ClusterConfig, load_experiment
 from runner.plan import Job
 from runner.results import PointResult
+from runner.slices import SliceExecutor
 from runner.sweep import SweepPlan, SweepSummary, prepare_sweep, run_sweep
 from runner.worker import SteeringWorker
 from tests.mlflow_server import DIRECT, MlflowServer, free_port, kill_process_group, rest
@@ -535,3 +536,45 @@ def test_export_writes_one_row_per_finished_point(failing_sweep, tmp_path, file_
 def experiment_file(sweep_plan: SweepPlan) -> Path:
     """The YAML a sweep's plan was read from (written by `write_experiment` next to its database)."""
     return Path(sweep_plan.config.tracking.uri.removeprefix("sqlite:///")).parent / "experiment.yaml"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A slice replica: one model spanning both simulated hosts (jax.distributed over loopback)
+
+
+def token_ids_by_point(uri: str, scratch: Path) -> dict[str, list[int]]:
+    """point_key -> generated token ids, read from each child run's `generation.json`."""
+    client = MlflowClient(uri)
+    ids = {}
+    for run in child_runs(uri):
+        path = client.download_artifacts(run.info.run_id, "generation.json", str(scratch))
+        ids[run.data.tags["point_key"]] = json.loads(Path(path).read_text())["token_ids"]
+    return ids
+
+
+def test_a_slice_replica_spans_both_hosts_and_generates_the_single_process_tokens(
+    ray_cluster, tmp_path, cache_dir
+) -> None:
+    grid = {"layers": [1, 2], "features": [3, 40], "scales": [0, 30], "seeds": [0]}
+    (tmp_path / "slice").mkdir(), (tmp_path / "single").mkdir()
+    slice_cluster = on_test_cluster(ray_cluster, workers=1, replica="slice", hosts_per_replica=2)
+    sweep_plan = plan_sweep(tmp_path / "slice", cache_dir, SAME_BUCKET_PROMPTS[:1], grid, slice_cluster)
+    executor = SliceExecutor(sweep_plan, cache_dir, sweep_plan.config.cluster)
+    summary = run_sweep(sweep_plan, cache_dir=cache_dir, executor=executor, output_dir=tmp_path)
+
+    assert (summary.points_finished, summary.points_failed) == (8, 0)
+    members = executor.workers_seen
+    assert sorted(info["rank"] for info in members) == [0, 1]
+    assert len({info["node_id"] for info in members}) == 2, "one member per host"
+    assert {(info["device_count"], info["local_device_count"]) for info in members} == {(8, DEVICES_PER_HOST)}
+    runs = assert_each_point_finished_exactly_once(sweep_plan)
+    assert {run.data.tags["runner.worker"].split("@")[0] for run in runs} == {"replica-0"}
+
+    # The same points in one process (this one: one host's 4 devices), greedy: the same tokens.
+    single_plan = plan_sweep(tmp_path / "single", cache_dir, SAME_BUCKET_PROMPTS[:1], grid, {})
+    run_sweep(single_plan, cache_dir=cache_dir, output_dir=tmp_path)
+    assert [p.point_key for p in single_plan.points] == [p.point_key for p in sweep_plan.points]
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    sliced = token_ids_by_point(sweep_plan.config.tracking.uri, tmp_path / "a")
+    single = token_ids_by_point(single_plan.config.tracking.uri, tmp_path / "b")
+    assert sliced == single and all(len(ids) > 0 for ids in sliced.values())
