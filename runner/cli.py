@@ -121,15 +121,20 @@ def run(
     workers: Annotated[
         Optional[int], typer.Option(help="Worker actors, one per host [default: cluster.workers].", show_default=False)
     ] = None,
+    summary_json: Annotated[
+        Optional[Path], typer.Option(help="Also write how the sweep ended (counts, timings) to this JSON file.",
+                                     show_default=False)
+    ] = None,
 ) -> None:
-    """Run a steering sweep on Ray workers and log every point to MLflow."""
+    """Run a sweep (steering or SAE evaluation) on Ray workers and log every point to MLflow."""
+    import dataclasses
     import json
 
     from runner.cluster import RayExecutor, keep_driver_jax_on_cpu
     from runner.slices import SliceExecutor
 
     keep_driver_jax_on_cpu()  # before anything imports JAX: the driver must never take a host's accelerator
-    from runner.config import load_experiment
+    from runner.config import check_write_locations, load_experiment
     from runner.sweep import prepare_sweep, run_sweep
     from runner.tracking import sweep_status
 
@@ -140,6 +145,7 @@ def run(
         overrides.append(f"cluster.workers={workers}")
     try:
         config = load_experiment(file, overrides)
+        check_write_locations(config, Path.cwd(), file)
         sweep_plan = prepare_sweep(config, _cache_dir(cache_dir))
         if resume:
             status = sweep_status(config.tracking.uri, config.tracking.experiment, sweep_plan.sweep_id)
@@ -181,8 +187,11 @@ def run(
     typer.echo(
         f"{summary.points_finished} points finished{spooled}, {summary.points_failed} failed, "
         f"{summary.points_skipped} already done; {summary.generated_tokens} tokens in {summary.seconds:.1f}s "
-        f"(MLflow logging {summary.tracking_seconds:.1f}s)"
+        f"(MLflow logging {summary.tracking_seconds:.1f}s, {summary.tracking_wait_seconds:.1f}s of it not overlapped "
+        "with the workers)"
     )
+    if summary_json is not None:
+        summary_json.write_text(json.dumps(dataclasses.asdict(summary), indent=2) + "\n", encoding="utf-8")
     faults = summary.faults
     if any(faults.values()):
         typer.echo(
@@ -324,13 +333,36 @@ def bench(
     batch_size: Annotated[Optional[int], typer.Option(help="Rows per batch [default: min(64, points)].")] = None,
     baseline_points: Annotated[int, typer.Option(help="Points the tutorial loop is timed on.")] = 8,
     cache_dir: CacheDir = None,
+    end_to_end: Annotated[
+        bool, typer.Option("--end-to-end", help="Time `runner run` on --experiment (Ray and MLflow included) "
+                                                "against the tutorial's loop over the same points.")
+    ] = False,
+    experiment: Annotated[
+        Optional[Path], typer.Option(help="The sweep of --end-to-end [default: "
+                                          "experiments/small_feature_scale_sweep.yaml].", show_default=False)
+    ] = None,
+    compilation_cache: Annotated[
+        bool, typer.Option(help="Let the --end-to-end workers reuse compiled programs from earlier runs.")
+    ] = True,
 ) -> None:
-    """Benchmark the batched sampler against the tutorial's loop; prints one JSON line."""
+    """Benchmark runner against the Gemma Scope tutorial's loop; prints one JSON line.
+
+    Without --end-to-end: the batched sampler alone on --points synthetic points. With it: the whole `runner run`
+    of a sweep in a fresh directory and process, against the tutorial's loop on the same points.
+    """
     import json
 
-    from runner.bench import run_benchmark
+    from runner.bench import END_TO_END_EXPERIMENT, run_benchmark, run_end_to_end
     from runner.errors import ConfigError
 
+    if end_to_end:
+        try:
+            figures = run_end_to_end(experiment=experiment or END_TO_END_EXPERIMENT, cache_dir=_cache_dir(cache_dir),
+                                     tutorial_points=baseline_points, compilation_cache=compilation_cache)
+        except RunnerError as error:
+            raise _fail(error) from None
+        typer.echo(json.dumps(figures))
+        return
     try:
         _check_preset(preset)
         checked = [("--points", points), ("--new-tokens", new_tokens), ("--baseline-points", baseline_points)]

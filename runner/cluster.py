@@ -197,9 +197,10 @@ class HostWorker:
             remove_stale_tpu_lockfile()
         self.platform, self.device_count = check_jax_platform(platform, self.name)
         config = worker_args["config"]
-        if worker_class is None:
-            from runner.worker import worker_class_for
+        from runner.worker import enable_compilation_cache, worker_class_for
 
+        enable_compilation_cache(cache_dir)
+        if worker_class is None:
             worker_class = worker_class_for(config.kind)
         sae_files = localise_sae_files(config, worker_args["sae_files"])
         # Synthetic SAEs are written by the first worker of a filesystem and reused by the others.
@@ -412,6 +413,8 @@ class RayExecutor:
         self._lost_host_events: list[dict[str, str]] = []
         self._workers_seen: list[dict[str, Any]] = []
         self._job_retries = 0
+        self._slots: list[_Slot] | None = None
+        self._owns_ray = False
         keep_driver_jax_on_cpu()
 
     @property
@@ -435,33 +438,62 @@ class RayExecutor:
         """`HostWorker.info()` of every worker (and restarted worker) that came up, in order."""
         return list(self._workers_seen)
 
+    def start(self) -> None:
+        """Starts (or joins) Ray and creates the worker actors, which begin loading the model; does nothing when
+        already started. `run` calls it; calling it first lets the workers load while the driver does other work."""
+        if self._slots is not None:
+            return
+        self._owns_ray = connect_ray(self._cluster)
+        try:
+            self._slots = self._start_workers()
+        except BaseException:
+            self.close()
+            raise
+
+    def wait_for_workers(self, timeout_s: float = 600.0) -> list[dict[str, Any]]:
+        """Starts the workers if needed and waits until every one has loaded the model; returns their `info()`.
+
+        Raises:
+          RunnerError: A worker failed to start or did not come up in `timeout_s`.
+        """
+        self.start()
+        try:
+            return ray.get([slot.actor.info.remote() for slot in self._slots], timeout=timeout_s)
+        except (ray_errors.RayError, ray_errors.GetTimeoutError) as error:
+            raise RunnerError(f"workers did not come up: {describe_ray_error(error)}") from None
+
     def run(self, jobs: Sequence[Job], on_result: ResultCallback, on_failure: FailureCallback) -> None:
         """Runs every job on the workers; `on_result`/`on_failure` are called on this thread, once per job.
 
-        KeyboardInterrupt (and any error of the callbacks) kills the workers and propagates.
+        KeyboardInterrupt (and any error of the callbacks) kills the workers and propagates. The workers stay up
+        for another `run` until `close`.
         """
         if not jobs:
             return
-        owns_ray = connect_ray(self._cluster)
-        slots: list[_Slot] = []
-        controller = None
+        self.start()
+        controller = _Controller(
+            self._slots, self._policy, on_result, on_failure,
+            on_worker_ready=self._workers_seen.append, on_lost_host=self._lost_host_events.append,
+        )
         try:
-            slots = self._start_workers()
-            controller = _Controller(
-                slots, self._policy, on_result, on_failure,
-                on_worker_ready=self._workers_seen.append, on_lost_host=self._lost_host_events.append,
-            )
             controller.run([Task(job) for job in jobs])
-            self._compilations = _count_compilations(slots)
+            self._compilations = _count_compilations(self._slots)
+        except BaseException:
+            self.close()
+            raise
         finally:
-            if controller is not None:
-                self._lost_host_events = controller.faults.classified_events()
-                self._job_retries = controller.faults.job_retries
-            for slot in slots:
-                with contextlib.suppress(Exception):
-                    ray.kill(slot.actor, no_restart=True)
-            if owns_ray:
-                ray.shutdown()
+            self._lost_host_events = controller.faults.classified_events()
+            self._job_retries = controller.faults.job_retries
+
+    def close(self) -> None:
+        """Kills the workers and leaves Ray (shutting down a local Ray this executor started)."""
+        for slot in self._slots or []:
+            with contextlib.suppress(Exception):
+                ray.kill(slot.actor, no_restart=True)
+        self._slots = None
+        if self._owns_ray:
+            self._owns_ray = False
+            ray.shutdown()
 
     def _start_workers(self) -> list[_Slot]:
         remote_class = ray.remote(HostWorker).options(**ray_actor_options(self._cluster, self._max_restarts))

@@ -510,6 +510,41 @@ class ExperimentConfig(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Where a sweep writes
+
+
+def check_write_locations(config: ExperimentConfig, output_dir: Path, source: Path) -> None:
+    """Refuses an experiment that would make runner write outside `output_dir` (the directory `runner run` works
+    in; MLflow resolves a relative sqlite path against it, and keeps a local store's artifacts under it).
+
+    What an experiment file can point a write at is its tracking store: a `sqlite:` database or a `file:` (or
+    plain path) store must resolve, symbolic links followed, inside `output_dir`. Tracking servers (`http(s)://`)
+    and other stores are not local writes. Paths the file reads from (model, SAEs, prompts, text) may be anywhere.
+
+    Raises:
+      ConfigError: One line naming the file, the field, the value and what is allowed.
+    """
+    uri = config.tracking.uri
+    parts = urlsplit(uri)
+    if parts.scheme == "sqlite":
+        target = uri.removeprefix("sqlite:").removeprefix("///").split("?", 1)[0]
+        if uri.startswith("sqlite:////"):
+            target = "/" + target.lstrip("/")
+    elif parts.scheme in ("", "file"):
+        target = parts.path if parts.scheme == "file" else uri
+    else:
+        return
+    root = Path(os.path.realpath(output_dir))
+    written = Path(os.path.realpath(root / target))
+    if written != root and root not in written.parents:
+        raise ConfigError(
+            f"{source}: tracking.uri: {uri!r} would write {str(written)!r}, outside the output directory "
+            f"{str(root)!r} (allowed: a store under it, e.g. sqlite:///mlflow.db, or an http(s):// tracking "
+            "server; run runner from the directory the results belong in)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Loading
 
 

@@ -45,7 +45,7 @@ def steering_point_metrics(
 ) -> dict[str, float]:
     """Per-point metrics from the sampler's sums for the point (ratios omitted when no token was measured).
 
-    - `steer/l0`: mean SAE L0 at the steering layer over the generated tokens (EOS and padding excluded), on the
+    - `steer/l0`: mean SAE L0 at the steering layer over the generated tokens (EOS, BOS and padding excluded), on the
       residual stream after steering.
     - `steer/feature_activation`: the steered feature's mean activation over those tokens.
     - `steer/feature_firing_rate`: fraction of those tokens on which the steered feature fires.

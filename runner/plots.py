@@ -18,49 +18,72 @@ import numpy as np
 
 if TYPE_CHECKING:
     import pandas as pd
+    from matplotlib.figure import Figure
 
 _log = logging.getLogger(__name__)
 
-#: More features than this get no per-feature plot (each PNG costs ~0.1 s); the table still has every row.
+#: More features than this get no per-feature plot (each PNG costs ~0.2 s); the table still has every row.
 MAX_FEATURE_PLOTS = 100
+#: What a steering sweep's per-feature figure shows (every metric is in the table and on the child runs).
+FEATURE_PLOT_METRICS = (
+    "steer/feature_activation",
+    "steer/concept_rate",
+    "steer/logit_lens_mass",
+    "steer/l0",
+    "steer/nll",
+    "steer/kl_steered_base",
+    "gen/distinct_2",
+    "gen/num_tokens",
+)
 FRONTIER_PLOT = "sae_frontier.png"
 BY_LAYER_PLOT = "sae_by_layer.png"
 
 
-def _figure(width: float, height: float):  # noqa: ANN202 - matplotlib's Figure, imported lazily
-    from matplotlib.figure import Figure
+def _figure(width: float, height: float, *, constrained: bool = True) -> Figure:
+    from matplotlib.figure import Figure  # imported on first use: the driver's start-up does not pay for it
 
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def _numeric_columns(frame: pd.DataFrame, exclude: Sequence[str]) -> list[str]:
-    return [c for c in frame.columns if c not in exclude and frame[c].dtype.kind in "fiu"]
+    return Figure(figsize=(width, height), layout="constrained" if constrained else None)
 
 
-def write_feature_plots(frame: pd.DataFrame, out_dir: Path, exclude: Sequence[str]) -> list[Path]:
-    """Writes `feature_<i>.png` per feature of a steering sweep's table: each numeric column not in `exclude`
-    (mean over prompts and seeds) against scale, one line per layer. Returns the files written."""
-    metrics = _numeric_columns(frame, exclude)
+def write_feature_plots(frame: pd.DataFrame, out_dir: Path, metrics: Sequence[str] = FEATURE_PLOT_METRICS) -> list[Path]:
+    """Writes `feature_<i>.png` per feature of a steering sweep's table: each of `metrics` that the table has
+    (mean over prompts and seeds) against scale, one line per layer. Returns the files written.
+
+    One figure is drawn and its lines re-filled for every feature, which halves the time matplotlib takes.
+    """
+    metrics = [metric for metric in metrics if metric in frame.columns]
     if not metrics or frame.empty or not {"feature", "layer", "scale"} <= set(frame.columns):
         return []
     features = sorted(frame["feature"].unique())
     if len(features) > MAX_FEATURE_PLOTS:
         _log.warning("plotting the first %d of %d features", MAX_FEATURE_PLOTS, len(features))
+    layers = sorted(frame["layer"].unique())
+    means = frame.groupby(["feature", "layer", "scale"])[metrics].mean().sort_index()
+    columns = min(4, len(metrics))
+    rows = -(-len(metrics) // columns)
+    figure = _figure(3.2 * columns, 2.6 * rows, constrained=False)  # a fixed layout: 10x faster to save
+    panels = []
+    for index, metric in enumerate(metrics):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        lines = {layer: axes.plot([], [], marker="o", markersize=3, label=f"layer {layer}")[0] for layer in layers}
+        axes.set_title(metric, fontsize=8)
+        axes.tick_params(labelsize=7)
+        if index >= len(metrics) - columns:
+            axes.set_xlabel("scale", fontsize=7)
+        panels.append((metric, axes, lines))
+    panels[-1][1].legend(fontsize=6)
+    figure.subplots_adjust(left=0.06, right=0.98, bottom=0.1, top=0.88, wspace=0.3, hspace=0.45)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for feature in features[:MAX_FEATURE_PLOTS]:
-        means = frame[frame["feature"] == feature].groupby(["layer", "scale"])[metrics].mean().reset_index()
-        columns = min(3, len(metrics))
-        rows = -(-len(metrics) // columns)
-        figure = _figure(4 * columns, 3 * rows)
-        for index, metric in enumerate(metrics):
-            axes = figure.add_subplot(rows, columns, index + 1)
-            for layer, group in means.groupby("layer"):
-                axes.plot(group["scale"], group[metric], marker="o", label=f"layer {layer}")
-            axes.set_xlabel("scale")
-            axes.set_title(metric, fontsize=9)
-            axes.legend(fontsize=7)
-        figure.suptitle(f"feature {feature}")
+        of_feature = means.loc[feature]
+        for metric, axes, lines in panels:
+            for layer, line in lines.items():
+                series = of_feature[metric].loc[layer] if layer in of_feature.index.get_level_values(0) else None
+                line.set_data(*((series.index, series.values) if series is not None else ([], [])))
+            axes.relim()
+            axes.autoscale_view()
+        figure.suptitle(f"feature {feature}", fontsize=10)
         path = out_dir / f"feature_{feature}.png"
         figure.savefig(path, dpi=72)
         written.append(path)

@@ -10,7 +10,7 @@ the caller from the point's identity (the prompt). A point therefore samples the
 64, or on another host.
 
 Measurements (fixed-shape `{batch}` accumulators inside the program, see `steering.SteeringSite`): over the
-generated tokens that are neither EOS nor padding, the SAE L0 at the steering layer and the steered feature's
+generated tokens that are neither EOS, BOS nor padding, the SAE L0 at the steering layer and the steered feature's
 activation and firing count, measured on the residual stream after steering.
 """
 
@@ -31,7 +31,7 @@ from penzai.models.transformer import model_parts, sampling_mode
 
 from runner import steering as steering_lib
 from runner.sae import JumpReLUSAE
-from runner.tokenizer import EOS_ID, PAD_ID
+from runner.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 MIN_PROMPT_BUCKET = 16
 
@@ -77,6 +77,17 @@ class SamplingBatch:
     def batch_size(self) -> int:
         """Rows in the batch."""
         return int(self.prompt_tokens.shape[0])
+
+    @classmethod
+    def zeros(cls, batch_size: int, prompt_len: int, num_probes: int) -> SamplingBatch:
+        """A batch of the given shape holding zeros (what a program is compiled for)."""
+        rows = np.zeros(batch_size, np.int32)
+        return cls(
+            prompt_tokens=np.zeros((batch_size, prompt_len), np.int32), target_layer=rows, feature=rows,
+            value=rows.astype(np.float32), mode=rows, steer_from=rows, temperature=rows.astype(np.float32),
+            top_k=rows, top_p=np.ones(batch_size, np.float32), seed=rows.astype(np.uint32),
+            stream=rows.astype(np.uint32), probe_features=np.zeros(num_probes, np.int32),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +185,14 @@ class SteeringSampler:
         # same batch and reads the whole output locally.
         self._replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
         self._program = jax.jit(self._generate, out_shardings=self._replicated)
+        self._compiled: Any = None
+
+    def compile(self) -> None:
+        """Compiles the program now, ahead of the first batch (another thread may do it while this one works)."""
+        if self._compiled is None:
+            batch = SamplingBatch.zeros(self.batch_size, self.prompt_len, self.num_probes)
+            host = {field.name: getattr(batch, field.name) for field in dataclasses.fields(SamplingBatch)}
+            self._compiled = self._program.lower(self._pure_model, self._device_inputs(host)).compile()
 
     def __call__(self, batch: SamplingBatch) -> SamplingOutput:
         """Runs one batch (its shape must match the sampler's)."""
@@ -185,7 +204,8 @@ class SteeringSampler:
                 f"sampler for {(self.batch_size, self.prompt_len)} with {self.num_probes}"
             )
         host = {field.name: np.asarray(getattr(batch, field.name)) for field in dataclasses.fields(SamplingBatch)}
-        tokens, totals, steps = self._program(self._pure_model, self._device_inputs(host))
+        program = self._compiled if self._compiled is not None else self._program
+        tokens, totals, steps = program(self._pure_model, self._device_inputs(host))
         totals_by_layer = {layer: totals[i] for i, layer in enumerate(self.layers)}
         return SamplingOutput(
             tokens=np.asarray(tokens),
@@ -240,7 +260,7 @@ class SteeringSampler:
             )
             token = jnp.where(done, self.pad_id, token)
             out_tokens = jax.lax.dynamic_update_slice(out_tokens, token[:, None], (0, step))
-            measured = ~done & (token != self.eos_id)
+            measured = ~done & (token != self.eos_id) & (token != BOS_ID)  # special tokens never enter a metric
             states, logits = run_model(states, token[:, None], measured[:, None])
             return states, logits, step + 1, done | (token == self.eos_id), out_tokens
 

@@ -96,7 +96,7 @@ class SliceHostWorker:
         from jax.experimental import multihost_utils
 
         from runner.model import make_host_mesh
-        from runner.worker import worker_class_for
+        from runner.worker import enable_compilation_cache, worker_class_for
 
         if self._platform == "tpu":
             remove_stale_tpu_lockfile()
@@ -110,6 +110,7 @@ class SliceHostWorker:
         )
         multihost_utils.sync_global_devices("runner: gang up")
         platform, devices = check_jax_platform(self._platform, self.name)
+        enable_compilation_cache(self._cache_dir)
         config = self._worker_args["config"]
         self._worker = worker_class_for(config.kind)(
             **self._worker_args, cache_dir=self._cache_dir, worker_name=self.name, mesh=make_host_mesh()
@@ -249,6 +250,8 @@ class SliceExecutor:
         self._events: list[dict[str, str]] = []
         self._job_retries = 0
         self._faults: JobFaults | None = None
+        self._gangs: list[_Gang] | None = None
+        self._owns_ray = False
         self.workers_seen: list[dict[str, Any]] = []
 
     @property
@@ -265,34 +268,57 @@ class SliceExecutor:
         """`preemptions`, `worker_crashes` and `job_retries` of the last run."""
         return fault_counts(self._events, self._job_retries)
 
-    def run(self, jobs: Sequence[Job], on_result: ResultCallback, on_failure: FailureCallback) -> None:
-        """Runs every job on the replicas; `on_result`/`on_failure` are called on this thread, once per job."""
-        if not jobs:
+    def start(self) -> None:
+        """Writes the synthetic SAEs, starts (or joins) Ray and starts every replica's gang; does nothing when
+        already started. `run` calls it."""
+        if self._gangs is not None:
             return
         worker_args = _with_synthetic_saes_written(self._plan, self._cache_dir)
-        owns_ray = connect_ray(self._cluster)
-        gangs: list[_Gang] = []
+        self._owns_ray = connect_ray(self._cluster)
+        try:
+            self._gangs = [_Gang(f"replica-{index}", self._cluster, worker_args, self._cache_dir)
+                           for index in range(self._cluster.workers)]
+            for gang in self._gangs:
+                gang.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self, jobs: Sequence[Job], on_result: ResultCallback, on_failure: FailureCallback) -> None:
+        """Runs every job on the replicas; `on_result`/`on_failure` are called on this thread, once per job.
+
+        KeyboardInterrupt (and any error of the callbacks) kills the replicas and propagates.
+        """
+        if not jobs:
+            return
+        self.start()
         queue: collections.deque[Task] = collections.deque(Task(job) for job in jobs)
         self._faults = JobFaults(self._cluster.max_job_retries, self._cluster.max_worker_crashes, queue, on_failure)
         try:
-            gangs = [_Gang(f"replica-{index}", self._cluster, worker_args, self._cache_dir)
-                     for index in range(self._cluster.workers)]
-            self._loop(gangs, queue, on_result, on_failure)
+            self._loop(self._gangs, queue, on_result, on_failure)
             self._compilations = sum(
-                ray.get(gang.members[0].compilations.remote(), timeout=30) for gang in gangs if gang.state == "idle"
+                ray.get(gang.members[0].compilations.remote(), timeout=30)
+                for gang in self._gangs
+                if gang.state == "idle"
             )
+        except BaseException:
+            self.close()
+            raise
         finally:
             self._events, self._job_retries = self._faults.classified_events(), self._faults.job_retries
-            for gang in gangs:
-                gang.close()
-            if owns_ray:
-                ray.shutdown()
+
+    def close(self) -> None:
+        """Leaves `jax.distributed` on every replica, kills them, frees their placement groups and leaves Ray."""
+        for gang in self._gangs or []:
+            gang.close()
+        self._gangs = None
+        if self._owns_ray:
+            self._owns_ray = False
+            ray.shutdown()
 
     def _loop(self, gangs: list[_Gang], queue: collections.deque[Task], on_result: ResultCallback,
               on_failure: FailureCallback) -> None:
-        for gang in gangs:
-            gang.start()
-        while queue or any(gang.state in ("busy",) for gang in gangs):
+        while queue or any(gang.state == "busy" for gang in gangs):
             for gang in gangs:
                 if gang.state == "idle" and queue:
                     gang.submit(queue.popleft())

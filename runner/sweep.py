@@ -7,6 +7,7 @@ skips points that already finished (resume), runs the rest in jobs, and logs eac
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import math
@@ -74,17 +75,33 @@ class SweepPlan:
 
     def worker_args(self) -> dict[str, Any]:
         """What a worker class (`runner.worker`) takes besides its cache directory and name."""
-        return {
-            "config": self.config,
-            "sae_files": self.sae_files,
-            "batch_size": self.batch_size,
-            "eval_tokens": self.eval_tokens,
-        }
+        args = {"config": self.config, "sae_files": self.sae_files, "batch_size": self.batch_size}
+        if self.config.kind == "sae_eval":
+            return {**args, "eval_tokens": self.eval_tokens}
+        return {**args, "point_capacity": self.point_capacity}
+
+    @property
+    def point_capacity(self) -> int:
+        """Point rows of a steering worker's metrics program that serve every chunk of the plan's jobs (a job's
+        scale-0 points share one generation, so a chunk may hold more points than generations)."""
+        from runner.steering_metrics import point_bucket
+
+        chunks = [chunk for job in self.jobs for chunk in plan.split_by_generations(job.points, self.batch_size)]
+        return max((point_bucket(len(chunk), self.batch_size) for chunk in chunks), default=self.batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
 class SweepSummary:
-    """How a sweep ended."""
+    """How a sweep ended.
+
+    Attributes:
+      seconds: Wall time of `run_sweep`.
+      tracking_seconds: Time spent logging to MLflow (opening the sweep, the tracking thread's work, closing it),
+        mostly while the workers computed.
+      tracking_wait_seconds: The part of `seconds` the sweep spent waiting on MLflow alone: the opening not
+        hidden behind the workers' start-up, the results still to log after the last job, the closing not
+        hidden behind the workers' shut-down.
+    """
 
     sweep_id: str
     parent_run_id: str
@@ -97,6 +114,7 @@ class SweepSummary:
     seconds: float
     tracking_seconds: float
     compilations: int
+    tracking_wait_seconds: float = 0.0
     points_from_spool: int = 0
     faults: dict[str, int] = dataclasses.field(default_factory=dict)
 
@@ -162,7 +180,7 @@ def _prepare_steering(config: ExperimentConfig, arch: Gemma2Architecture, tokeni
         {layer: sae_file.sae_id for layer, sae_file in by_layer.items()},
         lambda layer, feature: by_layer[layer].neuronpedia_url(feature),
     )
-    batch_size = job_size(config, len(points))
+    batch_size = job_size(config, points)
     return SweepPlan(
         config=config,
         sweep_id=plan.sweep_id(config),
@@ -232,11 +250,19 @@ def _prepare_sae_eval(config: ExperimentConfig, arch: Gemma2Architecture, tokeni
     )
 
 
-def job_size(config: ExperimentConfig, num_points: int) -> int:
-    """Distinct generations per job: `sampling.batch_size`, or with `auto` up to `MAX_AUTO_BATCH` (a worker may
-    then run a job in smaller batches that fit its device)."""
+def job_size(config: ExperimentConfig, points: Sequence[plan.SteeringPoint]) -> int:
+    """Distinct generations per job: `sampling.batch_size`, or with `auto` the generations shared evenly over
+    as few jobs as hold at most `MAX_AUTO_BATCH` each, their count a multiple of the workers (so no job runs a
+    mostly empty batch). A worker may then run a job in smaller batches that fit its device."""
     requested = config.sampling.batch_size
-    return min(MAX_AUTO_BATCH, num_points) if requested == "auto" else requested
+    if requested != "auto":
+        return requested
+    generations = len({point.generation_key for point in points})
+    jobs = math.ceil(generations / MAX_AUTO_BATCH)
+    workers = config.cluster.workers
+    if generations >= workers:
+        jobs = math.ceil(jobs / workers) * workers
+    return max(1, math.ceil(generations / jobs))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,7 +304,7 @@ def outline(config: ExperimentConfig) -> SweepOutline:
     if config.kind == "steering":
         steering = config.steering
         points = plan.expand_points(config, {layer: f"layer-{layer}-sae" for layer in steering.layers})
-        size = job_size(config, len(points))
+        size = job_size(config, points)
         jobs = len(plan.pack_jobs(points, size))
         generations = len({point.generation_key for point in points})
         grid = (f"{len(config.prompts)} prompts x {len(steering.layers)} layers x {len(steering.features)} features "
@@ -357,6 +383,12 @@ class JobExecutor(Protocol):
     def fault_counts(self) -> dict[str, int]:
         """`preemptions`, `worker_crashes` and `job_retries` of the last run."""
 
+    def start(self) -> None:
+        """Brings the workers up (they load the model); `run` does it too. Does nothing when already started."""
+
+    def close(self) -> None:
+        """Releases the workers; does nothing when they are not up."""
+
 
 class LocalExecutor:
     """Runs jobs in this process on one `SteeringWorker` (built on first use); a job's error fails its points."""
@@ -375,13 +407,21 @@ class LocalExecutor:
         """No host to lose, and no retries: a job's error fails its points at once."""
         return {"preemptions": 0, "worker_crashes": 0, "job_retries": 0}
 
-    def run(self, jobs: Sequence[Job], on_result: ResultCallback, on_failure: FailureCallback) -> None:
-        """Runs the jobs one after another."""
+    def start(self) -> None:
+        """Builds the worker (loads the model and SAEs) in this process."""
         from runner.worker import worker_class_for  # JAX model code is imported only when a sweep really runs.
 
-        if self._worker is None and jobs:
+        if self._worker is None:
             worker_class = worker_class_for(self._plan.config.kind)
             self._worker = worker_class(**self._plan.worker_args(), cache_dir=self._cache_dir)
+
+    def close(self) -> None:
+        """Nothing to release: the worker is this process."""
+
+    def run(self, jobs: Sequence[Job], on_result: ResultCallback, on_failure: FailureCallback) -> None:
+        """Runs the jobs one after another."""
+        if jobs:
+            self.start()
         for job in jobs:
             try:
                 results = self._worker.run_job(job)
@@ -434,20 +474,35 @@ def run_sweep(
             progress(done, to_run, counts["failed"], counts["tokens"])
 
     by_key = {point.point_key: point for point in sweep_plan.points}
-    opened = time.perf_counter()
-    with tracker.sweep(config, sweep_plan.sweep_id, len(sweep_plan.points)) as parent_run_id:
-        done_keys = tracker.finished_point_keys()
-        spooled = [r for r in spool.read() if r.point_key in by_key and r.point_key not in done_keys]
+
+    def open_and_catch_up() -> tuple[str, list[Result], set[str], float]:
+        """Opens the sweep, finds its finished points and logs what an earlier run left in the spool."""
+        opened = time.perf_counter()
+        parent = tracker.open_sweep(config, sweep_plan.sweep_id, len(sweep_plan.points))
+        done = tracker.finished_point_keys()
+        spooled = [r for r in spool.read() if r.point_key in by_key and r.point_key not in done]
         for result in spooled:
             tracker.log_point(by_key[result.point_key], result)
         spool.clear()
-        done_keys |= {result.point_key for result in spooled}
+        return parent, spooled, done | {result.point_key for result in spooled}, time.perf_counter() - opened
+
+    def finish() -> float:
+        finishing = time.perf_counter()
+        tracker.finish()
+        return time.perf_counter() - finishing
+
+    background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="runner-tracking-setup")
+    opening = background.submit(open_and_catch_up)
+    try:
+        executor.start()  # Ray and the workers come up while the tracker opens (Ray wants the main thread)
+        waiting = time.perf_counter()
+        parent_run_id, spooled, done_keys, setup_seconds = opening.result()
+        tracking_wait = time.perf_counter() - waiting
         remaining = [point for point in sweep_plan.points if point.point_key not in done_keys]
         counts["to_run"] = len(remaining)
         writer = TrackingWriter(
             tracker, spool, RetryPolicy(give_up_after_s=config.tracking.retry_timeout_s), on_logged
         )
-        setup_seconds = time.perf_counter() - opened
         try:
             executor.run(
                 sweep_plan.pack(remaining),
@@ -461,10 +516,24 @@ def run_sweep(
             with contextlib.suppress(TrackingUnavailable):
                 writer.close(abandon=True)
             raise
-        writer.close()
-        closing = time.perf_counter()
+        waiting = time.perf_counter()
+        writer.close()  # the results still queued when the last job came back
         faults = executor.fault_counts()
         tracker.log_sweep_metrics(faults)
+        tracking_wait += time.perf_counter() - waiting
+        finishing = background.submit(finish)  # the table and plots, while the workers and Ray shut down
+        executor.close()
+        waiting = time.perf_counter()
+        close_seconds = finishing.result()
+        tracking_wait += time.perf_counter() - waiting
+    except BaseException as error:
+        with contextlib.suppress(BaseException):
+            opening.result()  # an interrupt may come while the sweep is being opened: close what was opened
+        tracker.abort(error)
+        raise
+    finally:
+        executor.close()
+        background.shutdown(wait=True)
     return SweepSummary(
         sweep_id=sweep_plan.sweep_id,
         parent_run_id=parent_run_id,
@@ -475,7 +544,8 @@ def run_sweep(
         points_failed=counts["failed"],
         generated_tokens=counts["tokens"],
         seconds=time.perf_counter() - started,
-        tracking_seconds=setup_seconds + writer.busy_seconds + (time.perf_counter() - closing),
+        tracking_seconds=setup_seconds + writer.busy_seconds + close_seconds,
+        tracking_wait_seconds=tracking_wait,
         compilations=executor.compilations,
         points_from_spool=len(spooled),
         faults=faults,

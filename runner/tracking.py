@@ -18,7 +18,7 @@ import re
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -26,6 +26,7 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH
 
 from runner import plots
@@ -55,8 +56,6 @@ CONFIG_ARTIFACT = "config/experiment.yaml"
 TABLE_ARTIFACT = "generations.json"
 SAE_TABLE_ARTIFACT = "sae_metrics.json"
 PLOTS_DIR = "plots"
-_TABLE_COLUMNS = ("point_key", "prompt_index", "layer", "feature", "scale", "seed", "text")
-_SAE_TABLE_COLUMNS = ("point_key", "sae_id", "layer", "site", "width", "l0_target")
 _PAGE = 1000
 
 
@@ -68,6 +67,7 @@ class _Child:
     status: str
     params: frozenset[str]
     has_error_tag: bool
+    artifact_uri: str
 
 
 #: Set to 0 to leave a sqlite tracking database in its default rollback-journal mode (e.g. on a network filesystem,
@@ -199,20 +199,21 @@ class SweepTracker:
         return run_id
 
     def close_sweep(self, status: SweepStatus, results_table: list[dict[str, Any]] | None = None) -> None:
-        """Logs counts, the generations table and per-feature plots, then terminates the parent with `status`.
+        """Logs counts, the table and the plots, then terminates the parent with `status`.
 
         Args:
           status: The parent's final status.
-          results_table: Rows of the generations table; by default one row per FINISHED child (point_key,
-            prompt_index, layer, feature, scale, seed, text and its metrics).
+          results_table: Rows of the table; by default one row per FINISHED child (a steering point: point_key,
+            prompt_index, layer, feature, scale, seed, text and its metrics; an SAE: its params and metrics).
         """
         parent = self._require_open()
-        children = self._search_children()
         stray = "KILLED" if status == "KILLED" else "FAILED"
-        for run in children:
-            if run.info.status == "RUNNING":
-                self._terminate_quietly(run.info.run_id, stray, "the sweep ended while this point was running")
-        statuses = [run.info.status for run in children]
+        for run in self._search_children("attributes.status = 'RUNNING'"):
+            self._terminate_quietly(run.info.run_id, stray, "the sweep ended while this point was running")
+            key = run.data.tags.get(TAG_POINT_KEY)
+            if key in self._children:
+                self._children[key].status = stray
+        statuses = [child.status for child in self._children.values()]
         counts = {
             "points_total": self._num_points,
             "points_finished": statuses.count("FINISHED"),
@@ -220,7 +221,7 @@ class SweepTracker:
         }
         now = _now_ms()
         self._client.log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in counts.items()])
-        rows = results_table if results_table is not None else self._table_rows(children)
+        rows = results_table if results_table is not None else self._table_rows()
         if rows:
             self._log_table_and_plots(parent, rows)
         self._client.set_terminated(parent, status)
@@ -238,16 +239,26 @@ class SweepTracker:
         parent = self.open_sweep(config, sweep_id, num_points)
         try:
             yield parent
-            if self._parent_run_id is not None:
-                self.close_sweep(self._final_status())
-        except TrackingUnavailable:
-            # Nothing can be closed on a server that is gone; a later run of the sweep reopens and closes it.
-            self._parent_run_id = None
-            raise
+            self.finish()
         except BaseException as error:
-            if self._parent_run_id is not None:
-                self._close_after_error(parent, _status_for(error), error)
+            self.abort(error)
             raise
+
+    def finish(self) -> None:
+        """Closes the open sweep FINISHED when every point finished, else FAILED (see `close_sweep`)."""
+        if self._parent_run_id is not None:
+            self.close_sweep(self._final_status())
+
+    def abort(self, error: BaseException) -> None:
+        """Closes the open sweep after `error`: FAILED (KILLED for Ctrl-C), no child left RUNNING; never raises.
+        After `TrackingUnavailable` the runs are left as they are: nothing can be closed on a server that is gone,
+        and a later run of the sweep reopens and closes them."""
+        if self._parent_run_id is None:
+            return
+        if isinstance(error, TrackingUnavailable):
+            self._parent_run_id = None
+            return
+        self._close_after_error(self._parent_run_id, _status_for(error), error)
 
     # -- points -------------------------------------------------------------------------------------------------
 
@@ -272,29 +283,27 @@ class SweepTracker:
         existing = self._children.get(key)
         if existing is not None and existing.status == "FINISHED":
             return existing.run_id
-        child = self._start_child(parent, point, attempt=result.attempt, worker=result.worker)
+        child = self._start_child(
+            parent, point, attempt=result.attempt, worker=result.worker, extra_tags=result.tags
+        )
         try:
             now = _now_ms()
             metrics = [Metric(k, v, now, 0) for k, v in sorted(result.metrics.items())]
             params = self._new_params(child, point)
-            tags = [RunTag(k, _truncate(v)) for k, v in sorted(result.tags.items())]
-            # One call for params, metrics and tags where MLflow's per-call limits allow it.
-            while params or metrics or tags:
+            # One call for params and metrics where MLflow's per-call limits allow it.
+            while params or metrics:
                 self._client.log_batch(
-                    child.run_id,
-                    params=params[:MAX_PARAMS_TAGS_PER_BATCH],
-                    metrics=metrics[:MAX_METRICS_PER_BATCH],
-                    tags=tags[:MAX_PARAMS_TAGS_PER_BATCH],
+                    child.run_id, params=params[:MAX_PARAMS_TAGS_PER_BATCH], metrics=metrics[:MAX_METRICS_PER_BATCH]
                 )
                 params, metrics = params[MAX_PARAMS_TAGS_PER_BATCH:], metrics[MAX_METRICS_PER_BATCH:]
-                tags = tags[MAX_PARAMS_TAGS_PER_BATCH:]
             child.params = child.params | set(point.params())
             if child.has_error_tag:
                 self._client.delete_tag(child.run_id, TAG_ERROR)
                 child.has_error_tag = False
             with tempfile.TemporaryDirectory(prefix="runner-point-") as scratch:
                 write_point_artifacts(point, result, Path(scratch))
-                self._client.log_artifacts(child.run_id, scratch)
+                # The run's artifact store straight from its URI (`MlflowClient.log_artifacts` reads the run first).
+                get_artifact_repository(child.artifact_uri, tracking_uri=self.uri).log_artifacts(scratch)
             self._client.set_terminated(child.run_id, "FINISHED")
         except BaseException as error:
             self._terminate_quietly(child.run_id, _status_for(error), _describe(error))
@@ -364,10 +373,12 @@ class SweepTracker:
             query += f" AND {extra_filter}"
         return _search_all(self._client, self._experiment_id, query)
 
-    def _start_child(self, parent: str, point: Point, *, attempt: int, worker: str | None) -> _Child:
+    def _start_child(
+        self, parent: str, point: Point, *, attempt: int, worker: str | None, extra_tags: Mapping[str, str] | None = None
+    ) -> _Child:
         """Creates the point's child run, or reopens its unfinished one, with fresh tags; status RUNNING."""
         tags = {TAG_PARENT: parent, TAG_SWEEP_ID: self._sweep_id, TAG_POINT_KEY: point.point_key,
-                TAG_ROLE: "point", TAG_ATTEMPT: str(attempt)}
+                TAG_ROLE: "point", TAG_ATTEMPT: str(attempt), **{k: _truncate(v) for k, v in (extra_tags or {}).items()}}
         if worker is not None:
             tags[TAG_WORKER] = worker
         if getattr(point, "neuronpedia_url", None) is not None:
@@ -375,7 +386,8 @@ class SweepTracker:
         child = self._children.get(point.point_key)
         if child is None:
             run = self._client.create_run(self._experiment_id, run_name=_run_name(point), tags=tags)
-            child = _Child(run.info.run_id, "RUNNING", frozenset(), has_error_tag=False)
+            child = _Child(run.info.run_id, "RUNNING", frozenset(), has_error_tag=False,
+                           artifact_uri=run.info.artifact_uri)
             self._children[point.point_key] = child
         else:
             self._client.log_batch(child.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
@@ -416,26 +428,25 @@ class SweepTracker:
             self._parent_run_id = None
 
     def _final_status(self) -> SweepStatus:
-        finished = self.finished_point_keys()
-        return "FINISHED" if len(finished) >= self._num_points else "FAILED"
+        finished = sum(child.status == "FINISHED" for child in self._children.values())
+        return "FINISHED" if finished >= self._num_points else "FAILED"
 
-    def _table_rows(self, children: Sequence[Run]) -> list[dict[str, Any]]:
-        """One row per FINISHED child: from memory for points logged now, else from the run (and, for a steering
-        point, its `generation.json`)."""
-        rows = []
-        with tempfile.TemporaryDirectory(prefix="runner-table-") as tmp:
-            for run in children:
-                key = run.data.tags.get(TAG_POINT_KEY)
-                if run.info.status != "FINISHED" or key is None:
-                    continue
-                row = self._rows.get(key)
-                if row is None:
+    def _table_rows(self) -> list[dict[str, Any]]:
+        """One row per FINISHED child: from memory for points logged now, else (a resumed sweep) read back from
+        the runs (and, for a steering point, its `generation.json`)."""
+        finished = {key for key, child in self._children.items() if child.status == "FINISHED"}
+        rows = [self._rows[key] for key in finished if key in self._rows]
+        if finished - set(self._rows):
+            with tempfile.TemporaryDirectory(prefix="runner-table-") as tmp:
+                for run in self._search_children("attributes.status = 'FINISHED'"):
+                    key = run.data.tags.get(TAG_POINT_KEY)
+                    if key is None or key in self._rows or key not in finished:
+                        continue
                     text = None
                     if self._kind == "steering":
                         path = self._client.download_artifacts(run.info.run_id, "generation.json", tmp)
                         text = json.loads(Path(path).read_text(encoding="utf-8"))["text"]
-                    row = table_row(key, run.data.params, run.data.metrics, text)
-                rows.append(row)
+                    rows.append(table_row(key, run.data.params, run.data.metrics, text))
         order = ("prompt_index", "layer", "feature", "scale", "seed") if self._kind == "steering" else \
             ("layer", "site", "width", "l0_target")
         return sorted(rows, key=lambda r: tuple(r[column] for column in order))
@@ -451,7 +462,7 @@ class SweepTracker:
             self._client.log_artifact(parent, str(table))
             plot_dir = Path(tmp) / PLOTS_DIR
             if self._kind == "steering":
-                written = plots.write_feature_plots(frame, plot_dir, exclude=_TABLE_COLUMNS)
+                written = plots.write_feature_plots(frame, plot_dir)
             else:
                 written = plots.write_sae_eval_plots(frame, plot_dir)
             if written:
@@ -543,7 +554,8 @@ def _search_all(client: MlflowClient, experiment_id: str | None, query: str) -> 
 
 
 def _child_of(run: Run) -> _Child:
-    return _Child(run.info.run_id, run.info.status, frozenset(run.data.params), TAG_ERROR in run.data.tags)
+    return _Child(run.info.run_id, run.info.status, frozenset(run.data.params), TAG_ERROR in run.data.tags,
+                  artifact_uri=run.info.artifact_uri)
 
 
 def table_row(key: str, params: Mapping[str, str], metrics: Mapping[str, float], text: str | None) -> dict[str, Any]:
@@ -589,3 +601,21 @@ def _safe(function: Callable[[], _T], default: _T) -> _T:
         return function()
     except Exception:  # noqa: BLE001
         return default
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a tracking call that raised `error` may succeed when tried again: the server or database was
+    unreachable, overloaded or busy (HTTP 5xx or 429, a refused or broken connection, a locked sqlite file), as
+    opposed to a request the store refused (HTTP 4xx), which fails the same way every time."""
+    if isinstance(error, MlflowException):
+        return error.get_http_status_code() >= 500 or error.get_http_status_code() == 429
+    return isinstance(error, (OSError, ConnectionError, TimeoutError, sqlite3.OperationalError)) or any(
+        type(cause).__module__.split(".")[0] in ("requests", "urllib3", "sqlalchemy")
+        for cause in _causes(error)
+    )
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__

@@ -27,7 +27,7 @@ import numpy as np
 from runner.errors import TrackingUnavailable
 from runner.plan import Point
 from runner.results import PointResult, Result, SAEEvalPointResult
-from runner.tracking import SweepTracker, scrub
+from runner.tracking import SweepTracker, is_transient, scrub
 
 _log = logging.getLogger(__name__)
 
@@ -117,7 +117,9 @@ _STOP = object()
 
 
 class TrackingWriter:
-    """Logs results and failures on a thread of its own (see the module docstring).
+    """Logs results and failures on a thread of its own (see the module docstring). Only transient failures
+    (`tracking.is_transient`) are retried; a store that refuses a result stops the sweep at once, the result
+    kept in the spool.
 
     Args:
       tracker: The open sweep's tracker; only this thread calls it until `close` returns.
@@ -205,9 +207,13 @@ class TrackingWriter:
             try:
                 self._log(item)
                 return
-            except Exception as error:  # noqa: BLE001 - any failure of the tracking store is retried
+            except Exception as error:  # noqa: BLE001 - the tracking store's failures are sorted below
                 now = time.monotonic()
                 first_failure = now if first_failure is None else first_failure
+                if not is_transient(error):
+                    self._gave_up = f"tracking.uri: {self._tracker.uri} refused a result: {_one_line(error)}"
+                    self._keep(item)
+                    return
                 if now - first_failure >= self._policy.give_up_after_s or self._abandon.is_set():
                     self._gave_up = (
                         f"tracking.uri: {self._tracker.uri} unreachable for {now - first_failure:.0f} s "

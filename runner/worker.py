@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,13 +32,26 @@ from runner.plan import Job, SAEEvalPoint, SteeringPoint
 from runner.results import PointResult, SAEEvalPointResult
 from runner.sae import LoadedSAE, load_sae
 from runner.sae_sources import SAEFile, write_synthetic_saes
-from runner.sampling import SamplingBatch, SamplingOutput, SteeringSampler, left_pad, prompt_bucket
+from runner.sampling import SamplingBatch, SteeringSampler, left_pad, prompt_bucket
 from runner.steering import MODE_CODES, NO_LAYER
 
 #: Tag of a steering point: its feature's top logit-lens tokens, decoded (a JSON list).
 LOGIT_LENS_TAG = "logit_lens_tokens"
 #: Share of the device memory an `SAEEvalWorker` may fill with SAEs it keeps loaded between jobs.
 SAE_CACHE_FRACTION = 0.25
+
+
+#: Set to 0 to keep workers from caching compiled programs on disk (`<cache_dir>/jax-compilation-cache`).
+COMPILATION_CACHE_ENV = "RUNNER_COMPILATION_CACHE"
+
+
+def enable_compilation_cache(cache_dir: Path) -> None:
+    """Makes this (worker) process keep compiled XLA programs in `<cache_dir>/jax-compilation-cache`, so a sweep of
+    the same shapes, a resumed sweep or a restarted worker does not compile again. Leaves a cache directory set
+    through `JAX_COMPILATION_CACHE_DIR` alone; `RUNNER_COMPILATION_CACHE=0` turns it off."""
+    if os.environ.get(COMPILATION_CACHE_ENV, "1") == "0" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    jax.config.update("jax_compilation_cache_dir", str(Path(cache_dir) / "jax-compilation-cache"))
 
 
 @contextlib.contextmanager
@@ -152,6 +166,7 @@ class SteeringWorker:
       worker_name: Recorded with each result.
       eval_tokens: Unused (SAE evaluation sweeps only).
       mesh: Where the model lives (`load_host_model`); a slice replica passes its global mesh.
+      point_capacity: Point rows the metrics program is first compiled for (`SweepPlan.point_capacity`).
     """
 
     def __init__(
@@ -164,6 +179,7 @@ class SteeringWorker:
         worker_name: str = "local",
         eval_tokens: Any = None,
         mesh: Mesh | None | str = "auto",
+        point_capacity: int | None = None,
     ):
         self.config = config
         self.worker_name = worker_name
@@ -181,6 +197,10 @@ class SteeringWorker:
         self._samplers: dict[tuple[int, int, int], SteeringSampler] = {}
         self._steered_model = steering_lib.add_steering_sites(self.loaded.model, self._sae_layers)
         self._lens_tags: dict[tuple[int, ...], str] = {}
+        self._metrics_programs: dict[int, steering_metrics.SteeringMetricsProgram] = {}
+        # The sweep's two programs (its shape is known now) are compiled before the first job arrives.
+        self.sampler_for(self.prompt_len, config.sampling.max_new_tokens).compile()
+        self.metrics_program_for(point_capacity or self.batch_size).compile()
 
     def _fitting_batch_size(self, job_size: int) -> int:
         params = pz.unbind_params(self.loaded.model)[1]
@@ -206,6 +226,19 @@ class SteeringWorker:
     def compilations(self) -> int:
         """Programs compiled by this worker so far (one per batch shape)."""
         return sum(sampler.compilations for sampler in self._samplers.values())
+
+    def metrics_program_for(self, num_points: int) -> steering_metrics.SteeringMetricsProgram:
+        """The compiled metrics program for at least `num_points` points, built on first use; the largest one
+        built so far serves every smaller chunk, so a sweep compiles it once or twice."""
+        fitting = [capacity for capacity in self._metrics_programs if capacity >= num_points]
+        if fitting:
+            return self._metrics_programs[min(fitting)]
+        capacity = steering_metrics.point_bucket(num_points, self.batch_size)
+        self._metrics_programs[capacity] = steering_metrics.SteeringMetricsProgram(
+            self.loaded, self._steered_model, self._sae_layers, num_generations=self.batch_size,
+            seq_len=self.prompt_len + self.config.sampling.max_new_tokens, num_points=capacity,
+        )
+        return self._metrics_programs[capacity]
 
     def sampler_for(self, prompt_len: int, max_new_tokens: int) -> SteeringSampler:
         """The compiled sampler of a shape, built on first use."""
@@ -239,9 +272,20 @@ class SteeringWorker:
             if point.generation_key not in row_of:
                 row_of[point.generation_key] = len(rows)
                 rows.append(point)
-        output = self._sample(rows)
+        padded = self._padded(rows)
+        batch = batch_rows(padded, self._prompt_tokens(padded), self.prompt_len, self.probe_features)
+        output = self.sampler_for(self.prompt_len, rows[0].max_new_tokens)(batch)
         point_rows = [row_of[point.generation_key] for point in points]
-        generation_metrics = self._generation_metrics(points, output.tokens[point_rows])
+        generation_metrics = self.metrics_program_for(len(points))(
+            steering_lib.SteeringInputs.from_rows(
+                batch.target_layer, batch.feature, batch.value, batch.mode, batch.steer_from
+            ),
+            batch.prompt_tokens,
+            output.tokens,
+            [point.layer for point in points],
+            [point.feature for point in points],
+            point_rows,
+        )
 
         results = []
         for point, row, extra in zip(points, point_rows, generation_metrics):
@@ -281,31 +325,6 @@ class SteeringWorker:
 
     def _prompt_tokens(self, points: Sequence[SteeringPoint]) -> list[list[int]]:
         return [self._prompt_ids[point.prompt] for point in points]
-
-    def _sample(self, rows: list[SteeringPoint]) -> SamplingOutput:
-        sampler = self.sampler_for(self.prompt_len, rows[0].max_new_tokens)
-        padded = self._padded(rows)
-        return sampler(batch_rows(padded, self._prompt_tokens(padded), self.prompt_len, self.probe_features))
-
-    def _generation_metrics(
-        self, points: list[SteeringPoint], tokens: np.ndarray
-    ) -> list[steering_metrics.GenerationMetrics]:
-        """Judge-free steering metrics per point (`steering_metrics`), in batches of the compiled shape."""
-        rows = []
-        for start in range(0, len(points), self.batch_size):
-            indices = self._padded(list(range(start, min(start + self.batch_size, len(points)))))
-            piece = [points[i] for i in indices]
-            batch = batch_rows(piece, self._prompt_tokens(piece), self.prompt_len, self.probe_features)
-            layers = [point.layer for point in piece]
-            inputs = steering_lib.SteeringInputs.from_rows(
-                layers, batch.feature, batch.value, batch.mode, batch.steer_from
-            )
-            computed = steering_metrics.steering_generation_metrics(
-                self.loaded, self._steered_model, inputs, batch.prompt_tokens, tokens[indices], self._sae_layers,
-                layers, batch.feature,
-            )
-            rows.extend(computed[: min(self.batch_size, len(points) - start)])
-        return rows
 
 
 class SAEEvalWorker:

@@ -32,6 +32,12 @@ def experiment(tmp_path: Path, model_dir: Path, sae_root: Path, **changes) -> Pa
     return path
 
 
+@pytest.fixture(autouse=True)
+def in_the_output_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`runner run` writes only under its working directory: run it where the test's database lives."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture()
 def sae_root(tmp_path: Path) -> Path:
     """A local Gemma Scope-style tree with a valid 64-wide SAE for layers 0-3 (labelled width 16k)."""
@@ -112,6 +118,13 @@ def test_npz_with_pickled_objects(tmp_path, tiny_model_dir, sae_root) -> None:
     np.savez(file, **arrays)
     path = experiment(tmp_path, tiny_model_dir, sae_root)
     assert_one_line_error(tmp_path, *run_cli("run", str(path)), "pickled")
+
+
+def test_a_tracking_database_outside_the_working_directory(tmp_path, tiny_model_dir, sae_root) -> None:
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.db"
+    path = experiment(tmp_path, tiny_model_dir, sae_root, tracking={"uri": f"sqlite:///{outside}"})
+    assert_one_line_error(tmp_path, *run_cli("run", str(path)), "tracking.uri", "outside the output directory")
+    assert not outside.exists()
 
 
 def test_prompt_longer_than_the_context(tmp_path, tiny_model_dir, sae_root) -> None:

@@ -162,6 +162,12 @@ class LoseAHostAfterTheFirstResult:
     def fault_counts(self) -> dict[str, int]:
         return self.inner.fault_counts()
 
+    def start(self) -> None:
+        self.inner.start()
+
+    def close(self) -> None:
+        self.inner.close()
+
     def run(self, jobs, on_result, on_failure) -> None:
         def remove_then_report(job: Job, results: list[PointResult]) -> None:
             on_result(job, results)
@@ -253,6 +259,8 @@ def test_a_stale_tpu_lockfile_is_removed_only_when_no_process_holds_it(tmp_path)
 def test_a_sweep_spreads_over_both_hosts_and_finishes_every_point_once(ray_cluster, tmp_path, cache_dir) -> None:
     sweep_plan = plan_sweep(tmp_path, cache_dir, SAME_BUCKET_PROMPTS[:2], GRID, on_test_cluster(ray_cluster))
     executor = RayExecutor(sweep_plan, cache_dir, sweep_plan.config.cluster)
+    # Both workers up first: each compiles at start, and a worker ready seconds earlier could take every job.
+    assert len(executor.wait_for_workers()) == 2
     summary = run_sweep(sweep_plan, cache_dir=cache_dir, executor=executor)
 
     assert (summary.points_finished, summary.points_failed) == (24, 0)
@@ -401,7 +409,7 @@ def test_a_killed_driver_resumes_without_duplicates_or_reruns(tmp_path, cache_di
     command = [sys.executable, "-m", "runner.cli", "run", str(path), "--cache-dir", str(cache_dir)]
     log = (tmp_path / "first-run.log").open("w")
     driver = subprocess.Popen(command, env=runner_cli_env(jax_cache), stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+                              start_new_session=True, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 240
         while not some_point_finished(database):
@@ -418,7 +426,7 @@ def test_a_killed_driver_resumes_without_duplicates_or_reruns(tmp_path, cache_di
     before = finished_children(database)
     assert 0 < len(before) < 16, f"killed mid-sweep ({len(before)} of 16 finished)"
     resumed = subprocess.run([*command, "--resume"], env=runner_cli_env(jax_cache), capture_output=True,
-                             text=True, timeout=300)
+                             text=True, timeout=300, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{16 - len(before)} points finished, 0 failed, {len(before)} already done" in resumed.stdout
 
@@ -493,7 +501,8 @@ def test_runs_prints_the_parent_status_and_children_by_status(failing_sweep) -> 
     assert "24 points: 16 FINISHED, 8 FAILED, 0 not started" in result.stdout
 
 
-def test_run_refuses_an_unreachable_ray_address_before_creating_any_run(tmp_path, cache_dir) -> None:
+def test_run_refuses_an_unreachable_ray_address_before_creating_any_run(tmp_path, cache_dir, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
     path = write_experiment(tmp_path, SAME_BUCKET_PROMPTS[:1], GRID, cluster={})
     address = f"127.0.0.1:{free_port()}"
     result = CliRunner().invoke(app, ["run", str(path), "--address", address, "--cache-dir", str(cache_dir)])
