@@ -391,12 +391,18 @@ class JobExecutor(Protocol):
 
 
 class LocalExecutor:
-    """Runs jobs in this process on one `SteeringWorker` (built on first use); a job's error fails its points."""
+    """Runs jobs in this process on one worker of the sweep's kind (built on first use, or `worker`: one already
+    built for the same model, SAEs and shapes, e.g. from an earlier sweep); a job's error fails its points."""
 
-    def __init__(self, sweep_plan: SweepPlan, cache_dir: Path):
+    def __init__(self, sweep_plan: SweepPlan, cache_dir: Path, worker: Any = None):
         self._plan = sweep_plan
         self._cache_dir = cache_dir
-        self._worker: Any = None
+        self._worker: Any = worker
+
+    @property
+    def worker(self) -> Any:
+        """The worker, once built."""
+        return self._worker
 
     @property
     def compilations(self) -> int:
@@ -408,20 +414,19 @@ class LocalExecutor:
         return {"preemptions": 0, "worker_crashes": 0, "job_retries": 0}
 
     def start(self) -> None:
-        """Builds the worker (loads the model and SAEs) in this process."""
-        from runner.worker import worker_class_for  # JAX model code is imported only when a sweep really runs.
-
-        if self._worker is None:
-            worker_class = worker_class_for(self._plan.config.kind)
-            self._worker = worker_class(**self._plan.worker_args(), cache_dir=self._cache_dir)
+        """Nothing to start ahead: the worker is built by the first `run` that has jobs (a resumed sweep with
+        nothing left to do loads no model)."""
 
     def close(self) -> None:
         """Nothing to release: the worker is this process."""
 
     def run(self, jobs: Sequence[Job], on_result: ResultCallback, on_failure: FailureCallback) -> None:
         """Runs the jobs one after another."""
-        if jobs:
-            self.start()
+        from runner.worker import worker_class_for  # JAX model code is imported only when a sweep really runs.
+
+        if self._worker is None and jobs:
+            worker_class = worker_class_for(self._plan.config.kind)
+            self._worker = worker_class(**self._plan.worker_args(), cache_dir=self._cache_dir)
         for job in jobs:
             try:
                 results = self._worker.run_job(job)
@@ -500,8 +505,9 @@ def run_sweep(
         tracking_wait = time.perf_counter() - waiting
         remaining = [point for point in sweep_plan.points if point.point_key not in done_keys]
         counts["to_run"] = len(remaining)
+        patience = config.tracking.retry_timeout_s
         writer = TrackingWriter(
-            tracker, spool, RetryPolicy(give_up_after_s=config.tracking.retry_timeout_s), on_logged
+            tracker, spool, RetryPolicy(max_delay_s=min(30.0, patience / 10), give_up_after_s=patience), on_logged
         )
         try:
             executor.run(

@@ -164,7 +164,6 @@ class SteeringWorker:
         explicit batch size that does not fit is refused.
       cache_dir: Where synthetic models and SAEs are written.
       worker_name: Recorded with each result.
-      eval_tokens: Unused (SAE evaluation sweeps only).
       mesh: Where the model lives (`load_host_model`); a slice replica passes its global mesh.
       point_capacity: Point rows the metrics program is first compiled for (`SweepPlan.point_capacity`).
     """
@@ -177,7 +176,6 @@ class SteeringWorker:
         batch_size: int,
         cache_dir: Path,
         worker_name: str = "local",
-        eval_tokens: Any = None,
         mesh: Mesh | None | str = "auto",
         point_capacity: int | None = None,
     ):
@@ -348,14 +346,12 @@ class SAEEvalWorker:
         config: Any,
         sae_files: Mapping[str, SAEFile],
         *,
+        eval_tokens: Any,
         batch_size: int,
         cache_dir: Path,
         worker_name: str = "local",
-        eval_tokens: Any = None,
         mesh: Mesh | None | str = "auto",
     ):
-        if eval_tokens is None:
-            raise ValueError("an SAE evaluation worker needs the sweep's evaluation tokens")
         self.config = config
         self.worker_name = worker_name
         self.batch_size = batch_size

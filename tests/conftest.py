@@ -11,9 +11,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+import tempfile  # noqa: E402
+
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
+# Tests build the same programs (the tiny model in a handful of batch shapes) again and again: compile each once
+# per session. What a test asserts about compilations counts traces, which the cache does not skip.
+_COMPILATION_CACHE = tempfile.TemporaryDirectory(prefix="runner-tests-jax-cache-")  # removed at exit
+jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.name)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 from pathlib import Path  # noqa: E402
 

@@ -44,7 +44,7 @@ def result_for(point, text="hello world") -> PointResult:
         point_key=point.point_key,
         text=text,
         token_ids=(11, 12),
-        metrics={"nll": 1.0 + point.scale, "distinct_1": 0.5},
+        metrics={"steer/nll": 1.0 + point.scale, "gen/distinct_1": 0.5},
         worker="w0",
     )
 
@@ -82,7 +82,7 @@ def test_sweep_logs_parent_and_one_child_per_point(sweep, tmp_path):
     assert child.data.tags["runner.worker"] == "w0" and child.data.tags["runner.attempt"] == "1"
     assert child.data.tags["neuronpedia_url"] == "https://np/1/5"
     assert child.data.params == point.params()
-    assert child.data.metrics == {"nll": 9.0, "distinct_1": 0.5}
+    assert child.data.metrics == {"steer/nll": 9.0, "gen/distinct_1": 0.5}
     assert {a.path for a in client.list_artifacts(child.info.run_id)} == {"generation.txt", "generation.json"}
     generation_file = client.download_artifacts(child.info.run_id, "generation.json", str(tmp_path))
     generation = json.loads(Path(generation_file).read_text())
@@ -100,10 +100,10 @@ def test_generations_table_loads_with_mlflow_and_plots_exist(sweep, tmp_path):
     # What `mlflow.load_table` runs for the active experiment, without touching the fluent global state.
     table = client.load_table(experiment_id, "generations.json", run_ids=[parent_id], extra_columns=["run_id"])
     assert len(table) == 4
-    assert set(table.columns) >= {"point_key", "prompt_index", "layer", "feature", "scale", "seed", "text", "nll",
-                                  "distinct_1", "run_id"}
+    assert set(table.columns) >= {"point_key", "prompt_index", "layer", "feature", "scale", "seed", "text",
+                                  "steer/nll", "gen/distinct_1", "run_id"}
     row = table[(table.feature == 5) & (table.scale == 8.0)].iloc[0]
-    assert row.text == "text 5 8.0" and row.nll == 9.0 and row.point_key == points[-1].point_key
+    assert row.text == "text 5 8.0" and row["steer/nll"] == 9.0 and row.point_key == points[-1].point_key
 
     plots = {a.path for a in client.list_artifacts(parent_id, "plots")}
     assert plots == {"plots/feature_3.png", "plots/feature_5.png"}

@@ -40,7 +40,7 @@ def server(tmp_path_factory) -> MlflowServer:
         server.stop()
 
 
-def plan_against(server: MlflowServer, directory: Path, cache_dir: Path, name: str, retry_timeout_s: float):
+def write_experiment(directory: Path, name: str, tracking_uri: str, retry_timeout_s: float) -> Path:
     config = {
         "name": name,
         "model": {"source": "synthetic", "preset": "tiny"},
@@ -48,20 +48,26 @@ def plan_against(server: MlflowServer, directory: Path, cache_dir: Path, name: s
         "prompts": ["Once upon a time"],
         "steering": GRID,
         "sampling": {"max_new_tokens": 4, "temperature": 0.0, "batch_size": 2},
-        "tracking": {"uri": server.url, "retry_timeout_s": retry_timeout_s},
+        "tracking": {"uri": tracking_uri or "sqlite:///unused.db", "retry_timeout_s": retry_timeout_s},
     }
     path = directory / "experiment.yaml"
     path.write_text(yaml.safe_dump(config))
-    return prepare_sweep(load_experiment(path), cache_dir)
+    return path
+
+
+def plan_against(server: MlflowServer, directory: Path, cache_dir: Path, name: str, retry_timeout_s: float):
+    return prepare_sweep(load_experiment(write_experiment(directory, name, server.url, retry_timeout_s)), cache_dir)
 
 
 class StopTheServerAfterTheFirstJob(LocalExecutor):
     """Runs jobs locally; once the first job's results are handed to the tracking thread, stops the server, and
-    restarts it `restart_after_s` later (never, when None). Records the points it computed."""
+    restarts it `restart_after_s` later (never, when None; `stop=False`: leaves it alone). Records the points it
+    computed. The tests share one worker (one model and compiled programs)."""
 
-    def __init__(self, sweep_plan, cache_dir, server: MlflowServer, restart_after_s: float | None):
-        super().__init__(sweep_plan, cache_dir)
-        self.server, self.restart_after_s = server, restart_after_s
+    def __init__(self, sweep_plan, cache_dir, server: MlflowServer, restart_after_s: float | None, worker=None,
+                 stop: bool = True):
+        super().__init__(sweep_plan, cache_dir, worker)
+        self.server, self.restart_after_s, self.stop = server, restart_after_s, stop
         self.computed: list[str] = []
         self.restarted = threading.Event()
 
@@ -69,7 +75,7 @@ class StopTheServerAfterTheFirstJob(LocalExecutor):
         def stop_after_first(job, results) -> None:
             self.computed.extend(point.point_key for point in job.points)
             on_result(job, results)
-            if len(self.computed) == len(job.points):
+            if self.stop and len(self.computed) == len(job.points):
                 self.server.stop()
                 if self.restart_after_s is not None:
                     threading.Timer(self.restart_after_s, self._restart).start()
@@ -87,9 +93,19 @@ def finished_children(server: MlflowServer, name: str) -> list:
     return client.search_runs([experiment.experiment_id], "tags.`runner.role` = 'point'", max_results=100)
 
 
-def test_a_server_that_comes_back_gets_every_result_once(server, tmp_path, cache_dir) -> None:
-    sweep_plan = plan_against(server, tmp_path, cache_dir, "outage-short", retry_timeout_s=120)
-    executor = StopTheServerAfterTheFirstJob(sweep_plan, cache_dir, server, restart_after_s=3.0)
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory, cache_dir):
+    """One worker for every sweep of the module (they share model, SAEs, prompts and shapes)."""
+    from runner.worker import SteeringWorker
+
+    sweep_plan = prepare_sweep(load_experiment(write_experiment(tmp_path_factory.mktemp("worker"), "x", "",
+                                                                  120)), cache_dir)
+    return SteeringWorker(**sweep_plan.worker_args(), cache_dir=cache_dir)
+
+
+def test_a_server_that_comes_back_gets_every_result_once(server, worker, tmp_path, cache_dir) -> None:
+    sweep_plan = plan_against(server, tmp_path, cache_dir, "outage-short", retry_timeout_s=60)
+    executor = StopTheServerAfterTheFirstJob(sweep_plan, cache_dir, server, restart_after_s=3.0, worker=worker)
     summary = run_sweep(sweep_plan, cache_dir=cache_dir, executor=executor, output_dir=tmp_path)
 
     assert executor.restarted.is_set(), "the server was down while results were waiting"
@@ -102,10 +118,10 @@ def test_a_server_that_comes_back_gets_every_result_once(server, tmp_path, cache
 
 
 def test_a_server_down_too_long_stops_the_sweep_and_the_rerun_logs_the_spool_without_recomputing(
-    server, tmp_path, cache_dir
+    server, worker, tmp_path, cache_dir
 ) -> None:
     sweep_plan = plan_against(server, tmp_path, cache_dir, "outage-long", retry_timeout_s=3)
-    executor = StopTheServerAfterTheFirstJob(sweep_plan, cache_dir, server, restart_after_s=None)
+    executor = StopTheServerAfterTheFirstJob(sweep_plan, cache_dir, server, restart_after_s=None, worker=worker)
     started = time.monotonic()
     with pytest.raises(TrackingUnavailable, match=r"unreachable for \d+ s \(tracking.retry_timeout_s=3\).*finished "
                                                   r"results are kept in .*\.jsonl"):
@@ -115,8 +131,8 @@ def test_a_server_down_too_long_stops_the_sweep_and_the_rerun_logs_the_spool_wit
     assert spooled and {r.point_key for r in spooled} <= set(executor.computed)
 
     server.start()
-    again = StopTheServerAfterTheFirstJob(sweep_plan, cache_dir, server, restart_after_s=None)
-    again.run = lambda jobs, on_result, on_failure: LocalExecutor.run(again, jobs, record(again, on_result), on_failure)
+    again = StopTheServerAfterTheFirstJob(sweep_plan, cache_dir, server, restart_after_s=None, worker=worker,
+                                          stop=False)
     summary = run_sweep(sweep_plan, cache_dir=cache_dir, executor=again, output_dir=tmp_path)
 
     assert summary.points_from_spool == len(spooled)
@@ -127,10 +143,3 @@ def test_a_server_down_too_long_stops_the_sweep_and_the_rerun_logs_the_spool_wit
     assert MlflowClient(server.url).get_run(summary.parent_run_id).info.status == "FINISHED"
     assert not spool_path(tmp_path, sweep_plan.sweep_id).exists()
 
-
-def record(executor: StopTheServerAfterTheFirstJob, on_result):
-    def recorded(job, results) -> None:
-        executor.computed.extend(point.point_key for point in job.points)
-        on_result(job, results)
-
-    return recorded
