@@ -20,6 +20,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
+import gc  # noqa: E402
 import logging  # noqa: E402
 import warnings  # noqa: E402
 
@@ -136,7 +137,6 @@ def run(
     keep_driver_jax_on_cpu()  # before anything imports JAX: the driver must never take a host's accelerator
     from runner.config import check_write_locations, load_experiment
     from runner.sweep import prepare_sweep, run_sweep
-    from runner.tracking import sweep_status
 
     overrides = list(set_ or [])
     if address is not None:
@@ -148,6 +148,8 @@ def run(
         check_write_locations(config, Path.cwd(), file)
         sweep_plan = prepare_sweep(config, _cache_dir(cache_dir))
         if resume:
+            from runner.tracking import sweep_status  # MLflow: otherwise imported while Ray starts
+
             status = sweep_status(config.tracking.uri, config.tracking.experiment, sweep_plan.sweep_id)
             if status.get("parent_status") is None:
                 raise RunnerError(f"{file}: --resume given but sweep {sweep_plan.sweep_id} has no run yet in "
@@ -384,7 +386,12 @@ def bench(
 
 def main() -> None:
     """Entry point of the `runner` console script."""
-    app()
+    try:
+        app()
+    finally:
+        # The process ends here. Its last garbage collection would walk the whole heap JAX, Ray and MLflow built
+        # (over a second after a sweep) to free memory the exit frees anyway.
+        gc.freeze()
 
 
 if __name__ == "__main__":

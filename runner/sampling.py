@@ -185,14 +185,23 @@ class SteeringSampler:
         # same batch and reads the whole output locally.
         self._replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
         self._program = jax.jit(self._generate, out_shardings=self._replicated)
+        self._lowered: Any = None
         self._compiled: Any = None
 
-    def compile(self) -> None:
-        """Compiles the program now, ahead of the first batch (another thread may do it while this one works)."""
-        if self._compiled is None:
+    def lower(self) -> None:
+        """Traces the program (Python work, holding the GIL), ahead of `compile`."""
+        if self._lowered is None and self._compiled is None:
             batch = SamplingBatch.zeros(self.batch_size, self.prompt_len, self.num_probes)
             host = {field.name: getattr(batch, field.name) for field in dataclasses.fields(SamplingBatch)}
-            self._compiled = self._program.lower(self._pure_model, self._device_inputs(host)).compile()
+            self._lowered = self._program.lower(self._pure_model, self._device_inputs(host))
+
+    def compile(self) -> None:
+        """Compiles the program now, ahead of the first batch; XLA's part releases the GIL, so another thread can
+        trace meanwhile."""
+        if self._compiled is None:
+            self.lower()
+            self._compiled = self._lowered.compile()
+            self._lowered = None
 
     def __call__(self, batch: SamplingBatch) -> SamplingOutput:
         """Runs one batch (its shape must match the sampler's)."""

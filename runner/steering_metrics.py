@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -222,19 +223,22 @@ class SteeringMetricsProgram:
         self._models = (pz.freeze_params(_transformer(base_model)), pz.freeze_params(steered_model))
         self._saes = dict(saes)
         self._compiled: Any = None
+        self._compiling = threading.Lock()
 
     def compile(self) -> None:
-        """Compiles the program now, ahead of the first batch (another thread may do it while this one works)."""
-        if self._compiled is not None:
-            return
-        zeros = np.zeros(self.num_generations, np.int32)
-        inputs = steering.SteeringInputs.from_rows(zeros, zeros, zeros.astype(np.float32), zeros, zeros)
-        points = jnp.zeros(self.num_points, jnp.int32)
-        layer = jnp.full(self.num_points, min(self._saes), jnp.int32)
-        tokens = jnp.zeros((self.num_generations, self.seq_len), jnp.int32)
-        self._compiled = _per_position_statistics.lower(
-            *self._models, inputs, self._saes, tokens, points, layer, points, **self._static
-        ).compile()
+        """Compiles the program now, ahead of the first batch. Thread-safe: a worker compiles it on a second
+        thread while its sampler compiles, and a batch that comes first waits for it."""
+        with self._compiling:
+            if self._compiled is not None:
+                return
+            zeros = np.zeros(self.num_generations, np.int32)
+            inputs = steering.SteeringInputs.from_rows(zeros, zeros, zeros.astype(np.float32), zeros, zeros)
+            points = jnp.zeros(self.num_points, jnp.int32)
+            layer = jnp.full(self.num_points, min(self._saes), jnp.int32)
+            tokens = jnp.zeros((self.num_generations, self.seq_len), jnp.int32)
+            self._compiled = _per_position_statistics.lower(
+                *self._models, inputs, self._saes, tokens, points, layer, points, **self._static
+            ).compile()
 
     def __call__(
         self,
@@ -273,10 +277,8 @@ class SteeringMetricsProgram:
             jnp.asarray(layers + layers[-1:] * padding, jnp.int32),
             jnp.asarray(features + features[-1:] * padding, jnp.int32),
         )
-        if self._compiled is not None:
-            outputs = self._compiled(*self._models, *arrays)
-        else:
-            outputs = _per_position_statistics(*self._models, *arrays, **self._static)
+        self.compile()
+        outputs = self._compiled(*self._models, *arrays)
         return _point_metrics(jax.device_get(outputs), prompt_len, generated_tokens, rows)
 
 

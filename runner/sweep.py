@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from runner import plan, text_sets, tokenizer as tokenizer_lib
 from runner.architecture import Gemma2Architecture
@@ -28,8 +28,10 @@ from runner.sae import read_params_npz
 from runner.sae_sources import SAEFile, resolve_sae_file, resolve_sae_files, width_latents
 from runner.sites import site_width
 from runner.text_sets import EvalTokens
-from runner.tracking import SweepTracker
-from runner.tracking_writer import RetryPolicy, Spool, TrackingWriter
+
+if TYPE_CHECKING:
+    from runner.tracking import SweepTracker
+    from runner.tracking_writer import Spool
 
 #: Largest batch chosen automatically when `sampling.batch_size` is `auto`.
 MAX_AUTO_BATCH = 64
@@ -463,8 +465,10 @@ def run_sweep(
     """
     config = sweep_plan.config
     executor = executor if executor is not None else LocalExecutor(sweep_plan, cache_dir)
-    tracker = SweepTracker(config.tracking.uri, config.tracking.experiment)
-    spool = Spool(spool_path(output_dir if output_dir is not None else Path.cwd(), sweep_plan.sweep_id))
+    # MLflow takes a second or two to import and a new database as long to create: both happen on the tracking
+    # set-up thread (`open_and_catch_up`) while Ray and the workers start on this one.
+    tracker: SweepTracker | None = None
+    spool: Spool | None = None
     started = time.perf_counter()
     counts = {"finished": 0, "failed": 0, "tokens": 0, "to_run": 0}
     counts_lock = threading.Lock()
@@ -481,15 +485,24 @@ def run_sweep(
     by_key = {point.point_key: point for point in sweep_plan.points}
 
     def open_and_catch_up() -> tuple[str, list[Result], set[str], float]:
-        """Opens the sweep, finds its finished points and logs what an earlier run left in the spool."""
+        """Connects to the tracking store, opens the sweep, finds its finished points and logs what an earlier run
+        left in the spool."""
+        nonlocal tracker, spool
+        from runner.tracking import SweepTracker
+        from runner.tracking_writer import Spool
+
         opened = time.perf_counter()
+        spool = Spool(spool_path(output_dir if output_dir is not None else Path.cwd(), sweep_plan.sweep_id))
+        tracker = SweepTracker(config.tracking.uri, config.tracking.experiment)
         parent = tracker.open_sweep(config, sweep_plan.sweep_id, len(sweep_plan.points))
         done = tracker.finished_point_keys()
         spooled = [r for r in spool.read() if r.point_key in by_key and r.point_key not in done]
         for result in spooled:
             tracker.log_point(by_key[result.point_key], result)
         spool.clear()
-        return parent, spooled, done | {result.point_key for result in spooled}, time.perf_counter() - opened
+        seconds = time.perf_counter() - opened
+        tracker.warm_up_plots()
+        return parent, spooled, done | {result.point_key for result in spooled}, seconds
 
     def finish() -> float:
         finishing = time.perf_counter()
@@ -503,6 +516,8 @@ def run_sweep(
         waiting = time.perf_counter()
         parent_run_id, spooled, done_keys, setup_seconds = opening.result()
         tracking_wait = time.perf_counter() - waiting
+        from runner.tracking_writer import RetryPolicy, TrackingWriter  # imported by the set-up thread by now
+
         remaining = [point for point in sweep_plan.points if point.point_key not in done_keys]
         counts["to_run"] = len(remaining)
         patience = config.tracking.retry_timeout_s
@@ -535,7 +550,8 @@ def run_sweep(
     except BaseException as error:
         with contextlib.suppress(BaseException):
             opening.result()  # an interrupt may come while the sweep is being opened: close what was opened
-        tracker.abort(error)
+        if tracker is not None:
+            tracker.abort(error)
         raise
     finally:
         executor.close()

@@ -227,6 +227,11 @@ class SweepTracker:
         self._client.set_terminated(parent, status)
         self._parent_run_id = None
 
+    def warm_up_plots(self) -> None:
+        """Loads the plotting library now (about half a second), e.g. while the workers start, rather than when
+        the sweep closes."""
+        plots.warm_up()
+
     def log_sweep_metrics(self, metrics: Mapping[str, float]) -> None:
         """Logs metrics of the whole sweep on its parent run (e.g. `preemptions`, `worker_crashes`)."""
         parent = self._require_open()

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -196,9 +197,14 @@ class SteeringWorker:
         self._steered_model = steering_lib.add_steering_sites(self.loaded.model, self._sae_layers)
         self._lens_tags: dict[tuple[int, ...], str] = {}
         self._metrics_programs: dict[int, steering_metrics.SteeringMetricsProgram] = {}
-        # The sweep's two programs (its shape is known now) are compiled before the first job arrives.
-        self.sampler_for(self.prompt_len, config.sampling.max_new_tokens).compile()
-        self.metrics_program_for(point_capacity or self.batch_size).compile()
+        # The sweep's two programs (its shape is known now) are compiled before they are needed: the sampler's
+        # before the first job, the metrics program's on a second thread, which traces it while XLA compiles the
+        # sampler (and, if it takes longer, while the first batch samples; that batch's metrics wait for it).
+        sampler = self.sampler_for(self.prompt_len, config.sampling.max_new_tokens)
+        sampler.lower()
+        metrics_program = self.metrics_program_for(point_capacity or self.batch_size)
+        threading.Thread(target=metrics_program.compile, name="runner-metrics-compile", daemon=True).start()
+        sampler.compile()
 
     def _fitting_batch_size(self, job_size: int) -> int:
         params = pz.unbind_params(self.loaded.model)[1]
