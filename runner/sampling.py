@@ -30,6 +30,7 @@ from penzai import pz
 from penzai.models.transformer import model_parts, sampling_mode
 
 from runner import steering as steering_lib
+from runner.program_cache import LoweredProgram, ProgramCache
 from runner.sae import JumpReLUSAE
 from runner.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -146,7 +147,8 @@ class SteeringSampler:
     Build one per shape and keep it: calling it again with other prompts, steering points, seeds or sampling
     settings reuses the compiled program (`compilations` stays 1). With `mesh` (the model's, `LoadedModel.mesh`)
     the batch and the outputs are replicated over it, which a slice replica under `jax.distributed` needs: every
-    process passes the same batch (checked) and reads the whole output.
+    process passes the same batch (checked) and reads the whole output. With `program_cache` (a worker's) the
+    traced program is kept on disk, so the next worker of this shape skips tracing.
     """
 
     def __init__(
@@ -161,6 +163,7 @@ class SteeringSampler:
         eos_id: int = EOS_ID,
         pad_id: int = PAD_ID,
         mesh: Mesh | None = None,
+        program_cache: ProgramCache | None = None,
     ):
         self.batch_size = batch_size
         self.prompt_len = prompt_len
@@ -184,24 +187,34 @@ class SteeringSampler:
         # On a mesh, inputs and outputs are replicated over it: under `jax.distributed` every process gives the
         # same batch and reads the whole output locally.
         self._replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
-        self._program = jax.jit(self._generate, out_shardings=self._replicated)
-        self._lowered: Any = None
+        self._program_cache = program_cache if program_cache is not None else ProgramCache(None)
+        self._lowered: LoweredProgram | None = None
         self._compiled: Any = None
 
     def lower(self) -> None:
-        """Traces the program (Python work, holding the GIL), ahead of `compile`."""
+        """Traces the program (Python work, holding the GIL) or reads its trace from the program cache, ahead of
+        `compile`."""
         if self._lowered is None and self._compiled is None:
             batch = SamplingBatch.zeros(self.batch_size, self.prompt_len, self.num_probes)
             host = {field.name: getattr(batch, field.name) for field in dataclasses.fields(SamplingBatch)}
-            self._lowered = self._program.lower(self._pure_model, self._device_inputs(host))
+            static = {
+                "batch_size": self.batch_size, "prompt_len": self.prompt_len, "max_new_tokens": self.max_new_tokens,
+                "eos_id": self.eos_id, "pad_id": self.pad_id, "layers": self.layers, "num_probes": self.num_probes,
+                "state": str(self._state_template), "replicated": str(self._replicated),
+            }
+            self._lowered = self._program_cache.lower(
+                "sampler", self._generate, (self._pure_model, self._device_inputs(host)), static=static,
+                out_shardings=self._replicated,
+            )
 
     def compile(self) -> None:
-        """Compiles the program now, ahead of the first batch; XLA's part releases the GIL, so another thread can
-        trace meanwhile."""
+        """Compiles the program now, ahead of the first batch (else the first batch does); XLA's part releases
+        the GIL, so another thread can trace meanwhile."""
         if self._compiled is None:
             self.lower()
             self._compiled = self._lowered.compile()
             self._lowered = None
+            self.compilations += 1
 
     def __call__(self, batch: SamplingBatch) -> SamplingOutput:
         """Runs one batch (its shape must match the sampler's)."""
@@ -213,8 +226,8 @@ class SteeringSampler:
                 f"sampler for {(self.batch_size, self.prompt_len)} with {self.num_probes}"
             )
         host = {field.name: np.asarray(getattr(batch, field.name)) for field in dataclasses.fields(SamplingBatch)}
-        program = self._compiled if self._compiled is not None else self._program
-        tokens, totals, steps = program(self._pure_model, self._device_inputs(host))
+        self.compile()
+        tokens, totals, steps = self._compiled(self._pure_model, self._device_inputs(host))
         totals_by_layer = {layer: totals[i] for i, layer in enumerate(self.layers)}
         return SamplingOutput(
             tokens=np.asarray(tokens),
@@ -232,7 +245,6 @@ class SteeringSampler:
         return {name: jax.make_array_from_process_local_data(self._replicated, value) for name, value in host.items()}
 
     def _generate(self, pure_model: Any, arrays: dict[str, jax.Array]) -> tuple[jax.Array, list, jax.Array]:
-        self.compilations += 1  # Runs only while tracing, i.e. once per compilation.
         batch_size, max_new = self.batch_size, self.max_new_tokens
         steering_inputs = steering_lib.SteeringInputs.from_rows(
             arrays["target_layer"], arrays["feature"], arrays["value"], arrays["mode"], arrays["steer_from"]
@@ -285,9 +297,14 @@ class SteeringSampler:
         return out_tokens, totals, steps
 
     @staticmethod
-    def _site_totals(states: list, layer: int) -> dict[str, pz.nx.NamedArray]:
+    def _site_totals(states: list, layer: int) -> dict[str, jax.Array]:
+        """A site's totals as plain arrays (`[batch]`, or `[batch, probe]` for the probes)."""
         label = f"steering/totals_{layer}"
-        return next(state.value for state in states if state.label == label)
+        totals = next(state.value for state in states if state.label == label)
+        return {
+            name: value.unwrap(*(("batch", "probe") if "probe" in value.named_shape else ("batch",)))
+            for name, value in totals.items()
+        }
 
 
 def left_pad(token_lists: list[list[int]], length: int, pad_id: int = PAD_ID) -> np.ndarray:

@@ -175,20 +175,15 @@ def add_steering_sites(
 
 
 def combine_totals(totals_by_layer: Mapping[int, Mapping[str, Any]]) -> dict[str, np.ndarray]:
-    """Adds the `TOTAL_NAMES` totals of all sites (a steered row is measured only at its own layer)."""
+    """Adds the `TOTAL_NAMES` totals (`[batch]` arrays) of all sites (a steered row is measured only at its own
+    layer)."""
     combined = {name: 0.0 for name in TOTAL_NAMES}
     for totals in totals_by_layer.values():
         for name in TOTAL_NAMES:
-            combined[name] = combined[name] + np.asarray(totals[name].unwrap("batch"), dtype=np.float64)
+            combined[name] = combined[name] + np.asarray(totals[name], dtype=np.float64)
     return combined
 
 
 def baseline_totals(totals: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """One site's `BASELINE_TOTAL_NAMES` totals as float64 arrays (`[batch]`, or `[batch, probe]`)."""
-    return {
-        name: np.asarray(
-            totals[name].unwrap(*(("batch", "probe") if "probe" in totals[name].named_shape else ("batch",))),
-            dtype=np.float64,
-        )
-        for name in BASELINE_TOTAL_NAMES
-    }
+    return {name: np.asarray(totals[name], dtype=np.float64) for name in BASELINE_TOTAL_NAMES}

@@ -31,6 +31,7 @@ from penzai import pz
 from penzai.models.transformer import model_parts
 
 from runner import sae_eval, sites, steering
+from runner.program_cache import ProgramCache
 from runner.metrics import special_token_mask
 from runner.sae import LATENT_AXIS, JumpReLUSAE
 from runner.tokenizer import EOS_ID, PAD_ID
@@ -204,6 +205,7 @@ class SteeringMetricsProgram:
       num_points: Point rows per batch (`P`); a batch may hold fewer points (the rest is padding).
       logit_lens_k: Size of a feature's logit-lens token set.
       vocab_chunk: Vocabulary chunk of the KL/entropy sums.
+      program_cache: Where the traced program is kept between worker starts (`runner.program_cache`).
     """
 
     def __init__(
@@ -217,8 +219,10 @@ class SteeringMetricsProgram:
         num_points: int,
         logit_lens_k: int = DEFAULT_LOGIT_LENS_K,
         vocab_chunk: int = sae_eval.DEFAULT_VOCAB_CHUNK,
+        program_cache: ProgramCache | None = None,
     ):
         self.num_generations, self.seq_len, self.num_points = num_generations, seq_len, num_points
+        self._program_cache = program_cache if program_cache is not None else ProgramCache(None)
         self._static = {"logit_lens_k": logit_lens_k, "vocab_chunk": vocab_chunk}
         self._models = (pz.freeze_params(_transformer(base_model)), pz.freeze_params(steered_model))
         self._saes = dict(saes)
@@ -236,8 +240,11 @@ class SteeringMetricsProgram:
             points = jnp.zeros(self.num_points, jnp.int32)
             layer = jnp.full(self.num_points, min(self._saes), jnp.int32)
             tokens = jnp.zeros((self.num_generations, self.seq_len), jnp.int32)
-            self._compiled = _per_position_statistics.lower(
-                *self._models, inputs, self._saes, tokens, points, layer, points, **self._static
+            self._compiled = self._program_cache.lower(
+                "steering-metrics",
+                functools.partial(_per_position_statistics, **self._static),
+                (*self._models, inputs, self._saes, tokens, points, layer, points),
+                static=self._static,
             ).compile()
 
     def __call__(

@@ -30,6 +30,7 @@ from runner import tokenizer as tokenizer_lib
 from runner.errors import PlanError
 from runner.model import LoadedModel, load_model, make_host_mesh
 from runner.plan import Job, SAEEvalPoint, SteeringPoint
+from runner.program_cache import ProgramCache
 from runner.results import PointResult, SAEEvalPointResult
 from runner.sae import LoadedSAE, load_sae
 from runner.sae_sources import SAEFile, write_synthetic_saes
@@ -42,7 +43,8 @@ LOGIT_LENS_TAG = "logit_lens_tokens"
 SAE_CACHE_FRACTION = 0.25
 
 
-#: Set to 0 to keep workers from caching compiled programs on disk (`<cache_dir>/jax-compilation-cache`).
+#: Set to 0 to keep workers from caching compiled programs and their traces on disk
+#: (`<cache_dir>/jax-compilation-cache`, `<cache_dir>/traced-programs`).
 COMPILATION_CACHE_ENV = "RUNNER_COMPILATION_CACHE"
 
 
@@ -53,6 +55,14 @@ def enable_compilation_cache(cache_dir: Path) -> None:
     if os.environ.get(COMPILATION_CACHE_ENV, "1") == "0" or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
     jax.config.update("jax_compilation_cache_dir", str(Path(cache_dir) / "jax-compilation-cache"))
+
+
+def program_cache_for(cache_dir: Path) -> ProgramCache:
+    """The worker's cache of traced programs, `<cache_dir>/traced-programs` (none with
+    `RUNNER_COMPILATION_CACHE=0`)."""
+    if os.environ.get(COMPILATION_CACHE_ENV, "1") == "0":
+        return ProgramCache(None)
+    return ProgramCache(Path(cache_dir) / "traced-programs")
 
 
 @contextlib.contextmanager
@@ -182,6 +192,7 @@ class SteeringWorker:
     ):
         self.config = config
         self.worker_name = worker_name
+        self.program_cache = program_cache_for(cache_dir)
         self.loaded: LoadedModel = load_host_model(config, cache_dir, mesh)
         loaded_saes = load_saes(self.loaded, config, sae_files.values(), cache_dir)
         self.saes: dict[int, LoadedSAE] = {sae.layer: sae for sae in loaded_saes.values()}
@@ -203,7 +214,7 @@ class SteeringWorker:
         sampler = self.sampler_for(self.prompt_len, config.sampling.max_new_tokens)
         sampler.lower()
         metrics_program = self.metrics_program_for(point_capacity or self.batch_size)
-        threading.Thread(target=metrics_program.compile, name="runner-metrics-compile", daemon=True).start()
+        threading.Thread(target=metrics_program.compile, name="runner-metrics-compile").start()
         sampler.compile()
 
     def _fitting_batch_size(self, job_size: int) -> int:
@@ -241,6 +252,7 @@ class SteeringWorker:
         self._metrics_programs[capacity] = steering_metrics.SteeringMetricsProgram(
             self.loaded, self._steered_model, self._sae_layers, num_generations=self.batch_size,
             seq_len=self.prompt_len + self.config.sampling.max_new_tokens, num_points=capacity,
+            program_cache=self.program_cache,
         )
         return self._metrics_programs[capacity]
 
@@ -256,6 +268,7 @@ class SteeringWorker:
                 max_new_tokens=max_new_tokens,
                 num_probes=len(self.probe_features),
                 mesh=self.loaded.mesh,
+                program_cache=self.program_cache,
             )
         return self._samplers[key]
 

@@ -35,3 +35,17 @@ def test_one_compilation_for_3_layers_x_4_features_x_5_scales(sweep_plan, cache_
     # The 12 scale-0 points share one unsteered generation: 48 steered rows + 1 baseline row in all.
     assert len({p.generation_key for p in sweep_plan.points}) == 49
     assert len({result.token_ids for result, point in zip(results, points) if point.is_baseline}) == 1
+
+
+def test_a_second_worker_of_the_sweep_reuses_the_traced_programs(sweep_plan, tmp_path) -> None:
+    first = SteeringWorker(**sweep_plan.worker_args(), cache_dir=tmp_path)
+    first_results = first.run_job(sweep_plan.jobs[0])
+    assert (first.program_cache.hits, first.program_cache.misses) == (0, 2)  # the sampler and the metrics program
+
+    second = SteeringWorker(**sweep_plan.worker_args(), cache_dir=tmp_path)
+    second_results = second.run_job(sweep_plan.jobs[0])
+    assert (second.program_cache.hits, second.program_cache.misses) == (2, 0)
+    assert second.compilations == 1
+    assert [(r.point_key, r.token_ids, r.metrics) for r in second_results] == [
+        (r.point_key, r.token_ids, r.metrics) for r in first_results
+    ]
