@@ -8,7 +8,8 @@ sweep, a restarted or rescheduled worker) skips tracing and, with the XLA cache,
 A cached trace is found by a key of everything the trace depends on: the program's name and static settings,
 the structure of its arguments (the Penzai model's pytree structure, with every static field, such as layer
 configurations, axis names and sizes), the shape, dtype and sharding of every argument array, the devices, the
-versions of jax, jaxlib and penzai, and a digest of runner's own source files. Changing any of them traces again.
+versions of jax, jaxlib and penzai, JAX's x64 and matmul-precision settings, and a digest of runner's own source
+files. Changing any of them traces again.
 The files are written atomically; one that cannot be read is traced again and replaced.
 
 Multi-process programs (`jax.distributed`) are not cached: every process must trace them identically anyway.
@@ -68,6 +69,7 @@ def program_key(name: str, static: Any, args: tuple) -> str:
         "arrays": [[list(spec.shape), str(spec.dtype), str(spec.sharding)] for spec in specs],
         "devices": [str(device) for device in jax.devices()],
         "versions": [jax.__version__, jaxlib.__version__, penzai.__version__],
+        "jax_config": [jax.config.jax_enable_x64, str(jax.config.jax_default_matmul_precision)],
         "runner": runner_source_digest(),
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
