@@ -96,6 +96,22 @@ def tune_sqlite_tracking(uri: str) -> None:
     _tuned_sqlite_files.add(path)
 
 
+def checkpoint_sqlite_tracking(uri: str) -> None:
+    """Moves what the write-ahead log of a tuned `sqlite:///` tracking database holds into the database file and
+    empties the log, so that the `.db` file alone has every run (e.g. when it is copied). Never raises: the data is
+    safe in the log either way."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = os.path.realpath(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    if path not in _tuned_sqlite_files:
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=10.0)) as connection:
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error as error:
+        _log.warning("could not fold the write-ahead log into %s: %s", path, error)
+
+
 def _set_sqlite_pragmas(connection: Any, _record: Any) -> None:
     if not isinstance(connection, sqlite3.Connection):
         return
@@ -226,6 +242,7 @@ class SweepTracker:
             self._log_table_and_plots(parent, rows)
         self._client.set_terminated(parent, status)
         self._parent_run_id = None
+        checkpoint_sqlite_tracking(self.uri)
 
     def warm_up_plots(self) -> None:
         """Loads the plotting library now (about half a second), e.g. while the workers start, rather than when

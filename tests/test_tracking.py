@@ -208,3 +208,22 @@ def test_an_exception_in_the_sweep_fails_the_parent_and_leaves_nothing_running(s
 def test_scrub_removes_credentials_from_error_texts():
     text = "fetch https://bob:pw@hf.co failed; token=abc123 hf_abcdefghijklmnopqrstuv"
     assert scrub(text) == "fetch https://***@hf.co failed; token=*** hf_***"
+
+
+def test_a_closed_sweep_is_whole_in_the_database_file_alone(sweep, tmp_path):
+    import shutil
+    import sqlite3
+
+    config, sid, points, tracker = sweep
+    with tracker.sweep(config, sid, len(points)) as parent_id:
+        for point in points:
+            tracker.log_point(point, result_for(point))
+    database = Path(config.tracking.uri.removeprefix("sqlite:///"))
+    copy = tmp_path / "copy.db"
+    shutil.copyfile(database, copy)  # without its -wal file, as a user copying mlflow.db would
+    with sqlite3.connect(copy) as connection:
+        statuses = dict(connection.execute("SELECT run_uuid, status FROM runs").fetchall())
+    assert statuses[parent_id] == "FINISHED"
+    assert [statuses[child.info.run_id] for child in children(MlflowClient(config.tracking.uri), parent_id)] == [
+        "FINISHED"
+    ] * len(points)
