@@ -36,7 +36,7 @@ import ray
 from ray import exceptions as ray_errors
 
 from runner.config import ClusterConfig
-from runner.errors import RunnerError
+from runner.errors import RunnerError, first_line
 from runner.plan import Job
 from runner.results import Result
 from runner.sae_sources import SAEFile
@@ -306,9 +306,9 @@ class JobFaults:
         else:
             self._on_failure(task.job, error, task.attempt)
 
-    def worker_lost(self, task: Task, worker: str, node_id: str | None, error: str) -> dict[str, str]:
-        """The job's worker went away on `node_id`: requeue the job, or fail it after too many crashes. Returns
-        the event recorded."""
+    def worker_lost(self, task: Task, worker: str, node_id: str | None, error: str) -> None:
+        """The job's worker went away on `node_id`: records the event, then requeues the job or fails it after
+        too many crashes."""
         event = {"job_id": task.job.job_id, "worker": worker, "node_id": node_id or "", "error": error}
         self._events.append(event)
         _log.warning("lost worker %s while it ran job %s: %s", worker, task.job.job_id, error)
@@ -319,7 +319,6 @@ class JobFaults:
                              f"(cluster.max_worker_crashes={self._max_worker_crashes}); last: {error}", task.attempt)
         else:
             self._queue.appendleft(task)
-        return event
 
     def classified_events(self) -> list[dict[str, str]]:
         """Every lost-worker event with its `kind`, judged now that Ray has had time to notice dead nodes."""
@@ -473,7 +472,7 @@ class RayExecutor:
         self.start()
         controller = _Controller(
             self._slots, self._policy, on_result, on_failure,
-            on_worker_ready=self._workers_seen.append, on_lost_host=self._lost_host_events.append,
+            on_worker_ready=self._workers_seen.append,
         )
         try:
             controller.run([Task(job) for job in jobs])
@@ -599,14 +598,12 @@ class _Controller:
         on_failure: FailureCallback,
         *,
         on_worker_ready: Callable[[dict[str, Any]], None],
-        on_lost_host: Callable[[dict[str, str]], None],
     ):
         self._slots = slots
         self._policy = policy
         self._on_result = on_result
         self._on_failure = on_failure
         self._on_worker_ready = on_worker_ready
-        self._on_lost_host = on_lost_host
         self._queue: collections.deque[Task] = collections.deque()
         self._in_flight: dict[Any, tuple[_Slot, Task | None]] = {}  # ObjectRef -> (worker, its task; None: probe)
         self._last_worker_alive = time.monotonic()
@@ -696,7 +693,7 @@ class _Controller:
                 self._drop(slot)
             else:
                 self._probe(slot)
-            self._on_lost_host(self.faults.worker_lost(task, slot.name, slot.node_id, slot.last_error))
+            self.faults.worker_lost(task, slot.name, slot.node_id, slot.last_error)
         except ray_errors.RayError as error:  # anything else Ray reports is charged to the job: bounded retries
             slot.state = "idle"
             self.faults.job_raised(task, describe_ray_error(error))
@@ -774,5 +771,4 @@ def describe_cause(error: ray_errors.RayTaskError) -> str:
 
 
 def _first_line(text: str) -> str:
-    lines = [line.strip() for line in _ANSI.sub("", text).splitlines() if line.strip()]
-    return lines[0] if lines else ""
+    return first_line(_ANSI.sub("", text))

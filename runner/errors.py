@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+def first_line(text: str) -> str:
+    """The first non-blank line of `text`, stripped ("" when there is none): a long error message as a log line."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
 class RunnerError(Exception):
     """Base class of every error a user can fix; the CLI prints `str(error)` alone and exits non-zero."""
 

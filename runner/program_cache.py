@@ -33,6 +33,8 @@ import jaxlib
 import numpy as np
 import penzai
 
+from runner.errors import first_line
+
 _log = logging.getLogger(__name__)
 
 #: File suffix of a cached trace.
@@ -168,5 +170,4 @@ class LoweredProgram:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    return first_line(str(error)) or type(error).__name__

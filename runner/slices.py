@@ -380,6 +380,7 @@ class SliceExecutor:
         except Exception as restart_error:  # noqa: BLE001 - e.g. the placement group never comes back
             gang.last_error, gang.state = f"cannot rebuild: {restart_error}", "dead"
 
+
 def _with_synthetic_saes_written(sweep_plan: Any, cache_dir: Path) -> dict[str, Any]:
     """The plan's worker arguments with every synthetic SAE written (on this, the driver's, CPU) and its path set.
 

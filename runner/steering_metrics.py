@@ -31,8 +31,8 @@ from penzai import pz
 from penzai.models.transformer import model_parts
 
 from runner import sae_eval, sites, steering
-from runner.program_cache import ProgramCache
 from runner.metrics import special_token_mask
+from runner.program_cache import ProgramCache
 from runner.sae import LATENT_AXIS, JumpReLUSAE
 from runner.tokenizer import EOS_ID, PAD_ID
 

@@ -31,7 +31,7 @@ from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_B
 
 from runner import plots
 from runner.config import ExperimentConfig
-from runner.errors import RunnerError, TrackingUnavailable
+from runner.errors import RunnerError, TrackingUnavailable, first_line
 from runner.plan import Point, SAEEvalPoint
 from runner.results import PointResult, Result
 
@@ -85,9 +85,9 @@ def tune_sqlite_tracking(uri: str) -> None:
     nothing, a power failure at most the last commits, and readers (the MLflow UI) never block the sweep. The mode
     is stored in the database file. Does nothing for other URIs or with `RUNNER_SQLITE_WAL=0`.
     """
-    if not uri.startswith("sqlite:///") or os.environ.get(SQLITE_WAL_ENV, "1") == "0":
+    path = _sqlite_file(uri)
+    if path is None or os.environ.get(SQLITE_WAL_ENV, "1") == "0":
         return
-    path = os.path.realpath(uri.removeprefix("sqlite:///").split("?", 1)[0])
     if not _tuned_sqlite_files:
         from sqlalchemy import event
         from sqlalchemy.engine import Engine
@@ -100,9 +100,7 @@ def checkpoint_sqlite_tracking(uri: str) -> None:
     """Moves what the write-ahead log of a tuned `sqlite:///` tracking database holds into the database file and
     empties the log, so that the `.db` file alone has every run (e.g. when it is copied). Never raises: the data is
     safe in the log either way."""
-    if not uri.startswith("sqlite:///"):
-        return
-    path = os.path.realpath(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    path = _sqlite_file(uri)
     if path not in _tuned_sqlite_files:
         return
     try:
@@ -110,6 +108,13 @@ def checkpoint_sqlite_tracking(uri: str) -> None:
             connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     except sqlite3.Error as error:
         _log.warning("could not fold the write-ahead log into %s: %s", path, error)
+
+
+def _sqlite_file(uri: str) -> str | None:
+    """The real path of a `sqlite:///` tracking database, else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return os.path.realpath(uri.removeprefix("sqlite:///").split("?", 1)[0])
 
 
 def _set_sqlite_pragmas(connection: Any, _record: Any) -> None:
@@ -435,7 +440,7 @@ class SweepTracker:
             self._client.set_tag(run_id, TAG_ERROR, _truncate(scrub(error)))
             self._client.set_terminated(run_id, status)
         except Exception as failure:  # noqa: BLE001 - the original error matters more
-            _log.warning("could not mark run %s %s: %s", run_id, status, _first_line(str(failure)))
+            _log.warning("could not mark run %s %s: %s", run_id, status, first_line(str(failure)))
 
     def _close_after_error(self, parent: str, status: SweepStatus, error: BaseException) -> None:
         """Closes the sweep after `error` without ever masking it."""
@@ -608,10 +613,6 @@ def _describe(error: BaseException) -> str:
 
 def _truncate(text: str) -> str:
     return text if len(text) <= MAX_TAG_VAL_LENGTH else text[: MAX_TAG_VAL_LENGTH - 3] + "..."
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else ""
 
 
 def _now_ms() -> int:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from runner.errors import TrackingUnavailable
+from runner.errors import TrackingUnavailable, first_line
 from runner.plan import Point
 from runner.results import PointResult, Result, SAEEvalPointResult
 from runner.tracking import SweepTracker, is_transient, scrub
@@ -243,6 +243,4 @@ class TrackingWriter:
 
 
 def _one_line(error: BaseException) -> str:
-    text = scrub(f"{type(error).__name__}: {error}")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
+    return first_line(scrub(f"{type(error).__name__}: {error}")) or type(error).__name__
