@@ -14,6 +14,7 @@ for exactly `new_tokens` tokens each (EOS does not stop either, so the work is e
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import resource
 import time
 from pathlib import Path
@@ -169,9 +170,9 @@ def run_benchmark(
         sampler(batches[0])
         warmup_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        for batch in batches:
-            sampler(batch)
+        outputs = [sampler(batch) for batch in batches]
         runner_seconds = time.perf_counter() - started
+    tokens_digest = hashlib.sha256(b"".join(np.ascontiguousarray(o.tokens, np.int32).tobytes() for o in outputs))
     runner_tokens = points * new_tokens
 
     timed_points = bench_points[1 : min(baseline_points or 8, points - 1) + 1]
@@ -199,6 +200,7 @@ def run_benchmark(
         "runner_tokens_per_s": round(runner_rate, 1),
         "runner_first_call_s": round(warmup_seconds, 2),
         "runner_program_compilations": sampler.compilations,
+        "runner_tokens_sha256": tokens_digest.hexdigest()[:16],
         "runner_xla_compilations": runner_compiles[0],
         "tutorial_points_timed": len(timed_points),
         "tutorial_cold_tokens_per_s": round(tutorial_cold_rate, 1),
