@@ -63,7 +63,7 @@ def _fail(error: RunnerError) -> typer.Exit:
 
 
 def _check_preset(preset: str) -> None:
-    from runner import synthetic
+    from runner.model import synthetic
     from runner.errors import ConfigError
 
     if preset not in synthetic.SYNTHETIC_PRESETS:
@@ -71,7 +71,7 @@ def _check_preset(preset: str) -> None:
 
 
 def _cache_dir(option: Path | None) -> Path:
-    from runner.model import cache_dir_default
+    from runner.model.loading import cache_dir_default
 
     return option if option is not None else cache_dir_default()
 
@@ -80,8 +80,8 @@ def _cache_dir(option: Path | None) -> Path:
 def validate(file: ExperimentFile, set_: Overrides = None) -> None:
     """Check an experiment file and print its plan (points, jobs, workers, tokens, memory), without loading a
     model."""
-    from runner.config import load_experiment
-    from runner.sweep import outline
+    from runner.config.schema import load_experiment
+    from runner.plan.prepare import outline
 
     try:
         config = load_experiment(file, set_ or [])
@@ -131,12 +131,12 @@ def run(
     import dataclasses
     import json
 
-    from runner.cluster import RayExecutor, keep_driver_jax_on_cpu
-    from runner.slices import SliceExecutor
+    from runner.execution.ray_hosts import RayExecutor, keep_driver_jax_on_cpu
+    from runner.execution.slices import SliceExecutor
 
     keep_driver_jax_on_cpu()  # before anything imports JAX: the driver must never take a host's accelerator
-    from runner.config import check_write_locations, load_experiment
-    from runner.sweep import prepare_sweep, run_sweep
+    from runner.config.schema import check_write_locations, load_experiment
+    from runner.plan.prepare import prepare_sweep, run_sweep
 
     overrides = list(set_ or [])
     if address is not None:
@@ -148,7 +148,7 @@ def run(
         check_write_locations(config, Path.cwd(), file)
         sweep_plan = prepare_sweep(config, _cache_dir(cache_dir))
         if resume:
-            from runner.tracking import sweep_status  # MLflow: otherwise imported while Ray starts
+            from runner.tracking.store import sweep_status  # MLflow: otherwise imported while Ray starts
 
             status = sweep_status(config.tracking.uri, config.tracking.experiment, sweep_plan.sweep_id)
             if status.get("parent_status") is None:
@@ -220,9 +220,9 @@ def runs(file: ExperimentFile, set_: Overrides = None) -> None:
     """Show a sweep's state in MLflow: its parent run's status and its points by status."""
     from mlflow.exceptions import MlflowException
 
-    from runner import plan
-    from runner.config import load_experiment
-    from runner.tracking import sweep_status
+    from runner.plan import points as plan
+    from runner.config.schema import load_experiment
+    from runner.tracking.store import sweep_status
 
     try:
         config = load_experiment(file, set_ or [])
@@ -261,8 +261,8 @@ def export(
     """Write one row per FINISHED point (point_key, params, prompt, text, metrics) to a CSV or Parquet file."""
     from mlflow.exceptions import MlflowException
 
-    from runner import export as export_lib
-    from runner.config import load_experiment
+    from runner.tracking import export as export_lib
+    from runner.config.schema import load_experiment
     from runner.errors import ConfigError
 
     try:
@@ -305,10 +305,11 @@ def synth(
 
 def write_synthetic_bundle(out_dir: Path, preset: str, seed: int, model_format: str, target_l0: float) -> dict:
     """Writes `out_dir/model` (Kaggle layout), optionally `out_dir/model-hf`, and `out_dir/saes` (every layer)."""
-    from runner import hf_format, synthetic
-    from runner.config import ModelConfig
-    from runner.model import load_model
-    from runner.sae_sources import write_synthetic_saes
+    from runner.model import hf_format
+    from runner.model import synthetic
+    from runner.config.schema import ModelConfig
+    from runner.model.loading import load_model
+    from runner.sae.sources import write_synthetic_saes
 
     model_dir = synthetic.write_synthetic_model(out_dir / "model", preset, seed)
     paths = {"model": model_dir}
@@ -354,7 +355,7 @@ def bench(
     """
     import json
 
-    from runner.bench import END_TO_END_EXPERIMENT, run_benchmark, run_end_to_end
+    from runner.bench.sampler import END_TO_END_EXPERIMENT, run_benchmark, run_end_to_end
     from runner.errors import ConfigError
 
     if end_to_end:

@@ -45,7 +45,7 @@ class PointResult:
 
 @dataclasses.dataclass(frozen=True)
 class SAEEvalPointResult:
-    """The outcome of one SAE evaluation point (`runner.sae_eval.SAEEvalResult` without the site).
+    """The outcome of one SAE evaluation point (`runner.sae_eval.evaluate.SAEEvalResult` without the site).
 
     Attributes:
       point_key: `SAEEvalPoint.point_key` of the point this result belongs to.

@@ -36,7 +36,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(cache_dir: Path) -> Path:
     """The synthetic `tiny` model (seed 0) in the Kaggle/Flax layout."""
-    from runner import synthetic
+    from runner.model import synthetic
 
     return synthetic.write_synthetic_model(cache_dir / "tiny-model", "tiny", 0)
 
@@ -44,8 +44,8 @@ def tiny_model_dir(cache_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir: Path, cache_dir: Path):
     """The tiny model loaded through the `local` source, unsharded."""
-    from runner.config import ModelConfig
-    from runner.model import load_model
+    from runner.config.schema import ModelConfig
+    from runner.model.loading import load_model
 
     return load_model(ModelConfig(source="local", path=tiny_model_dir), cache_dir=cache_dir)
 
@@ -53,7 +53,7 @@ def tiny_model(tiny_model_dir: Path, cache_dir: Path):
 @pytest.fixture(scope="session")
 def tiny_sae_paths(tiny_model, cache_dir: Path) -> dict[int, Path]:
     """Calibrated synthetic SAEs (256 latents, target L0 16) for every layer of the tiny model."""
-    from runner.sae_sources import write_synthetic_saes
+    from runner.sae.sources import write_synthetic_saes
 
     layers = range(tiny_model.architecture.num_layers)
     return write_synthetic_saes(tiny_model, layers, cache_dir / "tiny-saes", width=256, target_l0=16, seed=0)
@@ -62,7 +62,7 @@ def tiny_sae_paths(tiny_model, cache_dir: Path) -> dict[int, Path]:
 @pytest.fixture(scope="session")
 def tiny_saes(tiny_sae_paths: dict[int, Path]):
     """The tiny model's SAEs as Penzai layers, by layer."""
-    from runner.sae import load_sae
+    from runner.sae.jumprelu import load_sae
 
     return {
         layer: load_sae(path, sae_id=f"tiny/{layer}", layer=layer, expected_d_in=64).sae

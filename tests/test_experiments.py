@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from runner.config import load_experiment
-from runner.sweep import outline
+from runner.config.schema import load_experiment
+from runner.plan.prepare import outline
 
 EXPERIMENTS = sorted((Path(__file__).parent.parent / "experiments").glob("*.yaml"))
 

@@ -15,7 +15,7 @@ import pytest
 from penzai import pz
 
 from runner.program_cache import SUFFIX, ProgramCache, program_key
-from runner.worker import COMPILATION_CACHE_ENV, program_cache_for
+from runner.execution.workers import COMPILATION_CACHE_ENV, program_cache_for
 
 
 class Counter:

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner.config import load_experiment
+from runner.config.schema import load_experiment
 from runner.errors import ConfigError
-from runner.sweep import prepare_sweep, run_sweep
+from runner.plan.prepare import prepare_sweep, run_sweep
 
 FAKE_SECRETS = {
     "KAGGLE_USERNAME": "kaggle-user-5f1e9c",

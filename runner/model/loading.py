@@ -1,0 +1,310 @@
+"""Gemma2 in Penzai: checkpoint discovery, sharded restore, and model construction.
+
+Every source (Kaggle, a local Kaggle-layout directory, Hugging Face, synthetic) ends as the flat Kaggle/Flax
+parameter dict, from which one builder makes the Penzai `TransformerLM`. The architecture comes from tensor
+shapes (`Gemma2Architecture.from_shapes`), so tiny synthetic and real checkpoints take the same path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from penzai import pz
+from penzai.models.transformer import model_parts
+from penzai.models.transformer.variants import llamalike_common
+from penzai.toolshed import sharding_util
+
+from runner.model import hf_format
+from runner.model import synthetic
+from runner.model import tokenizer as tokenizer_lib
+from runner.model.architecture import Gemma2Architecture, default_parameter_dtype, published_architecture
+from runner.errors import CheckpointError
+
+FlatParams = Mapping[str, Mapping[str, Any]]
+
+MODEL_AXIS = "model"
+#: Penzai named axes split over the mesh's model axis when their size divides it; everything else replicates.
+_SHARDED_NAMED_AXES = ("vocabulary", "neurons", "head_groups")
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A Gemma2 model ready to run.
+
+    Attributes:
+      model: Penzai `TransformerLM` (parameters bound, possibly sharded over `mesh`).
+      architecture: The hyper-parameters the model was built from.
+      tokenizer: gemma's `Gemma2Tokenizer` for the checkpoint's `tokenizer.model`.
+      model_id: A stable, human-readable identifier (e.g. `kaggle:gemma2-2b`).
+      mesh: The host mesh the parameters live on, or None for a single device.
+    """
+
+    model: model_parts.TransformerLM
+    architecture: Gemma2Architecture
+    tokenizer: Any
+    model_id: str
+    mesh: Mesh | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointLocation:
+    """Where a model's files are once its source is resolved (nothing is read yet)."""
+
+    kind: str  # "orbax" (Kaggle/Flax layout) or "huggingface"
+    checkpoint_dir: Path
+    tokenizer_path: Path
+    is_synthetic: bool = False
+
+
+def make_host_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+    """A one-axis (`model`) mesh, with Auto axis types for Penzai, over `devices` or every device JAX sees: this
+    host's, or under `jax.distributed` every host's of the slice."""
+    devices = devices if devices is not None else jax.devices()
+    return Mesh(np.array(devices), (MODEL_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def resolve_model_location(model_config: Any, cache_dir: Path) -> CheckpointLocation:
+    """Finds (downloading or writing if needed) the files of the configured model.
+
+    Args:
+      model_config: `runner.config.schema.ModelConfig`.
+      cache_dir: Where synthetic models are written (`<cache_dir>/synthetic/<preset>-seed<seed>`).
+    """
+    source = model_config.source
+    if source == "kaggle":
+        import kagglehub  # Imported lazily: it reads credentials from KAGGLE_USERNAME/KAGGLE_KEY itself.
+
+        model_dir = Path(kagglehub.model_download(f"google/gemma-2/flax/{model_config.variant}"))
+        checkpoint_dir = model_dir / model_config.variant
+        if not checkpoint_dir.is_dir():
+            checkpoint_dir = synthetic.find_checkpoint_dir(model_dir)
+        return CheckpointLocation("orbax", checkpoint_dir, model_dir / "tokenizer.model")
+    if source == "local":
+        model_dir = Path(model_config.path)
+        return CheckpointLocation(
+            "orbax",
+            synthetic.find_checkpoint_dir(model_dir),
+            model_dir / "tokenizer.model",
+            is_synthetic=synthetic.synthetic_architecture(model_dir) is not None,
+        )
+    if source == "huggingface":
+        directory = hf_format.resolve_hf_checkpoint(model_config.repo_id, model_config.path)
+        return CheckpointLocation("huggingface", directory, directory / "tokenizer.model")
+    if source == "synthetic":
+        model_dir = synthetic.write_synthetic_model(
+            cache_dir / "synthetic" / f"{model_config.preset}-seed{model_config.seed}",
+            model_config.preset,
+            model_config.seed,
+        )
+        return CheckpointLocation(
+            "orbax", synthetic.find_checkpoint_dir(model_dir), model_dir / "tokenizer.model", is_synthetic=True
+        )
+    raise CheckpointError(f"unknown model source {source!r}")
+
+
+def read_orbax_shapes(checkpoint_dir: Path) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Tensor shapes of an orbax checkpoint, read from its metadata (no weights are loaded)."""
+    if not Path(checkpoint_dir).is_dir():
+        raise CheckpointError(f"{checkpoint_dir}: checkpoint directory does not exist")
+    try:
+        item_metadata = ocp.PyTreeCheckpointer().metadata(Path(checkpoint_dir).absolute()).item_metadata
+    except Exception as error:  # orbax raises a variety of types for a malformed directory
+        raise CheckpointError(f"{checkpoint_dir}: not a readable orbax checkpoint ({type(error).__name__})") from None
+    tree = getattr(item_metadata, "tree", item_metadata)
+    if not isinstance(tree, Mapping):
+        raise CheckpointError(f"{checkpoint_dir}: orbax checkpoint does not hold a flat Gemma parameter dict")
+    return {key: {leaf: tuple(meta.shape) for leaf, meta in value.items()} for key, value in tree.items()}
+
+
+def flat_partition_spec(key: str, shape: tuple[int, ...], arch: Gemma2Architecture, mesh_size: int) -> PartitionSpec:
+    """How a flat checkpoint tensor is split over the model axis at restore time."""
+    axis: int | None = None
+    if key.endswith("embedder"):
+        axis = 0
+    elif key.endswith("attn/kv_einsum"):
+        axis = 1
+    elif key.endswith("mlp/gating_einsum"):
+        axis = 2 if arch.gating_is_d_by_f else 1
+    elif key.endswith("mlp/linear"):
+        axis = 0
+    if axis is None or shape[axis] % mesh_size:
+        return PartitionSpec()
+    return PartitionSpec(*([None] * axis + [MODEL_AXIS]))
+
+
+def restore_orbax_params(
+    checkpoint_dir: Path, arch: Gemma2Architecture, dtype: Any, mesh: Mesh | None
+) -> dict[str, dict[str, jax.Array]]:
+    """Restores the flat parameters straight into device shardings, cast to `dtype` on the way."""
+    shapes = read_orbax_shapes(checkpoint_dir)
+    mesh = mesh if mesh is not None else make_host_mesh(jax.local_devices()[:1])
+    restore_args = {
+        key: {
+            leaf: ocp.ArrayRestoreArgs(
+                restore_type=jax.Array,
+                sharding=NamedSharding(mesh, flat_partition_spec(key, shape, arch, mesh.size)),
+                dtype=dtype,
+            )
+            for leaf, shape in leaves.items()
+        }
+        for key, leaves in shapes.items()
+    }
+    return ocp.PyTreeCheckpointer().restore(Path(checkpoint_dir).absolute(), restore_args=restore_args)
+
+
+def build_gemma2(
+    flat_params: FlatParams,
+    arch: Gemma2Architecture,
+    activation_dtype: Any | None = None,
+) -> model_parts.TransformerLM:
+    """Builds Penzai's Gemma2 `TransformerLM` from flat Kaggle-layout parameters.
+
+    The same mapping as `penzai...gemma.gemma_from_pretrained_checkpoint`, driven by `arch` instead of a preset.
+    """
+    params = {key.removeprefix("transformer/"): value for key, value in flat_params.items()}
+    parameter_dtype = params["layer_0/attn/attn_vec_einsum"]["w"].dtype
+    config = arch.to_llamalike_config(parameter_dtype, activation_dtype or parameter_dtype)
+    model_def = llamalike_common.build_llamalike_transformer(config, init_base_rng=None, name="transformer")
+
+    def named(array: Any, *axes: str) -> pz.nx.NamedArray:
+        return pz.nx.NamedArray.wrap(array).tag(*axes)
+
+    mapping = {
+        "embedder.embeddings": named(params["embedder"]["input_embedding"], "vocabulary", "embedding"),
+        "final_norm/scale.weights": named(1 + params["final_norm"]["scale"], "embedding"),
+    }
+    k, m, d, h = arch.num_kv_heads, arch.query_head_multiplier, arch.embedding_dim, arch.head_dim
+    for i in range(arch.num_layers):
+        block = f"block_{i}"
+        for norm in ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm"):
+            mapping[f"{block}/{norm}/scale.weights"] = named(1 + params[f"layer_{i}/{norm}"]["scale"], "embedding")
+        gating = params[f"layer_{i}/mlp/gating_einsum"]["w"]
+        if not arch.gating_is_d_by_f:
+            gating = gating.transpose((0, 2, 1))
+        mapping[f"{block}/mlp/gating_linear.weights"] = named(gating[0], "embedding", "neurons")
+        mapping[f"{block}/mlp/value_linear.weights"] = named(gating[1], "embedding", "neurons")
+        mapping[f"{block}/mlp/out_linear.weights"] = named(params[f"layer_{i}/mlp/linear"]["w"], "neurons", "embedding")
+        kv = params[f"layer_{i}/attn/kv_einsum"]["w"]
+        mapping[f"{block}/attention/key.weights"] = named(kv[0], "head_groups", "embedding", "projection")
+        mapping[f"{block}/attention/value.weights"] = named(kv[1], "head_groups", "embedding", "projection")
+        mapping[f"{block}/attention/query.weights"] = named(
+            params[f"layer_{i}/attn/q_einsum"]["w"].reshape((k, m, d, h)),
+            "head_groups", "query_heads", "embedding", "projection",
+        )
+        mapping[f"{block}/attention/output.weights"] = named(
+            params[f"layer_{i}/attn/attn_vec_einsum"]["w"].reshape((k, m, h, d)),
+            "head_groups", "query_heads", "projection", "embedding",
+        )
+    model = pz.bind_variables(
+        model_def, [pz.Parameter(value=v, label=f"transformer/{name}") for name, v in mapping.items()]
+    )
+    pz.nn.assert_no_parameter_slots(model)
+    return model
+
+
+def shard_model(model: model_parts.TransformerLM, mesh: Mesh) -> model_parts.TransformerLM:
+    """Places the model's parameters on `mesh`, splitting the named axes that divide the mesh size (in place)."""
+    params = pz.unbind_params(model)[1]
+    sizes: dict[str, int] = {}
+    for param in params:
+        sizes.update(param.value.named_shape)
+    axis_map = {name: MODEL_AXIS for name in _SHARDED_NAMED_AXES if name in sizes and sizes[name] % mesh.size == 0}
+    for param in params:
+        param.value = sharding_util.name_to_name_device_put(param.value, mesh, axis_map)
+    return model
+
+
+def load_model(
+    model_config: Any,
+    *,
+    cache_dir: Path,
+    mesh: Mesh | None = None,
+    model_id: str | None = None,
+) -> LoadedModel:
+    """Loads the configured Gemma2 model and its tokenizer.
+
+    Args:
+      model_config: `runner.config.schema.ModelConfig`.
+      cache_dir: Where synthetic checkpoints are written.
+      mesh: Host mesh to shard over; None keeps everything on the first local device.
+      model_id: Identifier recorded with results (defaults to the source and name).
+    """
+    location = resolve_model_location(model_config, cache_dir)
+    if not location.tokenizer_path.is_file():
+        raise CheckpointError(f"{location.tokenizer_path}: tokenizer.model not found next to the checkpoint")
+    dtype = _DTYPES.get(model_config.dtype) or default_parameter_dtype(location.is_synthetic)
+    activation_dtype = jnp.float32 if model_config.upcast_activations else dtype
+
+    if location.kind == "huggingface":
+        flat_numpy, overrides = hf_format.read_hf_checkpoint(location.checkpoint_dir)
+        arch = _hf_architecture(flat_numpy, overrides, location.checkpoint_dir)
+        flat = jax.tree.map(lambda array: jnp.asarray(array, dtype=dtype), flat_numpy)
+    else:
+        arch = read_architecture(location)
+        flat = restore_orbax_params(location.checkpoint_dir, arch, dtype, mesh)
+
+    model = build_gemma2(flat, arch, activation_dtype)
+    if mesh is not None:
+        model = shard_model(model, mesh)
+    return LoadedModel(
+        model=model,
+        architecture=arch,
+        tokenizer=tokenizer_lib.load_tokenizer(location.tokenizer_path),
+        model_id=model_id or f"{model_config.source}:{location.checkpoint_dir.name}",
+        mesh=mesh,
+    )
+
+
+def read_architecture(location: CheckpointLocation) -> Gemma2Architecture:
+    """The model's architecture from checkpoint metadata (orbax: no weights are read).
+
+    Kaggle checkpoints do not record the sliding window (4096 for every Gemma2); synthetic models declare theirs
+    in their marker file.
+    """
+    if location.kind == "huggingface":
+        flat_numpy, overrides = hf_format.read_hf_checkpoint(location.checkpoint_dir)
+        return _hf_architecture(flat_numpy, overrides, location.checkpoint_dir)
+    declared = synthetic.synthetic_architecture(location.checkpoint_dir.parent)
+    return Gemma2Architecture.from_shapes(
+        read_orbax_shapes(location.checkpoint_dir),
+        sliding_window=declared.sliding_window if declared else 4096,
+        source=str(location.checkpoint_dir),
+    )
+
+
+def _hf_architecture(flat_numpy: FlatParams, overrides: Mapping[str, Any], directory: Path) -> Gemma2Architecture:
+    shapes = {key: {leaf: array.shape for leaf, array in leaves.items()} for key, leaves in flat_numpy.items()}
+    return dataclasses.replace(Gemma2Architecture.from_shapes(shapes, source=str(directory)), **overrides)
+
+
+def planning_architecture(model_config: Any) -> Gemma2Architecture | None:
+    """The model's architecture without downloading or reading weights: a synthetic preset, a published Gemma2
+    (Kaggle variant, Hugging Face repo) or a local Kaggle-layout checkpoint's metadata; None when only the
+    checkpoint itself could tell (a local Hugging Face directory, an unknown repo, a missing directory)."""
+    source = model_config.source
+    if source == "synthetic":
+        return synthetic.SYNTHETIC_PRESETS[model_config.preset]
+    if source == "kaggle":
+        return published_architecture(model_config.variant)
+    if source == "huggingface":
+        return published_architecture(model_config.repo_id) if model_config.repo_id else None
+    try:
+        return read_architecture(resolve_model_location(model_config, cache_dir_default()))
+    except CheckpointError:
+        return None
+
+
+def cache_dir_default() -> Path:
+    """`$RUNNER_CACHE_DIR`, else `~/.cache/runner`."""
+    return Path(os.environ.get("RUNNER_CACHE_DIR", Path.home() / ".cache" / "runner"))

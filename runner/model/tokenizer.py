@@ -1,0 +1,122 @@
+"""Gemma2 tokenizers: loading a real `tokenizer.model` and training small offline ones for synthetic models.
+
+Synthetic tokenizers keep Gemma's special ids (pad 0, eos 1, bos 2, unk 3) and its byte fallback, so any text
+round-trips even with a 512-piece vocabulary.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+from gemma import gm
+from gemma.gm.utils import _file_cache
+
+from runner.errors import CheckpointError
+
+PAD_ID = 0
+EOS_ID = 1
+BOS_ID = 2
+UNK_ID = 3
+
+#: Bundled public-domain and original English prose: trains synthetic tokenizers, serves as evaluation text.
+CORPUS_PATH = Path(__file__).resolve().parents[1] / "data" / "corpus.txt"
+
+#: The 256 `<0xNN>` byte pieces plus pad, eos, bos and unk.
+MIN_VOCAB_SIZE = 256 + 4
+
+# Trainer options that mirror the published Gemma2 tokenizer: no normalisation, whitespace kept verbatim,
+# digits split, unknown characters spelled as UTF-8 bytes.
+_GEMMA_LIKE_TRAINER_OPTIONS = dict(
+    model_type="bpe",
+    pad_id=PAD_ID,
+    eos_id=EOS_ID,
+    bos_id=BOS_ID,
+    unk_id=UNK_ID,
+    pad_piece="<pad>",
+    eos_piece="<eos>",
+    bos_piece="<bos>",
+    unk_piece="<unk>",
+    byte_fallback=True,
+    normalization_rule_name="identity",
+    add_dummy_prefix=False,
+    remove_extra_whitespaces=False,
+    split_digits=True,
+    allow_whitespace_only_pieces=True,
+    hard_vocab_limit=True,
+    num_threads=1,
+    minloglevel=2,
+)
+
+
+def train_sentencepiece(text_lines: Iterable[str], vocab_size: int, out_path: Path) -> Path:
+    """Trains a Gemma-style BPE sentencepiece model on `text_lines` and writes it atomically to `out_path`.
+
+    Training is deterministic: the same lines and vocab size give the same file bytes.
+
+    Raises:
+      ValueError: `vocab_size` is below `MIN_VOCAB_SIZE`, or the text is too small to reach it exactly.
+    """
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"vocab_size {vocab_size} is below {MIN_VOCAB_SIZE} (256 byte pieces + 4 special ids)")
+    lines = [line.rstrip("\n") for line in text_lines]
+    model_bytes = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=model_bytes,
+            vocab_size=vocab_size,
+            **_GEMMA_LIKE_TRAINER_OPTIONS,
+        )
+    except RuntimeError as error:
+        raise ValueError(f"cannot train a {vocab_size}-piece tokenizer on this text: {error}") from None
+    piece_count = spm.SentencePieceProcessor(model_proto=model_bytes.getvalue()).GetPieceSize()
+    if piece_count != vocab_size:
+        raise ValueError(f"trained tokenizer has {piece_count} pieces, expected exactly {vocab_size}")
+    _write_atomically(Path(out_path), model_bytes.getvalue())
+    return Path(out_path)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
+        handle.write(data)
+    try:
+        os.chmod(handle.name, 0o644)
+        os.replace(handle.name, path)
+    except BaseException:
+        os.unlink(handle.name)
+        raise
+
+
+def load_tokenizer(path: Path) -> gm.text.Gemma2Tokenizer:
+    """Loads a local sentencepiece file as a gemma `Gemma2Tokenizer`.
+
+    Raises:
+      CheckpointError: the file is missing, or gemma's tokenizer cache holds a different file of the same name,
+        which gemma would silently load instead.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"tokenizer file {path} does not exist")
+    # gemma looks for `$GEMMA_CACHE_DIR/tokenizer/<file name>` (default ~/.gemma) before the given path.
+    used_path = Path(_file_cache.maybe_get_from_cache(remote_file_path=str(path), cache_subdir="tokenizer"))
+    if used_path.resolve() != path.resolve() and used_path.read_bytes() != path.read_bytes():
+        raise CheckpointError(
+            f"tokenizer {path} is shadowed by gemma's cached {used_path}; remove that file or set GEMMA_CACHE_DIR"
+        )
+    return gm.text.Gemma2Tokenizer(path=str(path))
+
+
+def encode_prompt(tokenizer: gm.text.Tokenizer, text: str) -> list[int]:
+    """Token ids of `text` with BOS first, as plain Python ints."""
+    return [int(token) for token in tokenizer.encode(text, add_bos=True)]
+
+
+def decode_tokens(tokenizer: gm.text.Tokenizer, ids: Sequence[int]) -> str:
+    """Text of `ids`; special tokens (pad, bos, eos) decode to nothing."""
+    return tokenizer.decode([int(token) for token in ids])

@@ -1,0 +1,189 @@
+"""Patching Gemma2 with SAE steering and activation capture (Penzai layers inserted after blocks).
+
+A `SteeringSite` sits after every block that a sweep steers. Each batch row carries its own steering point in
+the side input `steering` (`SteeringInputs`): the target layer, feature, value and mode. A site changes only the
+rows that target its layer, so one model tree (and one compiled program) serves every mix of layers, features
+and scales. Steering at value 0 in `add` mode leaves the residual stream bit-identical.
+
+Modes (on the residual stream `h` after block L, decoder row `d_i = W_dec[i]`, unit norm):
+  - `add`:    `h + value * d_i` (the Gemma Scope tutorial's intervention);
+  - `clamp`:  `h + (value - f_i(h)) * d_i`, with `f_i` the SAE's JumpReLU activation of feature i;
+  - `ablate`: clamp to 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from penzai import pz
+
+from runner.sae.jumprelu import LATENT_AXIS, JumpReLUSAE
+from runner.nn.sites import insert_after_block
+
+MODE_CODES: dict[str, int] = {"add": 0, "clamp": 1, "ablate": 1}
+NO_LAYER = -1
+#: Per-row totals a `SteeringSite` accumulates over the positions of `measure_mask`, for the rows it steers.
+TOTAL_NAMES = ("tokens", "l0", "feature_activation", "feature_fires")
+#: Totals of unsteered (baseline) rows, accumulated at every site: `{batch}` and `{batch, probe}` for the probes.
+BASELINE_TOTAL_NAMES = ("baseline_tokens", "baseline_l0", "probe_activation", "probe_fires")
+
+
+@pz.pytree_dataclass
+class SteeringInputs(pz.Struct):
+    """The steering point of every batch row (all `{batch}` named arrays).
+
+    Attributes:
+      target_layer: Block after which the row is steered (`NO_LAYER`: not steered).
+      feature: SAE latent index.
+      value: Scale (`add`) or clamp value (`clamp`; 0 for `ablate`).
+      mode: `MODE_CODES` of the row's mode.
+      steer_from: First token position steered (0: all, 1: skip BOS, prompt length: generated tokens only).
+    """
+
+    target_layer: pz.nx.NamedArray
+    feature: pz.nx.NamedArray
+    value: pz.nx.NamedArray
+    mode: pz.nx.NamedArray
+    steer_from: pz.nx.NamedArray
+
+    @classmethod
+    def from_rows(
+        cls,
+        target_layer: Any,
+        feature: Any,
+        value: Any,
+        mode: Any,
+        steer_from: Any,
+    ) -> SteeringInputs:
+        """Builds the inputs from per-row sequences or arrays (mode given as names or `MODE_CODES`)."""
+        if isinstance(mode, (list, tuple)) and mode and isinstance(mode[0], str):
+            mode = [MODE_CODES[name] for name in mode]
+        mode_codes = mode
+
+        def batch(values: Any, dtype: Any) -> pz.nx.NamedArray:
+            return pz.nx.wrap(jnp.asarray(values, dtype=dtype)).tag("batch")
+
+        return cls(
+            target_layer=batch(target_layer, jnp.int32),
+            feature=batch(feature, jnp.int32),
+            value=batch(value, jnp.float32),
+            mode=batch(mode_codes, jnp.int32),
+            steer_from=batch(steer_from, jnp.int32),
+        )
+
+
+@pz.pytree_dataclass
+class SteeringSite(pz.nn.Layer):
+    """Steers (and optionally measures) the residual stream after block `layer_index`.
+
+    Side inputs read: `steering` (`SteeringInputs`; absent: identity), `token_positions` (`{batch?, seq}`; pad
+    positions are -1 and never steered), `measure_mask` (`{batch, seq}` bool; where to accumulate totals),
+    `probe_features` (`{probe}` latent indices measured on unsteered rows, which share one baseline generation
+    across the sweep's layers and features).
+
+    Attributes:
+      layer_index: The block this site follows.
+      sae: The SAE of this layer (decoder rows are the steering directions; the encoder measures).
+      totals: Per-row sums of `TOTAL_NAMES` over measured positions, or None to measure nothing.
+    """
+
+    layer_index: int = dataclasses.field(metadata={"pytree_node": False})
+    sae: JumpReLUSAE
+    totals: pz.StateVariable[dict[str, pz.nx.NamedArray]] | None = None
+
+    def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
+        steering: SteeringInputs | None = side_inputs.get("steering")
+        if steering is None:
+            return x
+        token_positions = side_inputs["token_positions"]
+        active = steering.target_layer == self.layer_index
+        steer_mask = active & (token_positions >= steering.steer_from)
+
+        direction = self.sae.decoder.w_dec[{LATENT_AXIS: steering.feature}]
+        x32 = x.astype(jnp.float32)
+        feature_now = self._feature_activation(x32, steering.feature)
+        delta = pz.nx.nmap(jnp.where)(steering.mode == MODE_CODES["clamp"], steering.value - feature_now, steering.value)
+        steered = x32 + pz.nx.nmap(jnp.where)(steer_mask, delta, 0.0) * direction
+        out = pz.nx.nmap(jnp.where)(steer_mask, steered.astype(x.dtype), x)
+
+        measure_mask = side_inputs.get("measure_mask")
+        if self.totals is not None and measure_mask is not None:
+            baseline = measure_mask & (steering.target_layer == NO_LAYER)
+            self._accumulate(
+                out.astype(jnp.float32), steering.feature, measure_mask & active, baseline, side_inputs["probe_features"]
+            )
+        return out
+
+    def _feature_activation(self, x32: pz.nx.NamedArray, feature: pz.nx.NamedArray) -> pz.nx.NamedArray:
+        """JumpReLU activation of each row's own feature, `{batch, seq}`."""
+        encoder = self.sae.encoder
+        column = encoder.w_enc[{LATENT_AXIS: feature}]
+        pre = pz.nx.nmap(jnp.dot)(x32.untag("embedding"), column.untag("embedding")) + encoder.b_enc[
+            {LATENT_AXIS: feature}
+        ]
+        return pz.nx.nmap(jnp.where)(pre > encoder.threshold[{LATENT_AXIS: feature}], pre, 0.0)
+
+    def _accumulate(
+        self,
+        x32: pz.nx.NamedArray,
+        feature: pz.nx.NamedArray,
+        mask: pz.nx.NamedArray,
+        baseline_mask: pz.nx.NamedArray,
+        probe_features: pz.nx.NamedArray,
+    ) -> None:
+        latents = self.sae.encode(x32)
+        l0 = (latents > 0).astype(jnp.float32).untag(LATENT_AXIS).sum()
+        activation = self._feature_activation(x32, feature)
+        probes = latents[{LATENT_AXIS: probe_features}]  # {batch, seq, probe}
+        weight = mask.astype(jnp.float32)
+        baseline_weight = baseline_mask.astype(jnp.float32)
+        increments = {
+            "tokens": weight,
+            "l0": l0 * weight,
+            "feature_activation": activation * weight,
+            "feature_fires": (activation > 0).astype(jnp.float32) * weight,
+            "baseline_tokens": baseline_weight,
+            "baseline_l0": l0 * baseline_weight,
+            "probe_activation": probes * baseline_weight,
+            "probe_fires": (probes > 0).astype(jnp.float32) * baseline_weight,
+        }
+        self.totals.value = {
+            name: self.totals.value[name] + increments[name].untag("seq").sum() for name in self.totals.value
+        }
+
+
+def add_steering_sites(
+    model: pz.nn.Layer, saes: Mapping[int, JumpReLUSAE], batch_size: int | None = None, num_probes: int = 1
+) -> pz.nn.Layer:
+    """Inserts a `SteeringSite` after every block in `saes`; with `batch_size`, each site also keeps totals
+    (`TOTAL_NAMES`, and `BASELINE_TOTAL_NAMES` over `num_probes` probe features)."""
+    for layer_index in sorted(saes):
+        totals = None
+        if batch_size is not None:
+            zeros = {name: pz.nx.zeros({"batch": batch_size}, dtype=jnp.float32) for name in TOTAL_NAMES}
+            zeros["baseline_tokens"] = pz.nx.zeros({"batch": batch_size}, dtype=jnp.float32)
+            zeros["baseline_l0"] = pz.nx.zeros({"batch": batch_size}, dtype=jnp.float32)
+            for name in ("probe_activation", "probe_fires"):
+                zeros[name] = pz.nx.zeros({"batch": batch_size, "probe": num_probes}, dtype=jnp.float32)
+            totals = pz.StateVariable(value=zeros, label=f"steering/totals_{layer_index}")
+        model = insert_after_block(model, layer_index, SteeringSite(layer_index, saes[layer_index], totals))
+    return model
+
+
+def combine_totals(totals_by_layer: Mapping[int, Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """Adds the `TOTAL_NAMES` totals (`[batch]` arrays) of all sites (a steered row is measured only at its own
+    layer)."""
+    combined = {name: 0.0 for name in TOTAL_NAMES}
+    for totals in totals_by_layer.values():
+        for name in TOTAL_NAMES:
+            combined[name] = combined[name] + np.asarray(totals[name], dtype=np.float64)
+    return combined
+
+
+def baseline_totals(totals: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """One site's `BASELINE_TOTAL_NAMES` totals as float64 arrays (`[batch]`, or `[batch, probe]`)."""
+    return {name: np.asarray(totals[name], dtype=np.float64) for name in BASELINE_TOTAL_NAMES}

@@ -1,0 +1,205 @@
+"""Where each steered layer's SAE comes from: Gemma Scope on Hugging Face, a local tree, or a synthetic SAE.
+
+All sources end as a `params.npz` file in the Gemma Scope layout
+(`layer_{L}/width_{W}/average_l0_{N}/params.npz`), which `runner.sae.jumprelu.load_sae` reads and validates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from penzai import pz
+
+from runner.sae import gemma_scope
+from runner.nn import sites
+from runner.model import tokenizer as tokenizer_lib
+from runner.errors import SAEError
+from runner.sae.jumprelu import calibrate_thresholds, random_sae_arrays, write_params_npz
+
+_L0_FOLDER = re.compile(r"^average_l0_(\d+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class SAEFile:
+    """A resolved SAE file for one layer.
+
+    Attributes:
+      layer: The residual-stream site (after block `layer`).
+      sae_id: Stable identifier recorded with every point.
+      path: The `params.npz` (None until a synthetic SAE is written).
+      release: Gemma Scope release when the SAE is one (for Neuronpedia links), else None.
+      width: Width label of the SAE (`16k`, or the latent count of a synthetic SAE).
+      l0: The resolved L0 label: the N of `average_l0_N`, or a synthetic SAE's target L0.
+      site: Where the SAE reads (`res`, `mlp`, `att`).
+    """
+
+    layer: int
+    sae_id: str
+    path: Path | None
+    release: str | None = None
+    width: str | None = None
+    l0: str | None = None
+    site: str = "res"
+
+    def neuronpedia_url(self, feature: int) -> str | None:
+        """The feature's Neuronpedia page, for Gemma Scope SAEs."""
+        if self.release is None or self.width is None:
+            return None
+        return gemma_scope.neuronpedia_url(self.release, self.layer, self.width, feature)
+
+
+def synthetic_sae_width(sae_config: Any, embedding_dim: int) -> int:
+    """Latents of a steering sweep's synthetic SAE: `width_features`, else 4 x the model width."""
+    return int(sae_config.width_features or 4 * embedding_dim)
+
+
+def width_latents(label: str) -> int:
+    """The latent count of a width label: `16k` = 16384, `1m` = 1048576, `256` = 256."""
+    factor = {"k": 1024, "m": 1024**2}.get(label[-1], 1)
+    return int(label.rstrip("km")) * factor
+
+
+def synthetic_sae_id(model_id: str, layer: int, width: int, target_l0: float, seed: int, site: str = "res") -> str:
+    """Identifier of a synthetic SAE, fixed by its inputs before it is written."""
+    where = f"layer_{layer}" if site == "res" else f"layer_{layer}:{site}"
+    return f"synthetic:{model_id}:{where}:width_{width}:target_l0_{target_l0:g}:seed{seed}"
+
+
+def resolve_sae_files(
+    sae_config: Any, layers: Sequence[int], *, model_id: str, embedding_dim: int
+) -> dict[int, SAEFile]:
+    """The SAE file of every steered layer (the config's `width` and `l0`; see `resolve_sae_file`)."""
+    if sae_config.source == "synthetic":
+        width, l0 = str(synthetic_sae_width(sae_config, embedding_dim)), sae_config.target_l0
+    else:
+        width, l0 = sae_config.width, sae_config.l0
+    return {
+        layer: resolve_sae_file(sae_config, layer, width=width, l0=l0, model_id=model_id, num_layers=len(layers))
+        for layer in layers
+    }
+
+
+def resolve_sae_file(
+    sae_config: Any, layer: int, *, width: str, l0: int | float | str, model_id: str, num_layers: int = 1
+) -> SAEFile:
+    """Finds (downloading a Gemma Scope file if needed) one SAE of the configured source.
+
+    Args:
+      sae_config: `runner.config.schema.SAEConfig` (source, release or path, site, seed).
+      layer: The block whose site the SAE reads.
+      width: Width label (`16k`); for synthetic SAEs the latent count.
+      l0: `canonical` or the N of `average_l0_N`; for synthetic SAEs the target L0.
+      model_id: Names synthetic SAEs (they are fitted to the model).
+      num_layers: Layers resolved from the same source (a single `params.npz` serves only one).
+
+    Synthetic SAEs are only named here (path None); `write_synthetic_saes` creates them from the loaded model.
+    """
+    if sae_config.source == "synthetic":
+        latents = width_latents(str(width))
+        sae_id = synthetic_sae_id(model_id, layer, latents, float(l0), sae_config.seed, sae_config.site)
+        return SAEFile(layer, sae_id, path=None, width=str(latents), l0=f"{float(l0):g}", site=sae_config.site)
+    if sae_config.source == "huggingface":
+        found = _huggingface_sae(sae_config.release, layer, width, l0)
+    else:
+        found = _local_sae(Path(sae_config.path), layer, width, l0, num_layers)
+    return dataclasses.replace(found, site=sae_config.site)
+
+
+def _huggingface_sae(release: str, layer: int, width: str, l0: int | str) -> SAEFile:
+    from huggingface_hub import hf_hub_download  # token: HF_TOKEN, read by huggingface_hub itself
+
+    resolved = gemma_scope.resolve_l0(release, layer, width, l0)
+    filename = gemma_scope.params_path(layer, width, resolved)
+    path = Path(hf_hub_download(gemma_scope.hf_repo_id(release), filename))
+    sae_id = gemma_scope.sae_id(release, layer, width, resolved)
+    return SAEFile(layer, sae_id, path, release=release, width=width, l0=str(resolved))
+
+
+def _local_sae(root: Path, layer: int, width: str, l0: int | str, num_layers: int) -> SAEFile:
+    if root.is_file():
+        if num_layers != 1:
+            raise SAEError(f"{root}: one params.npz given but {num_layers} layers are steered; give a directory tree")
+        return SAEFile(layer, f"local:{root}", root, width=width, l0=str(l0))
+    width_dir = root / f"layer_{layer}" / f"width_{width}"
+    if not width_dir.is_dir():
+        raise SAEError(f"{width_dir}: no SAE for layer {layer} at width {width} in {root}")
+    available = sorted(
+        int(match.group(1)) for entry in width_dir.iterdir() if (match := _L0_FOLDER.match(entry.name))
+    )
+    if not available:
+        raise SAEError(f"{width_dir}: holds no average_l0_N folders")
+    if l0 == "canonical":
+        chosen = min(available, key=lambda n: (abs(n - 100), n))  # Gemma Scope's canonical: L0 closest to 100
+    elif int(l0) in available:
+        chosen = int(l0)
+    else:
+        raise SAEError(f"{width_dir}: no average_l0_{l0} (available: {available})")
+    path = width_dir / f"average_l0_{chosen}" / "params.npz"
+    sae_id = f"local:{root.name}/layer_{layer}/width_{width}/average_l0_{chosen}"
+    return SAEFile(layer, sae_id, path, width=width, l0=str(chosen))
+
+
+def calibration_tokens(tokenizer: Any, num_sequences: int = 16, seq_len: int = 64) -> np.ndarray:
+    """`[num_sequences, seq_len]` windows of the bundled corpus, each starting with BOS (no padding)."""
+    text = tokenizer_lib.CORPUS_PATH.read_text(encoding="utf-8")
+    stream = tokenizer_lib.encode_prompt(tokenizer, text)[1:]
+    body = seq_len - 1
+    needed = num_sequences * body
+    if len(stream) < needed:
+        stream = (stream * (needed // max(len(stream), 1) + 1))[:needed]
+    windows = np.asarray(stream[:needed], np.int32).reshape(num_sequences, body)
+    return np.concatenate([np.full((num_sequences, 1), tokenizer_lib.BOS_ID, np.int32), windows], axis=1)
+
+
+def write_synthetic_saes(
+    loaded_model: Any,
+    layers: Sequence[int],
+    out_root: Path,
+    *,
+    width: int,
+    target_l0: float,
+    seed: int,
+    site: str = "res",
+) -> dict[int, Path]:
+    """Writes a calibrated random JumpReLU SAE per layer under `out_root` in the Gemma Scope layout.
+
+    Decoder rows are unit-norm random directions (encoder tied to them); each latent's threshold is set so that
+    it fires on `target_l0 / width` of the corpus activations at that layer's `site` (BOS excluded), so the mean
+    L0 lands near `target_l0`. The folder name records the L0 measured on the calibration tokens. Reuses SAEs
+    already written with the same inputs.
+    """
+    marker_path = out_root / "runner_synthetic_saes.json"
+    request = {"width": width, "target_l0": target_l0, "seed": seed, "layers": sorted(layers)}
+    if site != "res":
+        request["site"] = site
+    if marker_path.is_file():
+        marker = json.loads(marker_path.read_text())
+        if {k: marker.get(k) for k in request} == request:
+            return {int(layer): out_root / rel for layer, rel in marker["paths"].items()}
+
+    tokens = calibration_tokens(loaded_model.tokenizer)
+    named_tokens = pz.nx.wrap(tokens).tag("batch", "seq")
+    _, activations_at = sites.capture(loaded_model.model, named_tokens, [(layer, site) for layer in layers])
+    paths: dict[int, Path] = {}
+    for layer in sorted(layers):
+        activations = np.asarray(activations_at[(layer, site)].unwrap("batch", "seq", "embedding"), np.float32)[:, 1:]
+        flat = activations.reshape(-1, activations.shape[-1])
+        arrays = calibrate_thresholds(
+            random_sae_arrays(flat.shape[-1], width, seed + 1000 * layer), flat, target_l0
+        )
+        pre = flat @ arrays["W_enc"] + arrays["b_enc"]
+        measured_l0 = int(round(float((pre > arrays["threshold"]).sum(axis=1).mean())))
+        relative = Path(f"layer_{layer}") / f"width_{width}" / f"average_l0_{measured_l0}" / "params.npz"
+        paths[layer] = write_params_npz(arrays, out_root / relative)
+    out_root.mkdir(parents=True, exist_ok=True)
+    marker = {**request, "paths": {str(layer): str(path.relative_to(out_root)) for layer, path in paths.items()}}
+    tmp = marker_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(marker, indent=2))
+    tmp.replace(marker_path)
+    return paths

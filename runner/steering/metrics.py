@@ -1,0 +1,381 @@
+"""Judge-free metrics of steered generations, computed batched after sampling by teacher forcing.
+
+Conventions (project Gemma Scope metrics sheet, "Steering metrics"):
+
+- Layout: `prompt_tokens [B, P]` left-padded with PAD (BOS first after the padding) and `generated_tokens [B, G]`
+  right-padded (PAD after the row's EOS), exactly as `runner.steering.sampler.SteeringSampler` takes and returns them.
+  The teacher-forced sequence is `concat(prompt, generation)`; padding gets position -1 and is never attended to
+  (Penzai's KV-cache rule, see `sae_eval.token_positions`), so a row reads as if it were unpadded.
+- Generated tokens measured: those before the row's first EOS that are not special (PAD, EOS, BOS). Token j of
+  the generation sits at sequence position `P + j` and is predicted from position `P + j - 1`.
+- Distribution metrics (NLL, KL, entropy, logit-lens mass) are per-row means over the positions that predict a
+  measured token; concept metrics are per-row means over the measured tokens' own positions. Sums are float64 on
+  the host, divided once per row. All in nats. Logits are the model's (soft-capped), cast to float32.
+- A mean is omitted from a row's metrics when it is undefined (no measured token).
+- Everything a batch needs (both teacher-forced passes, every per-position statistic, the logit lens) is one
+  compiled program per batch shape, so a sweep compiles it once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from penzai import pz
+from penzai.models.transformer import model_parts
+
+from runner.sae_eval import evaluate as sae_eval
+from runner.nn import sites
+from runner.nn import steering
+from runner.lm_stats import special_token_mask
+from runner.program_cache import ProgramCache
+from runner.sae.jumprelu import LATENT_AXIS, JumpReLUSAE
+from runner.model.tokenizer import EOS_ID, PAD_ID
+
+DEFAULT_LOGIT_LENS_K = 10
+
+
+def _transformer(model: Any) -> model_parts.TransformerLM:
+    """The Penzai model of a `LoadedModel`, or the model itself."""
+    return getattr(model, "model", model)
+
+
+def unembedding_matrix(model: Any) -> pz.nx.NamedArray:
+    """The raw `{vocabulary, embedding}` unembedding (Gemma2 ties it to the input embedding table)."""
+    decoder = pz.select(_transformer(model)).at_instances_of(pz.nn.EmbeddingDecode).get_sequence()[0]
+    embeddings = decoder.table.embeddings
+    return getattr(embeddings, "value", embeddings)  # a Parameter or ParameterValue, else the array itself
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def _logit_lens_top_k(unembedding: jax.Array, directions: jax.Array, k: int) -> jax.Array:
+    """`[R, k]` token ids with the largest `direction @ W_E^T` (ties: lower id first)."""
+    scores = jnp.dot(directions.astype(jnp.float32), unembedding.astype(jnp.float32).T)
+    return jax.lax.top_k(scores, k)[1].astype(jnp.int32)
+
+
+def top_logit_lens_tokens(model: Any, sae: JumpReLUSAE, feature: int, k: int = DEFAULT_LOGIT_LENS_K) -> list[int]:
+    """The `k` token ids with the largest `W_dec[feature] @ W_E^T`, largest first.
+
+    Raw unembedding: no final norm, no soft-cap (metrics sheet, feature-card extras).
+    """
+    unembedding = unembedding_matrix(model).unwrap("vocabulary", "embedding")
+    direction = sae.decoder.w_dec.unwrap(LATENT_AXIS, "embedding")[feature][None]
+    return [int(token) for token in np.asarray(_logit_lens_top_k(unembedding, direction, k=k))[0]]
+
+
+def generated_token_mask(generated_tokens: np.ndarray) -> np.ndarray:
+    """`[B, G]` True at generated tokens that count: before the row's first EOS and not PAD/EOS/BOS."""
+    generated_tokens = np.asarray(generated_tokens)
+    before_eos = np.cumsum(generated_tokens == EOS_ID, axis=-1) == 0
+    return before_eos & special_token_mask(generated_tokens)
+
+
+def measured_tokens(generated_row: Sequence[int]) -> list[int]:
+    """The generated tokens of one row that the metrics read (see `generated_token_mask`)."""
+    row = np.asarray(generated_row)[None]
+    return [int(token) for token in row[0][generated_token_mask(row)[0]]]
+
+
+def longest_repeated_span(tokens: Sequence[int]) -> int:
+    """Length of the longest contiguous token span that occurs at least twice (occurrences may overlap)."""
+    array = np.asarray(tokens)
+    longest = 0
+    for shift in range(1, array.size):
+        equal = array[:-shift] == array[shift:]
+        run = 0
+        for same in equal:  # longest run of matches at this shift
+            run = run + 1 if same else 0
+            longest = max(longest, run)
+    return longest
+
+
+def repetition_metrics(tokens: Sequence[int]) -> dict[str, float]:
+    """`gen/distinct_1`, `gen/distinct_2` (unique n-grams / n-grams; omitted without any n-gram) and
+    `gen/longest_repeat` (`longest_repeated_span`) of a generation's measured tokens.
+
+    Convention: metrics sheet "Repetition" (distinct-n = unique / total; seq-rep-n would be `1 - distinct_n`).
+    """
+    tokens = [int(token) for token in tokens]
+    metrics = {"gen/longest_repeat": float(longest_repeated_span(tokens))}
+    for n in (1, 2):
+        grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+        if grams:
+            metrics[f"gen/distinct_{n}"] = len(set(grams)) / len(grams)
+    return metrics
+
+
+@functools.partial(jax.jit, static_argnames=("logit_lens_k", "vocab_chunk"))
+def _per_position_statistics(
+    base_model: model_parts.TransformerLM,
+    steered_model: model_parts.TransformerLM,
+    inputs: steering.SteeringInputs,
+    saes: dict[int, JumpReLUSAE],
+    tokens: jax.Array,
+    point_rows: jax.Array,
+    layers: jax.Array,
+    features: jax.Array,
+    logit_lens_k: int,
+    vocab_chunk: int,
+) -> dict[str, jax.Array]:
+    """One program: the base and steered teacher-forced passes over `G` generations, and every per-position
+    statistic, for `P` points that each read one generation (`point_rows`) with their own layer and feature.
+
+    Returns `[G, S]` `nll` (of the next token under base), `kl_steered_base`, `kl_base_steered`, `entropy_base`,
+    `entropy_steered`; `[P, S]` `logit_lens_mass` (base probability of the point's lens tokens) and `concept`
+    (JumpReLU activation of the point's feature at its layer when the base model reads its generation); and
+    `[P, k]` `lens_tokens`.
+    """
+    named, positions = sae_eval.named_tokens(tokens)
+    layer_list = sorted(saes)
+    base_logits, residuals = sites.capture(base_model, named, [(layer, "res") for layer in layer_list],
+                                           token_positions=positions)
+    steered_logits = steered_model(named, token_positions=positions, steering=inputs)
+    base_logits = base_logits.unwrap("batch", "seq", "vocabulary")
+    steered_logits = steered_logits.unwrap("batch", "seq", "vocabulary")
+
+    unembedding = unembedding_matrix(base_model).unwrap("vocabulary", "embedding")
+    points, seq = point_rows.shape[0], tokens.shape[1]
+    concept = jnp.zeros((points, seq), jnp.float32)
+    directions = jnp.zeros((points, unembedding.shape[1]), jnp.float32)
+    for layer in layer_list:  # each point reads its own layer's SAE; points of other layers are masked out
+        encoder, decoder = saes[layer].encoder, saes[layer].decoder
+        on_layer = layers == layer
+        columns = encoder.w_enc.unwrap("embedding", LATENT_AXIS)[:, features]  # [D, P]
+        resid = residuals[(layer, "res")].unwrap("batch", "seq", "embedding")[point_rows].astype(jnp.float32)
+        pre = jnp.einsum("psd,dp->ps", resid, columns) + encoder.b_enc.unwrap(LATENT_AXIS)[features][:, None]
+        active = pre > encoder.threshold.unwrap(LATENT_AXIS)[features][:, None]
+        concept = jnp.where(on_layer[:, None], jnp.where(active, pre, 0.0), concept)
+        directions = jnp.where(on_layer[:, None], decoder.w_dec.unwrap(LATENT_AXIS, "embedding")[features], directions)
+    lens_tokens = _logit_lens_top_k(unembedding, directions, k=logit_lens_k)
+
+    pair = sae_eval.logit_pair_statistics(steered_logits, base_logits, vocab_chunk)
+    base_lse = pair["log_partition_q"]
+    targets = jnp.concatenate([tokens[:, 1:], jnp.full((tokens.shape[0], 1), PAD_ID, tokens.dtype)], axis=1)
+    # [P, S, k] base logits at each point's lens tokens, gathered without a [P, S, V] copy.
+    lens_logits = base_logits[point_rows[:, None, None], jnp.arange(seq)[None, :, None], lens_tokens[:, None, :]]
+    lens_mass = jnp.sum(jnp.exp(lens_logits.astype(jnp.float32) - base_lse[point_rows][..., None]), axis=-1)
+    return {
+        "nll": sae_eval.cross_entropy_from_partition(base_logits, base_lse, targets),
+        "kl_steered_base": pair["kl_pq"],
+        "kl_base_steered": pair["kl_qp"],
+        "entropy_steered": pair["entropy_p"],
+        "entropy_base": pair["entropy_q"],
+        "logit_lens_mass": lens_mass,
+        "concept": concept,
+        "lens_tokens": lens_tokens,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationMetrics:
+    """The steering metrics of one point.
+
+    Attributes:
+      metrics: MLflow metrics (see `steering_generation_metrics`).
+      logit_lens_tokens: The feature's top logit-lens token ids, largest first.
+    """
+
+    metrics: dict[str, float]
+    logit_lens_tokens: tuple[int, ...]
+
+
+def point_bucket(num_points: int, num_generations: int) -> int:
+    """Point rows of the metrics program: the generations' count times a power of two, so that a sweep (whose
+    baselines each serve many points) compiles it only a few times."""
+    bucket = num_generations
+    while bucket < num_points:
+        bucket *= 2
+    return bucket
+
+
+class SteeringMetricsProgram:
+    """The steering metrics of batches of one shape as one compiled program (see `steering_generation_metrics`).
+
+    Args:
+      base_model: The unsteered model (`LoadedModel` or Penzai `TransformerLM`).
+      steered_model: A model that reads the side input `steering` (the base model when nothing is steered).
+      saes: `{layer: SAE}` of every layer points may read (one width).
+      num_generations: Generation rows per batch (`G`).
+      seq_len: Prompt bucket plus generated tokens (`S`).
+      num_points: Point rows per batch (`P`); a batch may hold fewer points (the rest is padding).
+      logit_lens_k: Size of a feature's logit-lens token set.
+      vocab_chunk: Vocabulary chunk of the KL/entropy sums.
+      program_cache: Where the traced program is kept between worker starts (`runner.program_cache`).
+    """
+
+    def __init__(
+        self,
+        base_model: Any,
+        steered_model: model_parts.TransformerLM,
+        saes: Mapping[int, JumpReLUSAE],
+        *,
+        num_generations: int,
+        seq_len: int,
+        num_points: int,
+        logit_lens_k: int = DEFAULT_LOGIT_LENS_K,
+        vocab_chunk: int = sae_eval.DEFAULT_VOCAB_CHUNK,
+        program_cache: ProgramCache | None = None,
+    ):
+        self.num_generations, self.seq_len, self.num_points = num_generations, seq_len, num_points
+        self._program_cache = program_cache if program_cache is not None else ProgramCache(None)
+        self._static = {"logit_lens_k": logit_lens_k, "vocab_chunk": vocab_chunk}
+        self._models = (pz.freeze_params(_transformer(base_model)), pz.freeze_params(steered_model))
+        self._saes = dict(saes)
+        self._compiled: Any = None
+        self._compiling = threading.Lock()
+
+    def compile(self) -> None:
+        """Compiles the program now, ahead of the first batch. Thread-safe: a worker compiles it on a second
+        thread while its sampler compiles, and a batch that comes first waits for it."""
+        with self._compiling:
+            if self._compiled is not None:
+                return
+            zeros = np.zeros(self.num_generations, np.int32)
+            inputs = steering.SteeringInputs.from_rows(zeros, zeros, zeros.astype(np.float32), zeros, zeros)
+            points = jnp.zeros(self.num_points, jnp.int32)
+            layer = jnp.full(self.num_points, min(self._saes), jnp.int32)
+            tokens = jnp.zeros((self.num_generations, self.seq_len), jnp.int32)
+            self._compiled = self._program_cache.lower(
+                "steering-metrics",
+                functools.partial(_per_position_statistics, **self._static),
+                (*self._models, inputs, self._saes, tokens, points, layer, points),
+                static=self._static,
+            ).compile()
+
+    def __call__(
+        self,
+        inputs: steering.SteeringInputs,
+        prompt_tokens: np.ndarray,
+        generated_tokens: np.ndarray,
+        layers: Sequence[int],
+        features: Sequence[int],
+        point_rows: Sequence[int] | None = None,
+    ) -> list[GenerationMetrics]:
+        """The metrics of each point (arguments as for `steering_generation_metrics`)."""
+        prompt_tokens = np.asarray(prompt_tokens, np.int32)
+        generated_tokens = np.asarray(generated_tokens, np.int32)
+        batch, prompt_len = prompt_tokens.shape
+        layers = [int(layer) for layer in layers]
+        features = [int(feature) for feature in features]
+        rows = list(range(len(layers))) if point_rows is None else [int(row) for row in point_rows]
+        if generated_tokens.shape[0] != batch or not (len(layers) == len(features) == len(rows)):
+            raise ValueError("prompt_tokens and generated_tokens, and layers, features and point_rows, must match")
+        if (batch, prompt_len + generated_tokens.shape[1]) != (self.num_generations, self.seq_len) or \
+                len(rows) > self.num_points:
+            raise ValueError(f"a batch of {batch} generations of {prompt_len + generated_tokens.shape[1]} tokens "
+                             f"and {len(rows)} points given to a program for {self.num_generations} of "
+                             f"{self.seq_len} and at most {self.num_points}")
+        missing = sorted(set(layers) - set(self._saes))
+        if missing:
+            raise ValueError(f"no SAE for layer(s) {missing}")
+
+        tokens = np.concatenate([prompt_tokens, generated_tokens], axis=1)
+        padding = self.num_points - len(rows)  # repeats of the last point, dropped below
+        arrays = (
+            inputs,
+            self._saes,
+            jnp.asarray(tokens),
+            jnp.asarray(rows + rows[-1:] * padding, jnp.int32),
+            jnp.asarray(layers + layers[-1:] * padding, jnp.int32),
+            jnp.asarray(features + features[-1:] * padding, jnp.int32),
+        )
+        self.compile()
+        outputs = self._compiled(*self._models, *arrays)
+        return _point_metrics(jax.device_get(outputs), prompt_len, generated_tokens, rows)
+
+
+def _point_metrics(
+    per_position: Mapping[str, np.ndarray], prompt_len: int, generated_tokens: np.ndarray, rows: Sequence[int]
+) -> list[GenerationMetrics]:
+    """Per-point means of the program's per-position statistics (float64 host sums, divided once)."""
+    batch, seq_len = generated_tokens.shape[0], prompt_len + generated_tokens.shape[1]
+    measured = generated_token_mask(generated_tokens)
+    predicts_measured = np.zeros((batch, seq_len), bool)
+    predicts_measured[:, prompt_len - 1 : seq_len - 1] = measured
+    at_measured = np.zeros((batch, seq_len), bool)
+    at_measured[:, prompt_len:] = measured
+    results = []
+    for point, row in enumerate(rows):
+        metrics = repetition_metrics(generated_tokens[row][measured[row]])
+        count = float(measured[row].sum())
+        if count > 0:
+            weight = predicts_measured[row].astype(np.float64)
+
+            def mean(values: np.ndarray) -> float:
+                return float(np.sum(np.asarray(values, np.float64) * weight) / count)
+
+            metrics["steer/nll"] = mean(per_position["nll"][row])
+            metrics["steer/perplexity"] = float(np.exp(metrics["steer/nll"]))
+            for name in ("kl_steered_base", "kl_base_steered", "entropy_base", "entropy_steered"):
+                metrics[f"steer/{name}"] = mean(per_position[name][row])
+            metrics["steer/logit_lens_mass"] = mean(per_position["logit_lens_mass"][point])
+            activation = np.asarray(per_position["concept"][point], np.float64)[at_measured[row]]
+            metrics["steer/concept_rate"] = float(np.sum(activation > 0) / count)
+            metrics["steer/concept_activation"] = float(np.sum(activation) / count)
+        results.append(GenerationMetrics(metrics, tuple(int(t) for t in per_position["lens_tokens"][point])))
+    return results
+
+
+def steering_generation_metrics(
+    base_model: Any,
+    steered_model: model_parts.TransformerLM,
+    inputs: steering.SteeringInputs,
+    prompt_tokens: np.ndarray,
+    generated_tokens: np.ndarray,
+    saes: Mapping[int, JumpReLUSAE],
+    layers: Sequence[int],
+    features: Sequence[int],
+    point_rows: Sequence[int] | None = None,
+    *,
+    logit_lens_k: int = DEFAULT_LOGIT_LENS_K,
+    vocab_chunk: int = sae_eval.DEFAULT_VOCAB_CHUNK,
+) -> list[GenerationMetrics]:
+    """Per-point steering metrics of a batch of generations (a one-off `SteeringMetricsProgram`).
+
+    The teacher-forced passes run once per generation; points that share one (the scale-0 points of a prompt,
+    which all read the one unsteered generation) differ only in the layer and feature they read it with.
+
+    Convention: metrics sheet "Steering metrics" (teacher-forced cheap metrics; concept presence SAE-TS style),
+    with the layout and masking of the module docstring.
+
+    Args:
+      base_model: The unsteered model (`LoadedModel` or Penzai `TransformerLM`).
+      steered_model: A model that reads the side input `steering` (patched with `steering.add_steering_sites`);
+        the base model itself when nothing is steered.
+      inputs: The steering of every generation row.
+      prompt_tokens: `[G, P]` left-padded prompts.
+      generated_tokens: `[G, T]` right-padded generations.
+      saes: `{layer: SAE}` of every layer in `layers` (one width).
+      layers, features: Each point's steering layer and SAE latent.
+      point_rows: The generation row each point reads (default: point i reads row i).
+      logit_lens_k: Size of the feature's logit-lens token set.
+      vocab_chunk: Vocabulary chunk of the KL/entropy sums.
+
+    Returns:
+      One `GenerationMetrics` per point, whose metrics are
+      - `steer/nll`, `steer/perplexity`: NLL (and `exp`) of the measured generated tokens under the unsteered model;
+      - `steer/kl_steered_base` = KL(steered || base), `steer/kl_base_steered`, `steer/entropy_base`,
+        `steer/entropy_steered`: means over the positions predicting measured tokens;
+      - `steer/concept_rate`, `steer/concept_activation`: firing rate and mean JumpReLU activation of the point's
+        feature when the unsteered model re-reads prompt + generation, on the measured generated tokens;
+      - `steer/logit_lens_mass`: mean probability the unsteered model puts on the feature's
+        `top_logit_lens_tokens`, over the positions predicting measured tokens;
+      - `gen/distinct_1`, `gen/distinct_2`, `gen/longest_repeat` (`repetition_metrics`).
+      Means over no measured token are left out.
+    """
+    num_generations = np.asarray(prompt_tokens).shape[0]
+    program = SteeringMetricsProgram(
+        base_model, steered_model, saes,
+        num_generations=num_generations,
+        seq_len=np.asarray(prompt_tokens).shape[1] + np.asarray(generated_tokens).shape[1],
+        num_points=point_bucket(len(layers), num_generations),
+        logit_lens_k=logit_lens_k, vocab_chunk=vocab_chunk,
+    )
+    return program(inputs, prompt_tokens, generated_tokens, layers, features, point_rows)

@@ -1,0 +1,594 @@
+"""Sweeps on Ray: spread over hosts, survive a lost host and a killed driver, fail only what fails, log over HTTP.
+
+The module shares one `ray.cluster_utils.Cluster`: a head without CPUs and two simulated TPU hosts, each with
+`TPU: 4` and JAX on 4 fake CPU devices. Workers compile into a shared persistent JAX cache, so only the first
+sweep of the module pays for compiling.
+"""
+
+from __future__ import annotations
+
+import _thread
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import ray
+import yaml
+from mlflow import MlflowClient
+from ray.cluster_utils import Cluster
+from typer.testing import CliRunner
+
+from runner.cli import app
+from runner.execution.ray_hosts import (
+    HostWorker,
+    RayExecutor,
+    WorkerPlatformError,
+    ray_actor_options,
+    remove_stale_tpu_lockfile,
+)
+from runner.config.schema import ClusterConfig, load_experiment
+from runner.plan.points import Job
+from runner.results import PointResult
+from runner.execution.slices import SliceExecutor
+from runner.plan.prepare import SweepPlan, SweepSummary, prepare_sweep, run_sweep
+from runner.execution.workers import SteeringWorker
+from tests.mlflow_server import DIRECT, MlflowServer, free_port, kill_process_group, rest
+
+# Workers unpickle the test's worker subclasses by value: this module is not importable on Ray's workers.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+#: Three prompts in one prompt bucket (<= 16 tokens), so a worker compiles once per sweep.
+SAME_BUCKET_PROMPTS = ["Once upon a time", "The weather today is", "My favourite city is"]
+#: 20 tokens: the next prompt bucket, a second compilation.
+LONG_PROMPT = "The most iconic structure on Earth is"
+#: 2 prompts x 2 layers x 3 features x 2 scales = 24 points, 6 jobs of 4.
+GRID = {"layers": [1, 2], "features": [3, 17, 40], "scales": [10, 30], "seeds": [0]}  # no scale 0: no shared baselines
+#: JAX devices of each simulated host (fake CPU devices).
+DEVICES_PER_HOST = 4
+NODE_DEATH_DETECTION = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A persistent JAX compilation cache shared by every worker process of this module."""
+    return tmp_path_factory.mktemp("jax-cache")
+
+
+def tpu_host_args(name: str, jax_cache: Path) -> dict[str, Any]:
+    """`Cluster.add_node` arguments of a simulated 4-chip TPU host whose JAX runs on 4 fake CPU devices."""
+    return {
+        "num_cpus": 1,
+        "resources": {"TPU": 4},
+        "labels": {"runner-test/host": name},
+        "env_vars": {
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_HOST}",
+            "JAX_PLATFORMS": "cpu",
+            "JAX_COMPILATION_CACHE_DIR": str(jax_cache),
+            "RAY_USAGE_STATS_ENABLED": "0",
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(jax_cache: Path) -> Iterator[Cluster]:
+    """A 0-CPU head and two simulated TPU hosts; a test that removes a host adds a replacement."""
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "_system_config": NODE_DEATH_DETECTION},
+    )
+    try:
+        for name in ("host-a", "host-b"):
+            cluster.add_node(**tpu_host_args(name, jax_cache))
+        cluster.wait_for_nodes()
+        yield cluster
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+
+
+def write_experiment(directory: Path, prompts: list[str], grid: dict[str, Any], *, cluster: dict[str, Any],
+                     tracking_uri: str | None = None, batch_size: int = 4) -> Path:
+    """A synthetic tiny-model experiment in `directory`, tracked in `directory/mlflow.db` by default."""
+    config = {
+        "name": "cluster-test",
+        "model": {"source": "synthetic", "preset": "tiny"},
+        "sae": {"source": "synthetic", "target_l0": 16},
+        "prompts": prompts,
+        "steering": grid,
+        "sampling": {"max_new_tokens": 6, "temperature": 0.0, "batch_size": batch_size},
+        "tracking": {"uri": tracking_uri or f"sqlite:///{directory / 'mlflow.db'}"},
+        "cluster": cluster,
+    }
+    path = directory / "experiment.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def on_test_cluster(ray_cluster: Cluster, **changes: Any) -> dict[str, Any]:
+    """The `cluster:` section of a sweep on the two simulated TPU hosts."""
+    return {"workers": 2, "resources": {"TPU": 4}, "platform": "cpu", "address": ray_cluster.address,
+            "max_job_retries": 1, **changes}
+
+
+def plan_sweep(directory: Path, cache_dir: Path, prompts: list[str], grid: dict[str, Any],
+               cluster: dict[str, Any]) -> SweepPlan:
+    return prepare_sweep(load_experiment(write_experiment(directory, prompts, grid, cluster=cluster)), cache_dir)
+
+
+def child_runs(uri: str, experiment: str = "cluster-test") -> list:
+    """Every child (point) run of the experiment."""
+    client = MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    return client.search_runs([experiment_id], "tags.`runner.role` = 'point'", max_results=1000)
+
+
+def assert_each_point_finished_exactly_once(sweep_plan: SweepPlan) -> list:
+    runs = child_runs(sweep_plan.config.tracking.uri)
+    keys = sorted(run.data.tags["point_key"] for run in runs)
+    assert keys == sorted(point.point_key for point in sweep_plan.points), "one child run per point, no more"
+    assert {run.info.status for run in runs} == {"FINISHED"}
+    return runs
+
+
+class LoseAHostAfterTheFirstResult:
+    """Wraps a `RayExecutor`: after the first job's results, kills the host of the worker that produced them
+    (it is idle then, and gets the next job) and adds a replacement host."""
+
+    def __init__(self, inner: RayExecutor, cluster: Cluster, jax_cache: Path):
+        self.inner, self.cluster, self.jax_cache = inner, cluster, jax_cache
+        self.removed_node_id: str | None = None
+
+    @property
+    def compilations(self) -> int:
+        return self.inner.compilations
+
+    def fault_counts(self) -> dict[str, int]:
+        return self.inner.fault_counts()
+
+    def start(self) -> None:
+        self.inner.start()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def run(self, jobs, on_result, on_failure) -> None:
+        def remove_then_report(job: Job, results: list[PointResult]) -> None:
+            on_result(job, results)
+            if self.removed_node_id is None:
+                worker = next(info for info in self.inner.workers_seen if info["name"] == results[0].worker)
+                node = next(n for n in self.cluster.list_all_nodes() if n.node_id == worker["node_id"])
+                self.cluster.remove_node(node, allow_graceful=False)
+                self.removed_node_id = node.node_id
+                self.cluster.add_node(wait=False, **tpu_host_args("host-c", self.jax_cache))
+
+        self.inner.run(jobs, remove_then_report, on_failure)
+
+
+class FailingWorker(SteeringWorker):
+    """Raises on every attempt of a job holding an `always_failing` point and on the first of a `flaky` one, and
+    kills its own process (the host stays up) on a job holding a `crashing` point."""
+
+    always_failing: frozenset[str] = frozenset()
+    flaky: frozenset[str] = frozenset()
+    crashing: frozenset[str] = frozenset()
+
+    def run_job(self, job: Job, attempt: int = 1) -> list[PointResult]:
+        keys = {point.point_key for point in job.points}
+        if keys & self.crashing:
+            os._exit(1)
+        if keys & self.always_failing or (attempt == 1 and keys & self.flaky):
+            raise RuntimeError(f"injected failure on attempt {attempt}")
+        return super().run_job(job, attempt)
+
+
+@pytest.fixture(scope="module")
+def failing_sweep(ray_cluster, tmp_path_factory, cache_dir) -> tuple[SweepPlan, SweepSummary]:
+    """A 24-point sweep on the test cluster whose job 1 always fails, job 2 fails once (1 retry allowed) and job
+    3 crashes its worker process every time (2 crashes allowed)."""
+    sweep_plan = plan_sweep(tmp_path_factory.mktemp("failing"), cache_dir, SAME_BUCKET_PROMPTS[:2], GRID,
+                            on_test_cluster(ray_cluster, max_worker_crashes=2))
+    worker_class = type("FailingWorker", (FailingWorker,), {
+        "always_failing": frozenset(p.point_key for p in sweep_plan.jobs[1].points),
+        "flaky": frozenset(p.point_key for p in sweep_plan.jobs[2].points),
+        "crashing": frozenset(p.point_key for p in sweep_plan.jobs[3].points),
+    })
+    executor = RayExecutor(sweep_plan, cache_dir, sweep_plan.config.cluster, worker_class=worker_class)
+    return sweep_plan, run_sweep(sweep_plan, cache_dir=cache_dir, executor=executor)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Units: actor options, platform check, TPU lockfile
+
+
+def test_worker_actors_request_the_whole_host_and_leave_retries_to_the_controller() -> None:
+    options = ray_actor_options(ClusterConfig(resources={"CPU": 8, "TPU": 4}), max_restarts=-1)
+    assert (options["num_cpus"], options["num_gpus"], options["resources"]) == (8, 0, {"TPU": 4})
+    assert (options["max_restarts"], options["max_task_retries"]) == (-1, 0)
+    assert options["runtime_env"]["env_vars"] == {"JAX_PLATFORMS": "tpu"}, "auto: TPU requested -> tpu"
+
+    gpu = ray_actor_options(ClusterConfig(resources={"GPU": 8}), max_restarts=3)
+    assert (gpu["num_gpus"], gpu["num_cpus"], "resources" in gpu) == (8, 0, False)
+    assert gpu["runtime_env"]["env_vars"] == {"JAX_PLATFORMS": "cuda"}
+    cpu = ray_actor_options(ClusterConfig(resources={"TPU": 4}, platform="cpu"), max_restarts=3)
+    assert cpu["runtime_env"]["env_vars"] == {"JAX_PLATFORMS": "cpu"}, "an explicit platform wins"
+
+
+def test_a_worker_refuses_to_run_on_a_platform_jax_did_not_give_it(tmp_path, cache_dir) -> None:
+    sweep_plan = plan_sweep(tmp_path, cache_dir, SAME_BUCKET_PROMPTS[:1], GRID, {})
+    with pytest.raises(WorkerPlatformError, match=r"expected JAX platform 'gpu' but JAX runs on 'cpu'"):
+        HostWorker(sweep_plan.worker_args(), cache_dir=cache_dir, platform="gpu",
+                   name="worker-0")
+
+
+def test_a_stale_tpu_lockfile_is_removed_only_when_no_process_holds_it(tmp_path) -> None:
+    lockfile = tmp_path / "libtpu_lockfile"
+    lockfile.write_text("")
+    holder = subprocess.Popen([sys.executable, "-c", f"f = open({str(lockfile)!r}); print('open', flush=True); "
+                               "import time; time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        assert not remove_stale_tpu_lockfile(lockfile) and lockfile.exists(), "a live holder keeps its lock"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert remove_stale_tpu_lockfile(lockfile) and not lockfile.exists()
+    assert not remove_stale_tpu_lockfile(lockfile), "nothing to remove"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sweeps on the simulated TPU cluster
+
+
+@pytest.fixture(scope="module")
+def spread_sweep(ray_cluster, tmp_path_factory, cache_dir) -> tuple[SweepPlan, SweepSummary, RayExecutor]:
+    """24 points on two host workers, one per simulated host."""
+    sweep_plan = plan_sweep(tmp_path_factory.mktemp("spread"), cache_dir, SAME_BUCKET_PROMPTS[:2], GRID,
+                            on_test_cluster(ray_cluster))
+    executor = RayExecutor(sweep_plan, cache_dir, sweep_plan.config.cluster)
+    # Both workers up first: each compiles at start, and a worker ready seconds earlier could take every job.
+    assert len(executor.wait_for_workers()) == 2
+    return sweep_plan, run_sweep(sweep_plan, cache_dir=cache_dir, executor=executor), executor
+
+
+def test_a_sweep_spreads_over_both_hosts_and_finishes_every_point_once(spread_sweep) -> None:
+    sweep_plan, summary, executor = spread_sweep
+    assert (summary.points_finished, summary.points_failed) == (24, 0)
+    runs = assert_each_point_finished_exactly_once(sweep_plan)
+    workers = {run.data.tags["runner.worker"] for run in runs}
+    assert len(workers) == 2, workers
+    seen = executor.workers_seen
+    assert len({info["node_id"] for info in seen}) == 2, "one worker per host"
+    assert {(info["platform"], info["device_count"]) for info in seen} == {("cpu", DEVICES_PER_HOST)}
+    assert executor.lost_host_events == []
+    assert summary.compilations == 2, "each worker compiles its one shape once"
+    assert not ray.is_initialized(), "the driver disconnects from a joined cluster"
+
+
+def test_losing_a_host_mid_sweep_requeues_its_job_and_every_point_finishes_once(
+    ray_cluster, jax_cache, tmp_path, cache_dir
+) -> None:
+    sweep_plan = plan_sweep(tmp_path, cache_dir, SAME_BUCKET_PROMPTS[1:3], GRID, on_test_cluster(ray_cluster))
+    inner = RayExecutor(sweep_plan, cache_dir, sweep_plan.config.cluster)
+    executor = LoseAHostAfterTheFirstResult(inner, ray_cluster, jax_cache)
+    summary = run_sweep(sweep_plan, cache_dir=cache_dir, executor=executor)
+
+    assert executor.removed_node_id is not None
+    assert [event["kind"] for event in inner.lost_host_events] == ["preemption"], "the lost job was requeued"
+    assert summary.faults == {"preemptions": 1, "worker_crashes": 0, "job_retries": 0}
+    assert (summary.points_finished, summary.points_failed) == (24, 0)
+    runs = assert_each_point_finished_exactly_once(sweep_plan)
+    assert {run.data.tags["runner.attempt"] for run in runs} == {"1"}, "a lost host does not use an attempt"
+    preempted = [run for run in runs if run.data.tags.get("runner.preemptions") == "1"]
+    assert len(preempted) == 4, "the requeued job's points carry the preemption"
+    assert not any("runner.worker_crashes" in run.data.tags and run.data.tags["runner.worker_crashes"] != "0"
+                   for run in runs)
+    parent = MlflowClient(sweep_plan.config.tracking.uri).get_run(summary.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert (parent.data.metrics["preemptions"], parent.data.metrics["worker_crashes"]) == (1.0, 0.0)
+
+
+def test_a_failing_job_fails_its_points_after_its_retries_and_the_rest_finish(failing_sweep) -> None:
+    sweep_plan, summary = failing_sweep
+    assert (summary.points_finished, summary.points_failed) == (16, 8)
+    assert summary.faults == {"preemptions": 0, "worker_crashes": 2, "job_retries": 2}
+    runs = {run.data.tags["point_key"]: run for run in child_runs(sweep_plan.config.tracking.uri)}
+    assert len(runs) == 24, "one child run per point, retries included"
+    for index, job in enumerate(sweep_plan.jobs):
+        for point in job.points:
+            run = runs[point.point_key]
+            if index == 1:
+                assert run.info.status == "FAILED"
+                assert run.data.tags["runner.attempt"] == "2", "1 try + max_job_retries=1"
+                assert "RuntimeError: injected failure on attempt 2" in run.data.tags["runner.error"]
+            elif index == 3:
+                assert run.info.status == "FAILED"
+                assert run.data.tags["runner.attempt"] == "1", "a crashed worker does not use the job's attempts"
+                assert "crashed its worker 2 times on hosts that stayed up" in run.data.tags["runner.error"]
+            else:
+                assert run.info.status == "FINISHED"
+                assert run.data.tags["runner.attempt"] == ("2" if index == 2 else "1")
+    parent = MlflowClient(sweep_plan.config.tracking.uri).get_run(summary.parent_run_id)
+    assert parent.info.status == "FAILED"
+
+
+def test_ctrl_c_stops_the_workers_and_marks_the_sweep_killed(ray_cluster, tmp_path, cache_dir) -> None:
+    grid = {"layers": [1], "features": [3, 40], "scales": [0, 30], "seeds": [0]}
+    sweep_plan = plan_sweep(tmp_path, cache_dir, SAME_BUCKET_PROMPTS[:2], grid, on_test_cluster(ray_cluster))
+    ctrl_c = threading.Thread(target=press_ctrl_c_once_connected, daemon=True)
+    ctrl_c.start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(sweep_plan, cache_dir=cache_dir,
+                  executor=RayExecutor(sweep_plan, cache_dir, sweep_plan.config.cluster))
+
+    ctrl_c.join()
+    assert time.monotonic() - started < 30, "Ctrl-C is honoured while the driver waits on its workers"
+    assert not ray.is_initialized(), "the driver let go of its workers"
+    client = MlflowClient(sweep_plan.config.tracking.uri)
+    parent = client.search_runs([client.get_experiment_by_name("cluster-test").experiment_id],
+                                "tags.`runner.role` = 'sweep'")[0]
+    assert parent.info.status == "KILLED"
+    assert "RUNNING" not in {run.info.status for run in child_runs(sweep_plan.config.tracking.uri)}
+
+
+def press_ctrl_c_once_connected(delay_s: float = 2.0, give_up_s: float = 60.0) -> None:
+    """Sends this process a KeyboardInterrupt `delay_s` after the driver has connected to Ray (never, if it
+    does not connect within `give_up_s`)."""
+    deadline = time.monotonic() + give_up_s
+    while not ray.is_initialized():
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
+    time.sleep(delay_s)
+    _thread.interrupt_main()
+
+
+def test_workers_on_a_platform_they_cannot_get_fail_the_points_with_the_reason(
+    ray_cluster, tmp_path, cache_dir
+) -> None:
+    grid = {"layers": [1], "features": [3], "scales": [0, 30], "seeds": [0]}
+    sweep_plan = plan_sweep(tmp_path, cache_dir, SAME_BUCKET_PROMPTS[:1], grid,
+                            on_test_cluster(ray_cluster, platform="tpu"))
+    summary = run_sweep(sweep_plan, cache_dir=cache_dir,
+                        executor=RayExecutor(sweep_plan, cache_dir, sweep_plan.config.cluster))
+
+    assert (summary.points_finished, summary.points_failed) == (0, 2)
+    for run in child_runs(sweep_plan.config.tracking.uri):
+        assert run.info.status == "FAILED"
+        error = run.data.tags["runner.error"]
+        assert "no Ray worker left (all 2 died)" in error and "JAX could not start platform 'tpu'" in error, error
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The driver killed and resumed (CLI, local Ray)
+
+
+def finished_children(database: Path) -> dict[str, str]:
+    """point_key -> run id of the FINISHED child runs, read straight from the sqlite file."""
+    with sqlite3.connect(database, timeout=30) as connection:
+        rows = connection.execute(
+            "select t.value, r.run_uuid from runs r join tags t on t.run_uuid = r.run_uuid "
+            "join tags role on role.run_uuid = r.run_uuid "
+            "where t.key = 'point_key' and role.key = 'runner.role' and role.value = 'point' "
+            "and r.status = 'FINISHED'"
+        ).fetchall()
+    return dict(rows)
+
+
+def some_point_finished(database: Path) -> bool:
+    """Whether the sweep's database already holds a FINISHED child run (False while MLflow creates it)."""
+    try:
+        return database.exists() and bool(finished_children(database))
+    except sqlite3.OperationalError:  # tables not created yet, or locked by the migration
+        return False
+
+
+def runner_cli_env(jax_cache: Path) -> dict[str, str]:
+    """The environment of a `runner run` subprocess: local Ray workers shaped like the test cluster's hosts."""
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    return {**env, "JAX_COMPILATION_CACHE_DIR": str(jax_cache), "RAY_USAGE_STATS_ENABLED": "0",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_HOST}"}
+
+
+def test_a_killed_driver_resumes_without_duplicates_or_reruns(ray_cluster, tmp_path, cache_dir, jax_cache) -> None:
+    # The driver joins the test cluster; killing it kills its worker actor too (Ray ties actors to their owner).
+    grid = {"layers": [1], "features": [3, 17, 40, 41], "scales": [0, 30], "seeds": [0]}
+    path = write_experiment(tmp_path, [SAME_BUCKET_PROMPTS[0], LONG_PROMPT], grid,
+                            cluster=on_test_cluster(ray_cluster, workers=1))
+    database = tmp_path / "mlflow.db"
+    command = [sys.executable, "-m", "runner.cli", "run", str(path), "--cache-dir", str(cache_dir)]
+    log = (tmp_path / "first-run.log").open("w")
+    driver = subprocess.Popen(command, env=runner_cli_env(jax_cache), stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 240
+        while not some_point_finished(database):
+            assert driver.poll() is None, (tmp_path / "first-run.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no point finished in time"
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    finally:
+        driver.kill()
+        kill_process_group(driver.pid)
+        log.close()
+
+    before = finished_children(database)
+    assert 0 < len(before) < 16, f"killed mid-sweep ({len(before)} of 16 finished)"
+    resumed = subprocess.run([*command, "--resume"], env=runner_cli_env(jax_cache), capture_output=True,
+                             text=True, timeout=300, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{16 - len(before)} points finished, 0 failed, {len(before)} already done" in resumed.stdout
+
+    after = finished_children(database)
+    assert set(after) == {p.point_key for p in prepare_sweep(load_experiment(path), cache_dir).points}
+    assert {key: after[key] for key in before} == before, "finished points were not run again"
+    runs = child_runs(f"sqlite:///{database}")
+    assert len(runs) == 16 and len({run.data.tags["point_key"] for run in runs}) == 16, "no duplicate child runs"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A real MLflow server over HTTP
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """`mlflow server` on a sqlite file and a free 127.0.0.1 port; yields its base URL."""
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    server = MlflowServer(tmp_path)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def test_a_sweep_logged_to_an_mlflow_server_reads_back_through_its_rest_api(
+    mlflow_server, ray_cluster, tmp_path, cache_dir
+) -> None:
+    grid = {"layers": [1], "features": [3, 40], "scales": [0, 30], "seeds": [0]}
+    path = write_experiment(tmp_path, SAME_BUCKET_PROMPTS[:1], grid, cluster=on_test_cluster(ray_cluster),
+                            tracking_uri=mlflow_server)
+    sweep_plan = prepare_sweep(load_experiment(path), cache_dir)
+    executor = RayExecutor(sweep_plan, cache_dir, sweep_plan.config.cluster)
+    summary = run_sweep(sweep_plan, cache_dir=cache_dir, executor=executor)
+
+    experiment = rest(mlflow_server, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=cluster-test")
+    experiment_id = experiment["experiment"]["experiment_id"]
+    assert experiment_id == summary.experiment_id
+    search = {"experiment_ids": [experiment_id], "max_results": 100}
+    children = rest(mlflow_server, "/api/2.0/mlflow/runs/search",
+                    {**search, "filter": f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}'"})["runs"]
+    assert len(children) == 4
+    by_key = {}
+    for run in children:
+        tags = {tag["key"]: tag["value"] for tag in run["data"]["tags"]}
+        params = {param["key"]: param["value"] for param in run["data"]["params"]}
+        metrics = {metric["key"]: metric["value"] for metric in run["data"]["metrics"]}
+        assert run["info"]["status"] == "FINISHED"
+        assert params["layer"] == "1" and params["scale"] in ("0.0", "30.0")
+        assert metrics["gen/num_tokens"] > 0 and "steer/l0" in metrics
+        by_key[tags["point_key"]] = run["info"]["run_id"]
+    assert sorted(by_key) == sorted(point.point_key for point in sweep_plan.points)
+
+    run_id = next(iter(by_key.values()))
+    query = urllib.parse.urlencode({"run_uuid": run_id, "path": "generation.json"})
+    with DIRECT.open(f"{mlflow_server}/get-artifact?{query}", timeout=30) as response:
+        assert "token_ids" in json.loads(response.read())
+    parent = rest(mlflow_server, f"/api/2.0/mlflow/runs/get?run_id={summary.parent_run_id}")["run"]
+    assert parent["info"]["status"] == "FINISHED"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `runner runs` and `runner export`
+
+
+def test_runs_prints_the_parent_status_and_children_by_status(failing_sweep) -> None:
+    sweep_plan, summary = failing_sweep
+    result = CliRunner().invoke(app, ["runs", str(experiment_file(sweep_plan))])
+    assert result.exit_code == 0, result.output
+    assert f"parent run {summary.parent_run_id}: FAILED" in result.stdout
+    assert "24 points: 16 FINISHED, 8 FAILED, 0 not started" in result.stdout
+
+
+def test_run_refuses_an_unreachable_ray_address_before_creating_any_run(tmp_path, cache_dir, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = write_experiment(tmp_path, SAME_BUCKET_PROMPTS[:1], GRID, cluster={})
+    address = f"127.0.0.1:{free_port()}"
+    result = CliRunner().invoke(app, ["run", str(path), "--address", address, "--cache-dir", str(cache_dir)])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: cluster.address: cannot reach Ray at '{address}': Connection refused (is the cluster up, and is "
+        "this its head's GCS port, usually 6379?)"
+    ]
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_runs_says_when_a_sweep_has_not_started(tmp_path) -> None:
+    path = write_experiment(tmp_path, SAME_BUCKET_PROMPTS[:1], GRID, cluster={})
+    result = CliRunner().invoke(app, ["runs", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "no runs yet" in result.stdout
+
+
+@pytest.mark.parametrize("file_format", ["csv", "parquet"])
+def test_export_writes_one_row_per_finished_point(failing_sweep, tmp_path, file_format) -> None:
+    sweep_plan, _ = failing_sweep
+    out = tmp_path / f"points.{file_format}"
+    result = CliRunner().invoke(app, ["export", str(experiment_file(sweep_plan)), "--format", file_format,
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(out, keep_default_na=False) if file_format == "csv" else pd.read_parquet(out)
+
+    failed = {point.point_key for job in (sweep_plan.jobs[1], sweep_plan.jobs[3]) for point in job.points}
+    expected = {point.point_key: point for point in sweep_plan.points if point.point_key not in failed}
+    assert len(frame) == 16 and set(frame["point_key"]) == set(expected)
+    assert {"run_id", "layer", "feature", "scale", "seed", "prompt", "text", "steer/l0"} <= set(frame.columns)
+    for row in frame.itertuples(index=False):
+        point = expected[row.point_key]
+        assert (row.layer, row.feature, row.scale, row.prompt) == (point.layer, point.feature, point.scale,
+                                                                  point.prompt)
+        assert isinstance(row.text, str)
+    assert f"wrote 16 rows to {out}" in result.stdout
+
+
+def experiment_file(sweep_plan: SweepPlan) -> Path:
+    """The YAML a sweep's plan was read from (written by `write_experiment` next to its database)."""
+    return Path(sweep_plan.config.tracking.uri.removeprefix("sqlite:///")).parent / "experiment.yaml"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A slice replica: one model spanning both simulated hosts (jax.distributed over loopback)
+
+
+def token_ids_by_point(uri: str, scratch: Path) -> dict[str, list[int]]:
+    """point_key -> generated token ids, read from each child run's `generation.json`."""
+    client = MlflowClient(uri)
+    ids = {}
+    for run in child_runs(uri):
+        path = client.download_artifacts(run.info.run_id, "generation.json", str(scratch))
+        ids[run.data.tags["point_key"]] = json.loads(Path(path).read_text())["token_ids"]
+    return ids
+
+
+def test_a_slice_replica_spans_both_hosts_and_generates_the_single_process_tokens(
+    ray_cluster, spread_sweep, tmp_path, cache_dir
+) -> None:
+    grid = {**GRID, "features": [3, 40]}  # 8 of the points of `spread_sweep`
+    slice_cluster = on_test_cluster(ray_cluster, workers=1, replica="slice", hosts_per_replica=2)
+    sweep_plan = plan_sweep(tmp_path, cache_dir, SAME_BUCKET_PROMPTS[:1], grid, slice_cluster)
+    executor = SliceExecutor(sweep_plan, cache_dir, sweep_plan.config.cluster)
+    summary = run_sweep(sweep_plan, cache_dir=cache_dir, executor=executor, output_dir=tmp_path)
+
+    assert (summary.points_finished, summary.points_failed) == (8, 0)
+    members = executor.workers_seen
+    assert sorted(info["rank"] for info in members) == [0, 1]
+    assert len({info["node_id"] for info in members}) == 2, "one member per host"
+    assert {(info["device_count"], info["local_device_count"]) for info in members} == {(8, DEVICES_PER_HOST)}
+    runs = assert_each_point_finished_exactly_once(sweep_plan)
+    assert {run.data.tags["runner.worker"].split("@")[0] for run in runs} == {"replica-0"}
+
+    # The same points generated by single-process workers (one host's 4 devices each), greedy: the same tokens.
+    single_plan = spread_sweep[0]
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    sliced = token_ids_by_point(sweep_plan.config.tracking.uri, tmp_path / "a")
+    single = token_ids_by_point(single_plan.config.tracking.uri, tmp_path / "b")
+    assert set(sliced) < set(single) and len(sliced) == 8
+    assert sliced == {key: single[key] for key in sliced} and all(len(ids) > 0 for ids in sliced.values())

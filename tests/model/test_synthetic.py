@@ -1,0 +1,173 @@
+"""Specification of runner.synthetic: random Gemma2 checkpoints in the exact Kaggle/Flax on-disk layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from runner.model.architecture import Gemma2Architecture
+from runner.errors import CheckpointError
+from runner.model.synthetic import (
+    MARKER_FILE_NAME,
+    SYNTHETIC_PRESETS,
+    find_checkpoint_dir,
+    synthetic_architecture,
+    synthetic_flat_params,
+    write_kaggle_checkpoint,
+    write_synthetic_model,
+)
+from runner.model.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(models_dir: Path) -> Path:
+    return write_synthetic_model(models_dir / "tiny-seed0", "tiny", seed=0)
+
+
+def restore(checkpoint_dir: Path) -> dict:
+    return ocp.PyTreeCheckpointer().restore(checkpoint_dir)
+
+
+def metadata_shapes(checkpoint_dir: Path) -> dict[str, dict[str, tuple[int, ...]]]:
+    tree = ocp.PyTreeCheckpointer().metadata(checkpoint_dir).item_metadata.tree
+    return {key: {leaf: tuple(meta.shape) for leaf, meta in leaves.items()} for key, leaves in tree.items()}
+
+
+def array_bytes(flat: dict) -> dict[tuple[str, str], bytes]:
+    return {(key, leaf): np.asarray(array).tobytes() for key, leaves in flat.items() for leaf, array in leaves.items()}
+
+
+def test_presets_are_the_documented_sizes():
+    tiny, small = SYNTHETIC_PRESETS["tiny"], SYNTHETIC_PRESETS["small"]
+    assert (tiny.num_layers, tiny.embedding_dim, tiny.num_query_heads, tiny.num_kv_heads) == (4, 64, 4, 2)
+    assert (tiny.head_dim, tiny.mlp_hidden_dim, tiny.vocab_size, tiny.sliding_window) == (16, 128, 512, 8)
+    assert (small.num_layers, small.embedding_dim, small.num_query_heads, small.num_kv_heads) == (4, 256, 4, 2)
+    assert (small.head_dim, small.mlp_hidden_dim, small.vocab_size, small.sliding_window) == (64, 1024, 4096, 32)
+    assert tiny.gating_is_d_by_f and small.gating_is_d_by_f
+
+
+@pytest.mark.parametrize("preset", sorted(SYNTHETIC_PRESETS))
+def test_flat_params_have_the_presets_keys_shapes_and_fp32(preset: str):
+    arch = SYNTHETIC_PRESETS[preset]
+    flat = synthetic_flat_params(arch, seed=0)
+    found = [(key, leaf, array.shape) for key, leaves in flat.items() for leaf, array in leaves.items()]
+    assert sorted(found) == sorted(arch.expected_shapes())
+    assert all(array.dtype == np.float32 for leaves in flat.values() for array in leaves.values())
+
+
+def test_flat_params_are_scaled_for_order_one_activations():
+    arch = SYNTHETIC_PRESETS["tiny"]
+    flat = synthetic_flat_params(arch, seed=0)
+    q = flat["transformer/layer_0/attn/q_einsum"]["w"]
+    assert q.std() == pytest.approx(arch.embedding_dim**-0.5, rel=0.1)
+    assert abs(flat["transformer/layer_0/pre_attention_norm"]["scale"]).mean() < 0.2
+
+
+def test_flat_params_depend_only_on_the_seed():
+    arch = SYNTHETIC_PRESETS["tiny"]
+    assert array_bytes(synthetic_flat_params(arch, 3)) == array_bytes(synthetic_flat_params(arch, 3))
+    assert array_bytes(synthetic_flat_params(arch, 3)) != array_bytes(synthetic_flat_params(arch, 4))
+
+
+def test_orbax_keeps_slash_keys_flat_like_kaggle_checkpoints(tmp_path: Path):
+    flat = {
+        "transformer/layer_0/attn/q_einsum": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)},
+        "transformer/embedder": {"input_embedding": np.ones((4, 2), np.float32)},
+    }
+    write_kaggle_checkpoint(flat, tmp_path / "checkpoint")
+    restored = restore(tmp_path / "checkpoint")
+    assert set(restored) == {"transformer/layer_0/attn/q_einsum", "transformer/embedder"}
+    assert array_bytes(restored) == array_bytes(flat)
+
+
+def test_model_directory_has_the_kaggle_layout(tiny_model: Path):
+    assert sorted(path.name for path in tiny_model.iterdir()) == [MARKER_FILE_NAME, "synthetic-tiny", "tokenizer.model"]
+    assert find_checkpoint_dir(tiny_model) == tiny_model / "synthetic-tiny"
+
+
+def test_restored_checkpoint_equals_the_flat_params(tiny_model: Path):
+    restored = restore(tiny_model / "synthetic-tiny")
+    assert array_bytes(restored) == array_bytes(synthetic_flat_params(SYNTHETIC_PRESETS["tiny"], seed=0))
+
+
+@pytest.mark.parametrize("preset", sorted(SYNTHETIC_PRESETS))
+def test_architecture_from_orbax_metadata_is_the_preset(models_dir: Path, preset: str):
+    model_dir = write_synthetic_model(models_dir / f"{preset}-seed0", preset, seed=0)
+    arch = SYNTHETIC_PRESETS[preset]
+    shapes = metadata_shapes(find_checkpoint_dir(model_dir))
+    assert Gemma2Architecture.from_shapes(shapes, sliding_window=arch.sliding_window) == arch
+    assert synthetic_architecture(model_dir) == arch
+
+
+def test_tokenizer_vocabulary_matches_the_embedding_rows(tiny_model: Path):
+    assert load_tokenizer(tiny_model / "tokenizer.model").vocab_size == SYNTHETIC_PRESETS["tiny"].vocab_size
+
+
+def test_same_seed_gives_the_same_arrays_and_tokenizer_bytes(models_dir: Path, tiny_model: Path):
+    again = write_synthetic_model(models_dir / "tiny-seed0-again", "tiny", seed=0)
+    assert array_bytes(restore(again / "synthetic-tiny")) == array_bytes(restore(tiny_model / "synthetic-tiny"))
+    assert (again / "tokenizer.model").read_bytes() == (tiny_model / "tokenizer.model").read_bytes()
+    assert (again / MARKER_FILE_NAME).read_bytes() == (tiny_model / MARKER_FILE_NAME).read_bytes()
+
+
+def test_different_seed_gives_different_arrays(models_dir: Path, tiny_model: Path):
+    other = write_synthetic_model(models_dir / "tiny-seed1", "tiny", seed=1)
+    assert array_bytes(restore(other / "synthetic-tiny")) != array_bytes(restore(tiny_model / "synthetic-tiny"))
+
+
+def test_an_existing_model_for_the_same_preset_and_seed_is_reused(tiny_model: Path):
+    before = (tiny_model / "tokenizer.model").stat().st_mtime_ns
+    assert write_synthetic_model(tiny_model, "tiny", seed=0) == tiny_model
+    assert (tiny_model / "tokenizer.model").stat().st_mtime_ns == before
+
+
+def test_a_directory_holding_another_model_is_not_overwritten(tiny_model: Path):
+    with pytest.raises(CheckpointError, match="'tiny' seed 0"):
+        write_synthetic_model(tiny_model, "tiny", seed=7)
+    assert json.loads((tiny_model / MARKER_FILE_NAME).read_text())["seed"] == 0
+
+
+def test_writing_leaves_no_temporary_directories(models_dir: Path, tiny_model: Path):
+    assert not [path.name for path in models_dir.iterdir() if path.name.startswith(".")]
+
+
+def test_unknown_preset_is_refused(tmp_path: Path):
+    with pytest.raises(CheckpointError, match="huge"):
+        write_synthetic_model(tmp_path / "model", "huge")
+
+
+def test_find_checkpoint_dir_requires_the_directory(tmp_path: Path):
+    with pytest.raises(CheckpointError, match="missing-model"):
+        find_checkpoint_dir(tmp_path / "missing-model")
+
+
+def test_find_checkpoint_dir_requires_tokenizer_model(tmp_path: Path):
+    (tmp_path / "gemma2-2b").mkdir()
+    (tmp_path / "gemma2-2b" / "_METADATA").write_text("{}")
+    with pytest.raises(CheckpointError, match=f"{tmp_path}.*tokenizer.model"):
+        find_checkpoint_dir(tmp_path)
+
+
+def test_find_checkpoint_dir_requires_a_checkpoint(tmp_path: Path):
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(CheckpointError, match=f"{tmp_path}.*no orbax checkpoint"):
+        find_checkpoint_dir(tmp_path)
+
+
+def test_find_checkpoint_dir_refuses_several_checkpoints(tmp_path: Path):
+    (tmp_path / "tokenizer.model").write_bytes(b"")
+    for name in ("gemma2-2b", "gemma2-9b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "checkpoint").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="gemma2-2b, gemma2-9b"):
+        find_checkpoint_dir(tmp_path)

@@ -1,0 +1,142 @@
+"""Config -> points -> jobs: order, identity (point_key, sweep_id, job_id) and packing."""
+
+import dataclasses
+
+import pytest
+
+from runner.config.schema import ExperimentConfig
+from runner.errors import PlanError
+from runner.plan.points import SteeringPoint, expand_points, model_id, pack_jobs, sweep_id
+
+SAE_IDS = {20: "gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71", 21: "sae-21"}
+
+
+def make_config(**changes) -> ExperimentConfig:
+    data = {
+        "name": "demo",
+        "model": {"source": "kaggle", "variant": "gemma2-2b"},
+        "sae": {"source": "huggingface", "release": "gemma-scope-2b-pt-res"},
+        "prompts": ["a", "b"],
+        "steering": {"layers": [20, 21], "features": [3124, 10004, 1], "scales": [0, 154], "seeds": [0, 1]},
+        "sampling": {"temperature": 0.5, "top_k": 40, "max_new_tokens": 8},
+    }
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return ExperimentConfig.model_validate(data)
+
+
+def test_points_cover_the_grid_in_prompt_layer_feature_scale_seed_order():
+    points = expand_points(make_config(), SAE_IDS)
+    assert len(points) == 2 * 2 * 3 * 2 * 2
+    order = [(p.prompt_index, p.layer, p.feature, p.scale, p.seed) for p in points]
+    assert order == sorted(order, key=lambda t: (t[0], [20, 21].index(t[1]), [3124, 10004, 1].index(t[2]), t[3], t[4]))
+    first = points[0]
+    assert (first.prompt, first.layer, first.feature, first.scale, first.seed) == ("a", 20, 3124, 0.0, 0)
+    assert (points[1].seed, points[2].scale, points[4].feature) == (1, 154.0, 10004)
+    assert first.sae_id == SAE_IDS[20] and first.model_id == "kaggle:gemma2-2b"
+    assert (first.temperature, first.top_k, first.top_p, first.max_new_tokens) == (0.5, 40, None, 8)
+    assert (first.mode, first.positions) == ("add", "all")
+
+
+def test_neuronpedia_links_come_from_the_callback():
+    points = expand_points(make_config(), SAE_IDS, lambda layer, feature: f"np/{layer}/{feature}")
+    assert points[0].neuronpedia_url == "np/20/3124"
+    assert expand_points(make_config(), SAE_IDS)[0].neuronpedia_url is None
+
+
+def test_a_layer_without_sae_id_is_a_plan_error():
+    with pytest.raises(PlanError, match=r"\[21\]"):
+        expand_points(make_config(), {20: "x"})
+
+
+def test_point_key_is_stable_and_ignores_only_the_neuronpedia_link():
+    point = expand_points(make_config(), SAE_IDS)[0]
+    assert point.point_key == expand_points(make_config(), SAE_IDS)[0].point_key
+    assert len(point.point_key) == 16 and int(point.point_key, 16) >= 0
+    assert dataclasses.replace(point, neuronpedia_url="x").point_key == point.point_key
+    assert dataclasses.replace(point, scale=0).point_key == point.point_key, "0 and 0.0 are the same scale"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("prompt_index", 5), ("prompt", "other"), ("layer", 3), ("feature", 9), ("scale", 1.5), ("seed", 7),
+        ("mode", "clamp"), ("positions", "generated"), ("temperature", 1.0), ("top_k", 5), ("top_p", 0.9),
+        ("max_new_tokens", 9), ("model_id", "kaggle:gemma2-9b"), ("sae_id", "other-sae"),
+    ],
+)
+def test_point_key_changes_with_every_result_determining_field(field, value):
+    point = expand_points(make_config(), SAE_IDS)[0]
+    assert dataclasses.replace(point, **{field: value}).point_key != point.point_key
+
+
+def test_params_are_strings_for_mlflow():
+    point = expand_points(make_config(), SAE_IDS)[0]
+    assert point.params() == {
+        "model": "kaggle:gemma2-2b", "sae_id": SAE_IDS[20], "layer": "20", "feature": "3124", "scale": "0.0",
+        "seed": "0", "temperature": "0.5", "top_k": "40", "top_p": "None", "mode": "add", "positions": "all",
+        "prompt_index": "0", "max_new_tokens": "8",
+    }
+
+
+def test_sweep_id_ignores_tracking_and_cluster_but_not_results():
+    base = sweep_id(make_config())
+    assert len(base) == 16
+    assert sweep_id(make_config(tracking__uri="sqlite:///other.db", cluster__workers=8)) == base
+    assert sweep_id(make_config(sampling__temperature=0.9)) != base
+    assert sweep_id(make_config(steering__scales=[0, 155])) != base
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ({"source": "kaggle", "variant": "gemma2-2b"}, "kaggle:gemma2-2b"),
+        ({"source": "synthetic"}, "synthetic:tiny:seed0"),
+        ({"source": "synthetic", "preset": "small", "seed": 3}, "synthetic:small:seed3"),
+        ({"source": "local", "path": "/ckpt/2b"}, "local:/ckpt/2b"),
+        ({"source": "huggingface", "repo_id": "google/gemma-2-2b"}, "huggingface:google/gemma-2-2b"),
+        ({"source": "kaggle", "variant": "gemma2-2b", "dtype": "bfloat16"}, "kaggle:gemma2-2b:bfloat16"),
+    ],
+)
+def test_model_id(model, expected):
+    assert model_id(make_config(model=model).model) == expected
+
+
+def test_pack_jobs_makes_consecutive_chunks_with_content_ids():
+    points = [p for p in expand_points(make_config(), SAE_IDS) if not p.is_baseline]
+    jobs = pack_jobs(points, 10)
+    assert [len(job.points) for job in jobs] == [10] * (len(points) // 10) + ([len(points) % 10] if len(points) % 10 else [])
+    assert [p for job in jobs for p in job.points] == points
+    assert len({job.job_id for job in jobs}) == len(jobs)
+    assert pack_jobs(points, 10)[0].job_id == jobs[0].job_id
+    assert pack_jobs(points[:10], 10)[0].job_id == jobs[0].job_id, "a job id depends only on its points"
+    assert pack_jobs([], 4) == []
+    with pytest.raises(PlanError):
+        pack_jobs(points, 0)
+
+
+def test_points_are_hashable_values():
+    point = expand_points(make_config(), SAE_IDS)[0]
+    assert isinstance(point, SteeringPoint) and hash(point) == hash(dataclasses.replace(point))
+
+
+def test_baseline_points_share_one_generation_per_prompt_and_seed():
+    points = expand_points(make_config(), SAE_IDS)
+    baselines = [p for p in points if p.is_baseline]
+    assert baselines, "the test config sweeps scale 0"
+    by_generation = {(p.prompt, p.seed) for p in baselines}
+    assert len({p.generation_key for p in baselines}) == len(by_generation)
+    assert all(p.generation_key == p.point_key for p in points if not p.is_baseline)
+    assert len({p.point_key for p in baselines}) == len(baselines), "each baseline point is still its own result"
+
+
+def test_jobs_hold_at_most_batch_size_distinct_generations():
+    points = expand_points(make_config(), SAE_IDS)
+    jobs = pack_jobs(points, 4)
+    assert [p for job in jobs for p in job.points] == points
+    assert all(len({p.generation_key for p in job.points}) <= 4 for job in jobs)
+    assert max(len(job.points) for job in jobs) > 4, "shared baselines let a job carry more points than rows"

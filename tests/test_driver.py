@@ -1,0 +1,207 @@
+"""A steering sweep end to end on the tiny model: YAML -> plan -> worker -> MLflow, reproducible and resumable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from runner.config.schema import load_experiment
+from runner.plan.prepare import prepare_sweep, run_sweep
+
+STEERING = {"layers": [1, 2], "features": [3, 40], "scales": [0, 30], "seeds": [0]}
+
+
+def write_experiment(tmp_path: Path, name: str = "sweep-test", **sampling) -> Path:
+    config = {
+        "name": name,
+        "model": {"source": "synthetic", "preset": "tiny"},
+        "sae": {"source": "synthetic", "target_l0": 16},
+        "prompts": ["The most iconic structure on Earth is", "Once upon a time"],
+        "steering": STEERING,
+        "sampling": {"max_new_tokens": 6, "temperature": 0.0, "batch_size": 8, **sampling},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def child_runs(uri: str, experiment: str) -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], "tags.runner.role != 'sweep'", max_results=1000)
+    return [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+
+
+def token_ids_by_point(uri: str, experiment: str, scratch: Path) -> dict[str, list[int]]:
+    client = MlflowClient(uri)
+    ids = {}
+    for run in child_runs(uri, experiment):
+        path = client.download_artifacts(run.info.run_id, "generation.json", str(scratch))
+        ids[run.data.tags["point_key"]] = json.loads(Path(path).read_text())["token_ids"]
+    return ids
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory, cache_dir):
+    tmp_path = tmp_path_factory.mktemp("sweep")
+    config = load_experiment(write_experiment(tmp_path))
+    plan = prepare_sweep(config, cache_dir)
+    summary = run_sweep(plan, cache_dir=cache_dir)
+    return config, plan, summary
+
+
+def test_every_point_is_one_finished_child_run(finished_sweep) -> None:
+    config, plan, summary = finished_sweep
+    assert summary.points_total == 2 * 2 * 2 * 2 == summary.points_finished
+    runs = child_runs(config.tracking.uri, config.name)
+    assert sorted(run.data.tags["point_key"] for run in runs) == sorted(p.point_key for p in plan.points)
+    assert {run.info.status for run in runs} == {"FINISHED"}
+    parent = MlflowClient(config.tracking.uri).get_run(summary.parent_run_id)
+    assert parent.info.status == "FINISHED"
+
+
+def test_child_runs_carry_params_tags_and_metrics(finished_sweep) -> None:
+    config, plan, _ = finished_sweep
+    run = next(r for r in child_runs(config.tracking.uri, config.name) if r.data.params["scale"] == "30.0")
+    params = run.data.params
+    assert {"model", "sae_id", "layer", "feature", "scale", "seed", "temperature", "prompt_index",
+            "max_new_tokens"} <= set(params)
+    assert params["model"] == "synthetic:tiny:seed0" and params["sae_id"].startswith("synthetic:")
+    assert run.data.tags["sweep_id"] == plan.sweep_id
+    metrics = run.data.metrics
+    assert metrics["gen/measured_tokens"] > 0
+    assert 0 < metrics["steer/l0"] < 256
+    assert 0 <= metrics["steer/feature_firing_rate"] <= 1
+
+
+def test_steering_changes_the_feature_reading(finished_sweep) -> None:
+    config, _, _ = finished_sweep
+    by_scale: dict[str, list[float]] = {"0.0": [], "30.0": []}
+    for run in child_runs(config.tracking.uri, config.name):
+        by_scale[run.data.params["scale"]].append(run.data.metrics["steer/feature_activation"])
+    assert min(by_scale["30.0"]) > max(by_scale["0.0"])
+
+
+def test_greedy_sweep_is_reproducible_and_a_rerun_resumes(finished_sweep, tmp_path, cache_dir) -> None:
+    config, plan, _ = finished_sweep
+    again = load_experiment(write_experiment(tmp_path))  # same sweep, fresh tracking database
+    summary = run_sweep(prepare_sweep(again, cache_dir), cache_dir=cache_dir)
+    assert summary.points_finished == len(plan.points)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    assert token_ids_by_point(again.tracking.uri, again.name, second) == token_ids_by_point(
+        config.tracking.uri, config.name, first
+    )
+
+    resumed = run_sweep(prepare_sweep(again, cache_dir), cache_dir=cache_dir)
+    assert (resumed.points_skipped, resumed.points_finished) == (len(plan.points), 0)
+    assert len(child_runs(again.tracking.uri, again.name)) == len(plan.points)
+
+
+def test_a_whole_sweep_compiles_once(finished_sweep) -> None:
+    _, plan, summary = finished_sweep
+    assert len(plan.jobs) == 2 and summary.compilations == 1
+
+
+def test_every_point_carries_the_judge_free_steering_metrics(finished_sweep) -> None:
+    config, _, _ = finished_sweep
+    runs = child_runs(config.tracking.uri, config.name)
+    expected = {"steer/nll", "steer/perplexity", "steer/kl_steered_base", "steer/kl_base_steered",
+                "steer/concept_rate", "steer/concept_activation", "steer/logit_lens_mass", "gen/distinct_1",
+                "gen/distinct_2", "gen/longest_repeat"}
+    for run in runs:
+        assert expected <= set(run.data.metrics), sorted(expected - set(run.data.metrics))
+    nll_by_scale: dict[str, list[float]] = {"0.0": [], "30.0": []}
+    for run in runs:
+        nll_by_scale[run.data.params["scale"]].append(run.data.metrics["steer/nll"])
+        if run.data.params["scale"] == "0.0":
+            assert abs(run.data.metrics["steer/kl_steered_base"]) < 1e-5
+    # Steering pushes generations away from what the unsteered model expects: mean NLL rises with the scale.
+    assert sum(nll_by_scale["30.0"]) / len(nll_by_scale["30.0"]) > sum(nll_by_scale["0.0"]) / len(nll_by_scale["0.0"])
+
+
+def test_scale_zero_points_share_one_baseline_generation_per_prompt(finished_sweep, tmp_path) -> None:
+    config, plan, _ = finished_sweep
+    ids = token_ids_by_point(config.tracking.uri, config.name, tmp_path)
+    baselines: dict[int, set[tuple[int, ...]]] = {}
+    for point in plan.points:
+        if point.is_baseline:
+            baselines.setdefault(point.prompt_index, set()).add(tuple(ids[point.point_key]))
+    assert [len(generations) for generations in baselines.values()] == [1, 1]
+    assert len({point.generation_key for point in plan.points}) == len(plan.points) - 8 + 2  # 8 baselines, 2 rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SAE evaluation sweeps
+
+LAYER_SWEEP = Path(__file__).parent.parent / "experiments" / "synthetic_layer_sweep.yaml"
+
+
+@pytest.fixture(scope="module")
+def evaluation_sweep(tmp_path_factory, cache_dir):
+    """The shipped synthetic layer sweep (4 layers x 3 target L0s), tracked in a fresh database."""
+    tmp_path = tmp_path_factory.mktemp("evaluation")
+    config = load_experiment(LAYER_SWEEP, [f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    plan = prepare_sweep(config, cache_dir)
+    return config, plan, run_sweep(plan, cache_dir=cache_dir), tmp_path
+
+
+def test_an_evaluation_sweep_logs_one_finished_run_per_sae(evaluation_sweep) -> None:
+    config, plan, summary, _ = evaluation_sweep
+    assert (summary.points_total, summary.points_finished, summary.points_failed) == (12, 12, 0)
+    runs = child_runs(config.tracking.uri, config.name)
+    assert sorted(run.data.tags["point_key"] for run in runs) == sorted(p.point_key for p in plan.points)
+    for run in runs:
+        params, metrics = run.data.params, run.data.metrics
+        assert (params["site"], params["width"], params["text"]) == ("res", "256", "bundled:eval_text.txt")
+        target = float(params["l0_target"])
+        assert 0.5 * target < metrics["sae/l0"] < 1.5 * target, "calibrated on other text, near its target"
+        assert metrics["density/n_tokens"] == 16 * 63, "BOS never counted"
+        assert {"sae/fvu", "sae/cosine_similarity", "lm/delta_loss", "lm/kl_spliced", "lm/ce_loss_score",
+                "density/n_dead", "density/mean_log10"} <= set(metrics)
+    assert MlflowClient(config.tracking.uri).get_run(summary.parent_run_id).info.status == "FINISHED"
+
+
+def test_each_sae_run_carries_its_density_histogram_and_top_features(evaluation_sweep) -> None:
+    config, _, _, tmp_path = evaluation_sweep
+    client = MlflowClient(config.tracking.uri)
+    run = child_runs(config.tracking.uri, config.name)[0]
+    files = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
+    assert files == {"density.npy", "density_histogram.png", "top_features.json", "l0_histogram.json"}
+    local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts")))
+    density = np.load(local / "density.npy", allow_pickle=False)
+    assert density.shape == (256,) and density.sum() == pytest.approx(run.data.metrics["sae/l0"], rel=1e-9)
+    assert (local / "density_histogram.png").read_bytes()[:4] == b"\x89PNG"
+    table = json.loads((local / "top_features.json").read_text())
+    assert table["columns"][:3] == ["sequence", "position", "token"] and len(table["data"]) == 4 * 63
+    assert sum(json.loads((local / "l0_histogram.json").read_text())) == 16 * 63
+
+
+def test_the_parent_run_has_the_sae_table_and_the_frontier_and_by_layer_plots(evaluation_sweep) -> None:
+    config, _, summary, tmp_path = evaluation_sweep
+    client = MlflowClient(config.tracking.uri)
+    files = {a.path for a in client.list_artifacts(summary.parent_run_id)}
+    assert {"sae_metrics.json", "plots", "config"} <= files
+    plots = {a.path for a in client.list_artifacts(summary.parent_run_id, "plots")}
+    assert plots == {"plots/sae_frontier.png", "plots/sae_by_layer.png"}
+    table = pd.read_json(client.download_artifacts(summary.parent_run_id, "sae_metrics.json", str(tmp_path)),
+                         orient="split")
+    assert len(table) == 12 and {"layer", "width", "l0_target", "sae/l0", "lm/delta_loss"} <= set(table.columns)
+    # The frontier the plot draws: on every layer, more active latents reconstruct better.
+    for _, layer in table.groupby("layer"):
+        ordered = layer.sort_values("sae/l0")
+        assert list(ordered["sae/fvu"]) == sorted(ordered["sae/fvu"], reverse=True)
+
+
+def test_a_rerun_of_an_evaluation_sweep_skips_every_finished_sae(evaluation_sweep, cache_dir) -> None:
+    config, plan, _, _ = evaluation_sweep
+    again = run_sweep(prepare_sweep(config, cache_dir), cache_dir=cache_dir)
+    assert (again.points_skipped, again.points_finished) == (len(plan.points), 0)
+    assert len(child_runs(config.tracking.uri, config.name)) == len(plan.points)
