@@ -20,16 +20,16 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
-import gc  # noqa: E402
-import logging  # noqa: E402
-import warnings  # noqa: E402
+import gc
+import logging
+import warnings
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 # Ray starts its processes with fork+exec after JAX is imported; the exec makes JAX's fork warning moot.
 warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
 
 from pathlib import Path  # noqa: E402
-from typing import Annotated, Optional  # noqa: E402
+from typing import Annotated  # noqa: E402
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -48,11 +48,11 @@ console = Console(stderr=True)
 
 ExperimentFile = Annotated[Path, typer.Argument(help="Experiment YAML file.", show_default=False)]
 Overrides = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", help="Override a field: --set steering.scales=[0,50] (repeatable).", show_default=False),
 ]
 CacheDir = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option(help="Where synthetic models and SAEs are written [default: $RUNNER_CACHE_DIR or ~/.cache/runner]."),
 ]
 
@@ -63,8 +63,8 @@ def _fail(error: RunnerError) -> typer.Exit:
 
 
 def _check_preset(preset: str) -> None:
-    from runner.model import synthetic
     from runner.errors import ConfigError
+    from runner.model import synthetic
 
     if preset not in synthetic.SYNTHETIC_PRESETS:
         raise ConfigError(f"--preset: {preset!r} is not allowed (allowed: {', '.join(synthetic.SYNTHETIC_PRESETS)})")
@@ -115,15 +115,15 @@ def run(
     ] = False,
     cache_dir: CacheDir = None,
     address: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(help="Ray cluster to join, e.g. 10.0.0.2:6379 or auto [default: cluster.address, else a "
                           "local Ray started for this run].", show_default=False),
     ] = None,
     workers: Annotated[
-        Optional[int], typer.Option(help="Worker actors, one per host [default: cluster.workers].", show_default=False)
+        int | None, typer.Option(help="Worker actors, one per host [default: cluster.workers].", show_default=False)
     ] = None,
     summary_json: Annotated[
-        Optional[Path], typer.Option(help="Also write how the sweep ended (counts, timings) to this JSON file.",
+        Path | None, typer.Option(help="Also write how the sweep ended (counts, timings) to this JSON file.",
                                      show_default=False)
     ] = None,
 ) -> None:
@@ -220,8 +220,8 @@ def runs(file: ExperimentFile, set_: Overrides = None) -> None:
     """Show a sweep's state in MLflow: its parent run's status and its points by status."""
     from mlflow.exceptions import MlflowException
 
-    from runner.plan import points as plan
     from runner.config.schema import load_experiment
+    from runner.plan import points as plan
     from runner.tracking.store import sweep_status
 
     try:
@@ -255,15 +255,15 @@ def export(
     file_format: Annotated[str, typer.Option("--format", help="csv or parquet.", show_default=False)],
     set_: Overrides = None,
     out: Annotated[
-        Optional[Path], typer.Option(help="Output file [default: <name>-<sweep id>.<format>].", show_default=False)
+        Path | None, typer.Option(help="Output file [default: <name>-<sweep id>.<format>].", show_default=False)
     ] = None,
 ) -> None:
     """Write one row per FINISHED point (point_key, params, prompt, text, metrics) to a CSV or Parquet file."""
     from mlflow.exceptions import MlflowException
 
-    from runner.tracking import export as export_lib
     from runner.config.schema import load_experiment
     from runner.errors import ConfigError
+    from runner.tracking import export as export_lib
 
     try:
         if file_format not in export_lib.EXPORT_FORMATS:
@@ -305,9 +305,8 @@ def synth(
 
 def write_synthetic_bundle(out_dir: Path, preset: str, seed: int, model_format: str, target_l0: float) -> dict:
     """Writes `out_dir/model` (Kaggle layout), optionally `out_dir/model-hf`, and `out_dir/saes` (every layer)."""
-    from runner.model import hf_format
-    from runner.model import synthetic
     from runner.config.schema import ModelConfig
+    from runner.model import hf_format, synthetic
     from runner.model.loading import load_model
     from runner.sae.sources import write_synthetic_saes
 
@@ -333,7 +332,7 @@ def bench(
     preset: Annotated[str, typer.Option(help="Synthetic model preset: tiny or small.")] = "small",
     points: Annotated[int, typer.Option(help="Steering points to generate.")] = 64,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per point.")] = 32,
-    batch_size: Annotated[Optional[int], typer.Option(help="Rows per batch [default: min(64, points)].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per batch [default: min(64, points)].")] = None,
     baseline_points: Annotated[int, typer.Option(help="Points the tutorial loop is timed on.")] = 8,
     cache_dir: CacheDir = None,
     end_to_end: Annotated[
@@ -341,7 +340,7 @@ def bench(
                                                 "against the tutorial's loop over the same points.")
     ] = False,
     experiment: Annotated[
-        Optional[Path], typer.Option(help="The sweep of --end-to-end [default: "
+        Path | None, typer.Option(help="The sweep of --end-to-end [default: "
                                           "experiments/small_feature_scale_sweep.yaml].", show_default=False)
     ] = None,
     compilation_cache: Annotated[

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from runner.sae.jumprelu import LATENT_AXIS
 from runner.model.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from runner.sae.jumprelu import LATENT_AXIS
 
 SPECIAL_TOKEN_IDS = (PAD_ID, EOS_ID, BOS_ID)
 

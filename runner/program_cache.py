@@ -21,9 +21,7 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import re
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ import numpy as np
 import penzai
 
 from runner.errors import first_line
+from runner.files import write_bytes_atomically
 
 _log = logging.getLogger(__name__)
 
@@ -135,18 +134,10 @@ class ProgramCache:
             return None
 
     def _write(self, path: Path, exported: Any) -> None:
-        partial = None
         try:
-            data = exported.serialize()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".partial", delete=False) as handle:
-                partial = Path(handle.name)
-                handle.write(data)
-            os.replace(partial, path)
+            write_bytes_atomically(path, exported.serialize())
         except Exception as error:  # noqa: BLE001 - the program still runs; only the next start traces again
             _log.warning("could not keep the trace of %s: %s", path.name, _first_line(error))
-            if partial is not None:
-                partial.unlink(missing_ok=True)
 
 
 class LoweredProgram:

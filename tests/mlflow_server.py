@@ -3,6 +3,7 @@ the same port (to play a tracking server that goes away mid-sweep)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -27,10 +28,8 @@ def free_port() -> int:
 
 def kill_process_group(session_id: int) -> None:
     """SIGKILLs what is left of a process group a test started."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(session_id, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def rest(base: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -87,7 +87,8 @@ def test_malformed_checkpoint_directory(tmp_path, sae_root) -> None:
 
 
 def test_sae_width_mismatch(tmp_path, tiny_model_dir, sae_root) -> None:
-    write_params_npz(random_sae_arrays(32, 128, seed=0), sae_root / "layer_1" / "width_16k" / "average_l0_20" / "params.npz")
+    folder = sae_root / "layer_1" / "width_16k" / "average_l0_20"
+    write_params_npz(random_sae_arrays(32, 128, seed=0), folder / "params.npz")
     path = experiment(tmp_path, tiny_model_dir, sae_root)
     assert_one_line_error(tmp_path, *run_cli("run", str(path)), "d_in is 32", "width is 64")
 
@@ -148,7 +149,8 @@ def test_synth_writes_a_model_and_saes_that_a_local_sweep_runs_on(tmp_path, cach
     assert result.exit_code == 0, result.output
     assert (tmp_path / "synth" / "model" / "tokenizer.model").is_file()
     assert (tmp_path / "synth" / "model-hf" / "config.json").is_file()
-    assert sorted(p.name for p in (tmp_path / "synth" / "saes").iterdir() if p.is_dir()) == [f"layer_{i}" for i in range(4)]
+    layer_folders = sorted(p.name for p in (tmp_path / "synth" / "saes").iterdir() if p.is_dir())
+    assert layer_folders == [f"layer_{i}" for i in range(4)]
 
     config = {
         "name": "offline",

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from penzai import pz
 
-from runner.program_cache import SUFFIX, ProgramCache, program_key
 from runner.execution.workers import COMPILATION_CACHE_ENV, program_cache_for
+from runner.program_cache import SUFFIX, ProgramCache, program_key
 
 
 class Counter:

@@ -27,17 +27,17 @@ from penzai import pz
 from penzai.models.transformer import sampling_mode, simple_decoding_loop
 from penzai.toolshed import jit_wrapper
 
+from runner.config.schema import ModelConfig
+from runner.execution.workers import count_compilations
 from runner.model import synthetic
 from runner.model import tokenizer as tokenizer_lib
-from runner.model.tokenizer import CORPUS_PATH
-from runner.config.schema import ModelConfig
 from runner.model.loading import LoadedModel, load_model
+from runner.model.tokenizer import CORPUS_PATH
+from runner.nn.sites import insert_after_block
+from runner.nn.steering import MODE_CODES
 from runner.sae.jumprelu import LATENT_AXIS, JumpReLUSAE, load_sae
 from runner.sae.sources import write_synthetic_saes
 from runner.steering.sampler import SamplingBatch, SteeringSampler, left_pad, prompt_bucket
-from runner.nn.sites import insert_after_block
-from runner.nn.steering import MODE_CODES
-from runner.execution.workers import count_compilations
 
 #: Peak memory bandwidth (bytes/s) by device kind, for the roofline fraction on accelerators.
 MEMORY_BANDWIDTH = {
@@ -96,7 +96,9 @@ def make_points(tokenizer: Any, count: int, d_sae: int) -> list[BenchPoint]:
     return points
 
 
-def runner_batches(points: list[BenchPoint], batch_size: int, prompt_len: int, temperature: float) -> list[SamplingBatch]:
+def runner_batches(
+    points: list[BenchPoint], batch_size: int, prompt_len: int, temperature: float
+) -> list[SamplingBatch]:
     """The points as sampler batches (the last one padded by repeating its final point)."""
     batches = []
     for start in range(0, len(points), batch_size):
@@ -260,8 +262,8 @@ def run_end_to_end(
 
     from runner.config.schema import load_experiment
     from runner.errors import RunnerError
-    from runner.plan.prepare import prepare_sweep
     from runner.execution.workers import load_saes
+    from runner.plan.prepare import prepare_sweep
 
     with tempfile.TemporaryDirectory(prefix="runner-bench-") as scratch:
         summary_path = Path(scratch) / "summary.json"

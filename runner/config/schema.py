@@ -28,8 +28,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from runner.sae import gemma_scope
 from runner.errors import ConfigError
+from runner.sae import gemma_scope
 
 KAGGLE_VARIANTS: tuple[str, ...] = (
     "gemma2-2b",
@@ -193,7 +193,8 @@ class SAEConfig(BaseModel):
         required = {"huggingface": ("release",), "local": ("path",)}
         _check_source_fields(self, self.source, allowed, required)
         if self.source == "huggingface" and self.width not in gemma_scope.WIDTHS:
-            raise _error(f"{self.width!r} is not a Gemma Scope width (allowed: {', '.join(gemma_scope.WIDTHS)})", "width")
+            allowed = ", ".join(gemma_scope.WIDTHS)
+            raise _error(f"{self.width!r} is not a Gemma Scope width (allowed: {allowed})", "width")
         if self.release is not None and gemma_scope.release_site(self.release) != self.site:
             kind = gemma_scope.release_site(self.release)
             raise _error(
@@ -379,7 +380,9 @@ class ClusterConfig(BaseModel):
 
     @model_validator(mode="after")
     def _slice_fields_fit_replica(self) -> ClusterConfig:
-        slice_only = {"hosts_per_replica": 1, "slice_topology": None, "accelerator_version": None, "placement": "spread"}
+        slice_only = {
+            "hosts_per_replica": 1, "slice_topology": None, "accelerator_version": None, "placement": "spread"
+        }
         if self.replica == "host":
             for field, default in slice_only.items():
                 if getattr(self, field) != default:

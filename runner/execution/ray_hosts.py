@@ -179,7 +179,8 @@ class HostWorker:
       cache_dir: Where synthetic models and SAEs are written.
       platform: The JAX platform this worker must run on: cpu, gpu or tpu.
       name: The worker's slot name, e.g. `worker-0`; results are tagged `<name>@<hostname>`.
-      worker_class: The class doing the work; the sweep kind's (`runner.execution.workers.worker_class_for`) when None. It
+      worker_class: The class doing the work; the sweep kind's (`runner.execution.workers.worker_class_for`) when
+        None. It
         must be importable on the workers (or registered with `ray.cloudpickle.register_pickle_by_value`).
     """
 
@@ -323,7 +324,7 @@ class JobFaults:
     def classified_events(self) -> list[dict[str, str]]:
         """Every lost-worker event with its `kind`, judged now that Ray has had time to notice dead nodes."""
         kinds = fault_kinds([event["node_id"] or None for event in self._events])
-        return [{**event, "kind": kind} for event, kind in zip(self._events, kinds)]
+        return [{**event, "kind": kind} for event, kind in zip(self._events, kinds, strict=True)]
 
 
 def fault_counts(events: Sequence[Mapping[str, str]], job_retries: int) -> dict[str, int]:

@@ -34,6 +34,7 @@ from ray import exceptions as ray_errors
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from runner.config.schema import ClusterConfig
 from runner.execution.ray_hosts import (
     INFRASTRUCTURE_ERRORS,
     FailureCallback,
@@ -52,7 +53,6 @@ from runner.execution.ray_hosts import (
     remove_stale_tpu_lockfile,
     with_fault_tags,
 )
-from runner.config.schema import ClusterConfig
 from runner.plan.points import Job
 from runner.results import Result
 
@@ -95,8 +95,8 @@ class SliceHostWorker:
         import jax
         from jax.experimental import multihost_utils
 
-        from runner.model.loading import make_host_mesh
         from runner.execution.workers import enable_compilation_cache, worker_class_for
+        from runner.model.loading import make_host_mesh
 
         if self._platform == "tpu":
             remove_stale_tpu_lockfile()
@@ -196,7 +196,8 @@ class _Gang:
             for rank in range(self.hosts)
         ]
         coordinator = ray.get(self.members[0].coordinator_address.remote(), timeout=GANG_TIMEOUT_S)
-        self.refs = [member.start.remote(coordinator) for member in self.members]  # all at once: they wait for each other
+        # All at once: they wait for each other.
+        self.refs = [member.start.remote(coordinator) for member in self.members]
         self.pending, self.state, self.results = set(self.refs), "starting", {}
 
     def submit(self, task: Task) -> None:
@@ -368,7 +369,8 @@ class SliceExecutor:
                 self._faults.job_raised(task, describe_cause(error))
             else:
                 # A replica is preempted when any of its hosts is: charge the loss to a dead node if there is one.
-                dead = [node for node, kind in zip(node_ids, fault_kinds(node_ids)) if kind == "preemption"]
+                kinds = fault_kinds(node_ids)
+                dead = [node for node, kind in zip(node_ids, kinds, strict=True) if kind == "preemption"]
                 self._faults.worker_lost(task, gang.name, dead[0] if dead else node_ids[0], gang.last_error)
         if was_starting:
             gang.start_failures += 1

@@ -25,23 +25,23 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from penzai import pz
 
-from runner.plan import memory
 from runner import lm_stats as metrics
-from runner.plan import points as plan
-from runner.sae_eval import evaluate as sae_eval
+from runner.errors import PlanError
+from runner.model import tokenizer as tokenizer_lib
+from runner.model.loading import LoadedModel, load_model, make_host_mesh
 from runner.nn import sites
 from runner.nn import steering as steering_lib
-from runner.steering import metrics as steering_metrics
-from runner.model import tokenizer as tokenizer_lib
-from runner.errors import PlanError
-from runner.model.loading import LoadedModel, load_model, make_host_mesh
+from runner.nn.steering import MODE_CODES, NO_LAYER
+from runner.plan import memory
+from runner.plan import points as plan
 from runner.plan.points import Job, SAEEvalPoint, SteeringPoint
 from runner.program_cache import ProgramCache
 from runner.results import PointResult, SAEEvalPointResult
 from runner.sae.jumprelu import LoadedSAE, load_sae
 from runner.sae.sources import SAEFile, write_synthetic_saes
+from runner.sae_eval import evaluate as sae_eval
+from runner.steering import metrics as steering_metrics
 from runner.steering.sampler import SamplingBatch, SteeringSampler, left_pad, prompt_bucket
-from runner.nn.steering import MODE_CODES, NO_LAYER
 
 #: Tag of a steering point: its feature's top logit-lens tokens, decoded (a JSON list).
 LOGIT_LENS_TAG = "logit_lens_tokens"
@@ -151,7 +151,7 @@ def batch_rows(
         value=np.array([0.0 if p.mode == "ablate" else p.scale for p in points], np.float32),
         mode=np.array([MODE_CODES[p.mode] for p in points], np.int32),
         steer_from=np.array(
-            [steer_from_position(p.positions, len(t)) for p, t in zip(points, prompt_tokens)], np.int32
+            [steer_from_position(p.positions, len(t)) for p, t in zip(points, prompt_tokens, strict=True)], np.int32
         ),
         temperature=np.array([p.temperature for p in points], np.float32),
         top_k=np.array([p.top_k or 0 for p in points], np.int32),
@@ -311,7 +311,7 @@ class SteeringWorker:
         )
 
         results = []
-        for point, row, extra in zip(points, point_rows, generation_metrics):
+        for point, row, extra in zip(points, point_rows, generation_metrics, strict=True):
             ids, stopped = cut_at_eos(output.tokens[row])
             if point.is_baseline:
                 measured = output.baseline[point.layer]

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,8 +32,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from runner.model.architecture import Gemma2Architecture
 from runner.errors import CheckpointError
+from runner.files import atomic_path, write_text_atomically
+from runner.model.architecture import Gemma2Architecture
 
 CONFIG_FILE_NAME = "config.json"
 SINGLE_FILE_NAME = "model.safetensors"
@@ -178,7 +177,10 @@ class _TensorReader:
                 raise CheckpointError(f"{self._directory}: missing file {file_name} (holds {name})")
             self._handles[file_name] = self._exit_stack.enter_context(safe_open(str(path), framework="numpy"))
         tensor = self._handles[file_name].get_tensor(name)
-        if len(tensor.shape) != len(shape) or any(want not in (None, got) for got, want in zip(tensor.shape, shape)):
+        fits = len(tensor.shape) == len(shape) and all(
+            want in (None, got) for got, want in zip(tensor.shape, shape, strict=True)
+        )
+        if not fits:
             expected = ", ".join("?" if size is None else str(size) for size in shape)
             found = list(tensor.shape)
             raise CheckpointError(f"{self._directory}: tensor {name} has shape {found}, expected [{expected}]")
@@ -197,7 +199,7 @@ def _tensor_files(directory: Path) -> dict[str, str]:
     if not single_path.is_file():
         raise CheckpointError(f"{directory}: neither {SINGLE_FILE_NAME} nor {INDEX_FILE_NAME}")
     with safe_open(str(single_path), framework="numpy") as handle:
-        return {name: SINGLE_FILE_NAME for name in handle.keys()}
+        return {name: SINGLE_FILE_NAME for name in handle.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
 
 
 def _hf_to_flat(tensors: _TensorReader, config: Mapping[str, Any], source: str) -> FlatParams:
@@ -347,8 +349,8 @@ def write_hf_checkpoint(
             _save_safetensors_atomically({name: tensors[name] for name in names}, out_dir / file_name)
             weight_map |= {name: file_name for name in names}
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
-        _write_text_atomically(out_dir / INDEX_FILE_NAME, json.dumps(index, indent=2) + "\n")
-    _write_text_atomically(out_dir / CONFIG_FILE_NAME, json.dumps(config, indent=2) + "\n")
+        write_text_atomically(out_dir / INDEX_FILE_NAME, json.dumps(index, indent=2) + "\n")
+    write_text_atomically(out_dir / CONFIG_FILE_NAME, json.dumps(config, indent=2) + "\n")
     return out_dir
 
 
@@ -368,29 +370,9 @@ def _shard(tensors: Mapping[str, np.ndarray], max_shard_bytes: int) -> list[list
 
 
 def _save_safetensors_atomically(tensors: dict[str, np.ndarray], path: Path) -> None:
-    temp_path = _temp_sibling(path)
-    try:
+    with atomic_path(path) as temporary:
         # transformers refuses safetensors files without format metadata.
-        save_file(tensors, str(temp_path), metadata={"format": "pt"})
-        os.replace(temp_path, path)
-    finally:
-        temp_path.unlink(missing_ok=True)
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    temp_path = _temp_sibling(path)
-    try:
-        temp_path.write_text(text)
-        os.replace(temp_path, path)
-    finally:
-        temp_path.unlink(missing_ok=True)
-
-
-def _temp_sibling(path: Path) -> Path:
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    os.chmod(name, 0o644)
-    return Path(name)
+        save_file(tensors, str(temporary), metadata={"format": "pt"})
 
 
 # ----------------------------------------------------------------------------------------------- resolving

@@ -23,11 +23,10 @@ from penzai.models.transformer import model_parts
 from penzai.models.transformer.variants import llamalike_common
 from penzai.toolshed import sharding_util
 
-from runner.model import hf_format
-from runner.model import synthetic
+from runner.errors import CheckpointError
+from runner.model import hf_format, synthetic
 from runner.model import tokenizer as tokenizer_lib
 from runner.model.architecture import Gemma2Architecture, default_parameter_dtype, published_architecture
-from runner.errors import CheckpointError
 
 FlatParams = Mapping[str, Mapping[str, Any]]
 
@@ -119,7 +118,7 @@ def read_orbax_shapes(checkpoint_dir: Path) -> dict[str, dict[str, tuple[int, ..
         raise CheckpointError(f"{checkpoint_dir}: checkpoint directory does not exist")
     try:
         item_metadata = ocp.PyTreeCheckpointer().metadata(Path(checkpoint_dir).absolute()).item_metadata
-    except Exception as error:  # orbax raises a variety of types for a malformed directory
+    except Exception as error:  # noqa: BLE001 - orbax raises a variety of types for a malformed directory
         raise CheckpointError(f"{checkpoint_dir}: not a readable orbax checkpoint ({type(error).__name__})") from None
     tree = getattr(item_metadata, "tree", item_metadata)
     if not isinstance(tree, Mapping):

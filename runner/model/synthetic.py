@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 
-from runner.model.architecture import Gemma2Architecture
 from runner.errors import CheckpointError
+from runner.model.architecture import Gemma2Architecture
 from runner.model.tokenizer import CORPUS_PATH, train_sentencepiece
 
 TOKENIZER_FILE_NAME = "tokenizer.model"

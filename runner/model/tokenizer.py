@@ -7,8 +7,6 @@ round-trips even with a 512-piece vocabulary.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from gemma import gm
 from gemma.gm.utils import _file_cache
 
 from runner.errors import CheckpointError
+from runner.files import write_bytes_atomically
 
 PAD_ID = 0
 EOS_ID = 1
@@ -77,20 +76,8 @@ def train_sentencepiece(text_lines: Iterable[str], vocab_size: int, out_path: Pa
     piece_count = spm.SentencePieceProcessor(model_proto=model_bytes.getvalue()).GetPieceSize()
     if piece_count != vocab_size:
         raise ValueError(f"trained tokenizer has {piece_count} pieces, expected exactly {vocab_size}")
-    _write_atomically(Path(out_path), model_bytes.getvalue())
+    write_bytes_atomically(Path(out_path), model_bytes.getvalue())
     return Path(out_path)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        handle.write(data)
-    try:
-        os.chmod(handle.name, 0o644)
-        os.replace(handle.name, path)
-    except BaseException:
-        os.unlink(handle.name)
-        raise
 
 
 def load_tokenizer(path: Path) -> gm.text.Gemma2Tokenizer:

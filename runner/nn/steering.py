@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
-from runner.sae.jumprelu import LATENT_AXIS, JumpReLUSAE
 from runner.nn.sites import insert_after_block
+from runner.sae.jumprelu import LATENT_AXIS, JumpReLUSAE
 
 MODE_CODES: dict[str, int] = {"add": 0, "clamp": 1, "ablate": 1}
 NO_LAYER = -1
@@ -106,7 +106,8 @@ class SteeringSite(pz.nn.Layer):
         direction = self.sae.decoder.w_dec[{LATENT_AXIS: steering.feature}]
         x32 = x.astype(jnp.float32)
         feature_now = self._feature_activation(x32, steering.feature)
-        delta = pz.nx.nmap(jnp.where)(steering.mode == MODE_CODES["clamp"], steering.value - feature_now, steering.value)
+        is_clamp = steering.mode == MODE_CODES["clamp"]
+        delta = pz.nx.nmap(jnp.where)(is_clamp, steering.value - feature_now, steering.value)
         steered = x32 + pz.nx.nmap(jnp.where)(steer_mask, delta, 0.0) * direction
         out = pz.nx.nmap(jnp.where)(steer_mask, steered.astype(x.dtype), x)
 
@@ -114,7 +115,8 @@ class SteeringSite(pz.nn.Layer):
         if self.totals is not None and measure_mask is not None:
             baseline = measure_mask & (steering.target_layer == NO_LAYER)
             self._accumulate(
-                out.astype(jnp.float32), steering.feature, measure_mask & active, baseline, side_inputs["probe_features"]
+                out.astype(jnp.float32), steering.feature, measure_mask & active, baseline,
+                side_inputs["probe_features"],
             )
         return out
 

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import jax
 
-from runner.model.architecture import Gemma2Architecture
 from runner.errors import PlanError
+from runner.model.architecture import Gemma2Architecture
 
 SAFETY_MARGIN = 1.25
 #: Fraction of a device's reported capacity the sampler may plan to use (the rest: runtime, fragmentation).

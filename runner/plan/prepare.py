@@ -17,18 +17,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from runner.plan import points as plan
-from runner.sae_eval import text_sets
-from runner.model import tokenizer as tokenizer_lib
-from runner.model.architecture import Gemma2Architecture
 from runner.config.schema import ExperimentConfig
 from runner.errors import PlanError, SAEError, TrackingUnavailable
+from runner.model import tokenizer as tokenizer_lib
+from runner.model.architecture import Gemma2Architecture
 from runner.model.loading import read_architecture, resolve_model_location
+from runner.nn.sites import site_width
+from runner.plan import points as plan
 from runner.plan.points import Job, Point
 from runner.results import Result
 from runner.sae.jumprelu import read_params_npz
 from runner.sae.sources import SAEFile, resolve_sae_file, resolve_sae_files, width_latents
-from runner.nn.sites import site_width
+from runner.sae_eval import text_sets
 from runner.sae_eval.text_sets import EvalTokens
 
 if TYPE_CHECKING:
@@ -297,8 +297,8 @@ class SweepOutline:
 def outline(config: ExperimentConfig) -> SweepOutline:
     """What `runner validate` reports (see `SweepOutline`). SAE ids are placeholders (resolving them may download),
     which gives the same points and jobs."""
-    from runner.plan import memory
     from runner.model.loading import planning_architecture
+    from runner.plan import memory
     from runner.steering.sampler import prompt_bucket
 
     arch = planning_architecture(config.model)
@@ -426,7 +426,9 @@ class LocalExecutor:
 
     def run(self, jobs: Sequence[Job], on_result: ResultCallback, on_failure: FailureCallback) -> None:
         """Runs the jobs one after another."""
-        from runner.execution.workers import worker_class_for  # JAX model code is imported only when a sweep really runs.
+        from runner.execution.workers import (
+            worker_class_for,  # JAX model code is imported only when a sweep really runs.
+        )
 
         if self._worker is None and jobs:
             worker_class = worker_class_for(self._plan.config.kind)
@@ -434,7 +436,7 @@ class LocalExecutor:
         for job in jobs:
             try:
                 results = self._worker.run_job(job)
-            except Exception as error:  # the job's own error: its points fail, the sweep goes on
+            except Exception as error:  # noqa: BLE001 - the job's own error: its points fail, the sweep goes on
                 on_failure(job, f"{type(error).__name__}: {error}", 1)
             else:
                 on_result(job, results)

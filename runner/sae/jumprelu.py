@@ -10,8 +10,6 @@ computed in float32 whatever the model's dtype. Named axes: `embedding` (d_in) a
 from __future__ import annotations
 
 import dataclasses
-import os
-import uuid
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import numpy as np
 from penzai import pz
 
 from runner.errors import SAEError
+from runner.files import atomic_path
 
 LATENT_AXIS = "sae_latent"
 SAE_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
@@ -174,7 +173,9 @@ def read_params_npz(path: Path, *, expected_d_in: int | None = None) -> dict[str
         if not np.issubdtype(arrays[name].dtype, np.floating):
             raise SAEError(f"{path}: {name} has dtype {arrays[name].dtype}; expected a floating dtype")
     d_in, d_sae = arrays["W_enc"].shape if arrays["W_enc"].ndim == 2 else (None, None)
-    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,), "threshold": (d_sae,)}
+    expected = {
+        "W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,), "threshold": (d_sae,)
+    }
     for name, shape in expected.items():
         if d_in is None or arrays[name].shape != shape:
             raise SAEError(
@@ -201,10 +202,8 @@ def load_sae(path: Path, *, sae_id: str, layer: int, expected_d_in: int | None =
 def write_params_npz(arrays: dict[str, np.ndarray], path: Path) -> Path:
     """Writes SAE arrays in the Gemma Scope `params.npz` format, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz")  # unique per writer
-    np.savez(tmp, **{name: np.asarray(arrays[name], dtype=np.float32) for name in SAE_KEYS})
-    tmp.replace(path)
+    with atomic_path(path, suffix=".npz") as temporary:  # np.savez appends .npz to any other name
+        np.savez(temporary, **{name: np.asarray(arrays[name], dtype=np.float32) for name in SAE_KEYS})
     return path
 
 

@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 from penzai import pz
 
-from runner.sae import gemma_scope
-from runner.nn import sites
-from runner.model import tokenizer as tokenizer_lib
 from runner.errors import SAEError
+from runner.files import write_text_atomically
+from runner.model import tokenizer as tokenizer_lib
+from runner.nn import sites
+from runner.sae import gemma_scope
 from runner.sae.jumprelu import calibrate_thresholds, random_sae_arrays, write_params_npz
 
 _L0_FOLDER = re.compile(r"^average_l0_(\d+)$")
@@ -199,7 +200,5 @@ def write_synthetic_saes(
         paths[layer] = write_params_npz(arrays, out_root / relative)
     out_root.mkdir(parents=True, exist_ok=True)
     marker = {**request, "paths": {str(layer): str(path.relative_to(out_root)) for layer, path in paths.items()}}
-    tmp = marker_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(marker, indent=2))
-    tmp.replace(marker_path)
+    write_text_atomically(marker_path, json.dumps(marker, indent=2))
     return paths

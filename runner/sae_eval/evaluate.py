@@ -28,10 +28,10 @@ import numpy as np
 from penzai import pz
 from penzai.models.transformer import model_parts
 
-from runner.nn import sites
 from runner.lm_stats import SPECIAL_TOKEN_IDS, special_token_mask
-from runner.sae.jumprelu import LATENT_AXIS, JumpReLUSAE
 from runner.model.tokenizer import BOS_ID, PAD_ID
+from runner.nn import sites
+from runner.sae.jumprelu import LATENT_AXIS, JumpReLUSAE
 
 #: Vocabulary entries processed at once by the chunked vocabulary sums.
 DEFAULT_VOCAB_CHUNK = 32768
@@ -545,7 +545,7 @@ def top_feature_rows(
     tokens = np.asarray(tokens)
     mask = special_token_mask(tokens)
     rows = []
-    for row, position in zip(*np.nonzero(mask)):
+    for row, position in zip(*np.nonzero(mask), strict=True):
         positive = top_values[row, position] > 0
         token = int(tokens[row, position])
         rows.append(

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from runner.model import tokenizer as tokenizer_lib
 from runner.errors import ConfigError
+from runner.model import tokenizer as tokenizer_lib
 
 #: The bundled public-domain prose (see `runner/data/EVAL_TEXT_SOURCES.md`).
 BUNDLED_EVAL_TEXT = Path(__file__).resolve().parents[1] / "data" / "eval_text.txt"

@@ -30,13 +30,12 @@ import numpy as np
 from penzai import pz
 from penzai.models.transformer import model_parts
 
-from runner.sae_eval import evaluate as sae_eval
-from runner.nn import sites
-from runner.nn import steering
 from runner.lm_stats import special_token_mask
+from runner.model.tokenizer import EOS_ID, PAD_ID
+from runner.nn import sites, steering
 from runner.program_cache import ProgramCache
 from runner.sae.jumprelu import LATENT_AXIS, JumpReLUSAE
-from runner.model.tokenizer import EOS_ID, PAD_ID
+from runner.sae_eval import evaluate as sae_eval
 
 DEFAULT_LOGIT_LENS_K = 10
 
@@ -308,7 +307,7 @@ def _point_metrics(
         if count > 0:
             weight = predicts_measured[row].astype(np.float64)
 
-            def mean(values: np.ndarray) -> float:
+            def mean(values: np.ndarray, weight: np.ndarray = weight, count: float = count) -> float:
                 return float(np.sum(np.asarray(values, np.float64) * weight) / count)
 
             metrics["steer/nll"] = mean(per_position["nll"][row])

@@ -29,10 +29,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from penzai import pz
 from penzai.models.transformer import model_parts, sampling_mode
 
+from runner.model.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from runner.nn import steering as steering_lib
 from runner.program_cache import LoweredProgram, ProgramCache
 from runner.sae.jumprelu import JumpReLUSAE
-from runner.model.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 MIN_PROMPT_BUCKET = 16
 

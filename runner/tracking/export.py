@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from runner.plan import points as plan
 from runner.config.schema import ExperimentConfig
 from runner.errors import RunnerError
+from runner.plan import points as plan
 from runner.tracking.store import TABLE_ARTIFACT, TAG_PARENT, TAG_POINT_KEY, TAG_WORKER, sweep_status
 
 if TYPE_CHECKING:
@@ -127,7 +127,7 @@ def _texts_from_sweep_table(client: MlflowClient, parent_run_id: str) -> dict[st
                              dtype={"point_key": str, "text": str})
     if not {"point_key", "text"} <= set(table.columns):
         return {}
-    return dict(zip(table["point_key"], table["text"]))
+    return dict(zip(table["point_key"], table["text"], strict=True))
 
 
 def _search_all(client: MlflowClient, experiment_id: str, query: str) -> list[Run]:

@@ -55,7 +55,9 @@ def warm_up() -> None:
     figure.savefig(io.BytesIO(), format="png", dpi=20)
 
 
-def write_feature_plots(frame: pd.DataFrame, out_dir: Path, metrics: Sequence[str] = FEATURE_PLOT_METRICS) -> list[Path]:
+def write_feature_plots(
+    frame: pd.DataFrame, out_dir: Path, metrics: Sequence[str] = FEATURE_PLOT_METRICS
+) -> list[Path]:
     """Writes `feature_<i>.png` per feature of a steering sweep's table: each of `metrics` that the table has
     (mean over prompts and seeds) against scale, one line per layer. Returns the files written.
 
@@ -79,7 +81,7 @@ def write_feature_plots(frame: pd.DataFrame, out_dir: Path, metrics: Sequence[st
     panels = []
     # Tick labels are most of matplotlib's drawing time: the x axis is shared (labels on the bottom row only) and
     # ticked at the sweep's scales, the y axis gets at most 5 ticks.
-    for index, (metric, axes) in enumerate(zip(metrics, grid)):
+    for index, (metric, axes) in enumerate(zip(metrics, grid, strict=False)):
         lines = {layer: axes.plot([], [], marker="o", markersize=3, label=f"layer {layer}")[0] for layer in layers}
         axes.set_title(metric, fontsize=8)
         axes.tick_params(labelsize=7)

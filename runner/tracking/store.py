@@ -29,11 +29,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH
 
-from runner.tracking import plots
 from runner.config.schema import ExperimentConfig
 from runner.errors import RunnerError, TrackingUnavailable, first_line
 from runner.plan.points import Point, SAEEvalPoint
 from runner.results import PointResult, Result
+from runner.tracking import plots
 
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -401,11 +401,18 @@ class SweepTracker:
         return _search_all(self._client, self._experiment_id, query)
 
     def _start_child(
-        self, parent: str, point: Point, *, attempt: int, worker: str | None, extra_tags: Mapping[str, str] | None = None
+        self,
+        parent: str,
+        point: Point,
+        *,
+        attempt: int,
+        worker: str | None,
+        extra_tags: Mapping[str, str] | None = None,
     ) -> _Child:
         """Creates the point's child run, or reopens its unfinished one, with fresh tags; status RUNNING."""
         tags = {TAG_PARENT: parent, TAG_SWEEP_ID: self._sweep_id, TAG_POINT_KEY: point.point_key,
-                TAG_ROLE: "point", TAG_ATTEMPT: str(attempt), **{k: _truncate(v) for k, v in (extra_tags or {}).items()}}
+                TAG_ROLE: "point", TAG_ATTEMPT: str(attempt),
+                **{k: _truncate(v) for k, v in (extra_tags or {}).items()}}
         if worker is not None:
             tags[TAG_WORKER] = worker
         if getattr(point, "neuronpedia_url", None) is not None:

@@ -13,9 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import queue
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from runner.errors import TrackingUnavailable, first_line
+from runner.files import write_text_atomically
 from runner.plan.points import Point
 from runner.results import PointResult, Result, SAEEvalPointResult
 from runner.tracking.store import SweepTracker, is_transient, scrub
@@ -68,12 +67,7 @@ class Spool:
         if not results:
             self.clear()
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=self.path.parent, prefix=f".{self.path.name}.", delete=False,
-                                         encoding="utf-8") as handle:
-            for result in results:
-                handle.write(json.dumps(result_record(result)) + "\n")
-        os.replace(handle.name, self.path)
+        write_text_atomically(self.path, "".join(json.dumps(result_record(result)) + "\n" for result in results))
 
     def clear(self) -> None:
         """Removes the spool file."""
@@ -231,7 +225,7 @@ class TrackingWriter:
         started = time.perf_counter()
         try:
             if isinstance(item, _Logged):
-                for point, result in zip(item.points, item.results):
+                for point, result in zip(item.points, item.results, strict=True):
                     self._tracker.log_point(point, result)
                 self._on_logged(len(item.results), 0, sum(result.tokens for result in item.results))
             else:

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pydantic
 import pytest
 import yaml
 
@@ -48,7 +49,7 @@ def test_minimal_file_gets_documented_defaults(tmp_path):
 
 def test_config_is_frozen(tmp_path):
     config = load_experiment(write(tmp_path))
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         config.name = "other"  # type: ignore[misc]
 
 
@@ -139,7 +140,8 @@ def test_model_fields_must_fit_the_source(tmp_path, model, expected):
         ("{source: huggingface, release: gemma-scope-2b-pt-res, seed: 3}", "sae.seed: does not apply to source"),
         ("{source: huggingface, release: gemma-scope-4b-pt-res}", "sae.release: 'gemma-scope-4b-pt-res' is not"),
         ("{source: huggingface, release: gemma-scope-2b-pt-mlp}", "sae.release: 'gemma-scope-2b-pt-mlp' holds 'mlp'"),
-        ("{source: huggingface, release: gemma-scope-2b-pt-res, width: 8k}", "sae.width: '8k' is not a Gemma Scope width (allowed: 16k, 32k"),
+        ("{source: huggingface, release: gemma-scope-2b-pt-res, width: 8k}",
+         "sae.width: '8k' is not a Gemma Scope width (allowed: 16k, 32k"),
         ("{source: huggingface, release: gemma-scope-2b-pt-res, l0: low}", "sae.l0: 'low' is not allowed"),
         ("{source: synthetic, release: gemma-scope-2b-pt-res}", "sae.release: does not apply to source 'synthetic'"),
         ("{source: local}", "sae.path: is required with source 'local'"),

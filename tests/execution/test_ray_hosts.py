@@ -31,6 +31,7 @@ from ray.cluster_utils import Cluster
 from typer.testing import CliRunner
 
 from runner.cli import app
+from runner.config.schema import ClusterConfig, load_experiment
 from runner.execution.ray_hosts import (
     HostWorker,
     RayExecutor,
@@ -38,12 +39,11 @@ from runner.execution.ray_hosts import (
     ray_actor_options,
     remove_stale_tpu_lockfile,
 )
-from runner.config.schema import ClusterConfig, load_experiment
-from runner.plan.points import Job
-from runner.results import PointResult
 from runner.execution.slices import SliceExecutor
-from runner.plan.prepare import SweepPlan, SweepSummary, prepare_sweep, run_sweep
 from runner.execution.workers import SteeringWorker
+from runner.plan.points import Job
+from runner.plan.prepare import SweepPlan, SweepSummary, prepare_sweep, run_sweep
+from runner.results import PointResult
 from tests.mlflow_server import DIRECT, MlflowServer, free_port, kill_process_group, rest
 
 # Workers unpickle the test's worker subclasses by value: this module is not importable on Ray's workers.

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from runner.config.schema import ExperimentConfig
-from runner.plan.prepare import prepare_sweep
 from runner.execution.workers import SteeringWorker
+from runner.plan.prepare import prepare_sweep
 
 SWEEP = {
     "name": "worker-test",
@@ -34,7 +34,7 @@ def test_one_compilation_for_3_layers_x_4_features_x_5_scales(sweep_plan, cache_
     assert sorted(p.point_key for p in points) == sorted(p.point_key for p in sweep_plan.points)
     # The 12 scale-0 points share one unsteered generation: 48 steered rows + 1 baseline row in all.
     assert len({p.generation_key for p in sweep_plan.points}) == 49
-    assert len({result.token_ids for result, point in zip(results, points) if point.is_baseline}) == 1
+    assert len({result.token_ids for result, point in zip(results, points, strict=True) if point.is_baseline}) == 1
 
 
 def test_a_second_worker_of_the_sweep_reuses_the_traced_programs(sweep_plan, tmp_path) -> None:

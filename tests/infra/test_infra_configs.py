@@ -18,9 +18,10 @@ import fnmatch
 import math
 import os
 import re
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -566,7 +567,7 @@ def test_nothing_is_exposed_outside_the_cluster():
             assert doc["kind"] not in ("Ingress", "Gateway", "HTTPRoute"), f"{path.name}: {doc['kind']}"
             if doc["kind"] == "Service":
                 assert doc["spec"].get("type", "ClusterIP") == "ClusterIP", f"{path.name}: {doc['metadata']}"
-            for p, node in walk(doc):
+            for p, _node in walk(doc):
                 if p and p[-1] in ("hostNetwork", "hostPort"):
                     pytest.fail(f"{path.name}: {'.'.join(map(str, p))}")
             if doc["kind"] == "Secret":
@@ -745,12 +746,12 @@ def literal_credentials_in_yaml(doc: Any) -> list[str]:
         if any(p in ("secretKeyRef", "secretRef", "configMapKeyRef") for p in path[:-1]):
             continue
         # Kubernetes/compose env list entry {name: X, value: Y}
-        if isinstance(node, dict) and isinstance(node.get("name"), str) and "value" in node:
-            if SECRET_KEY_NAME.search(node["name"]) and not _is_reference(node["value"]):
-                found.append(f"{'.'.join(map(str, path))}: {node['name']}={node['value']!r}")
-        if isinstance(key, str) and SECRET_KEY_NAME.search(key) and isinstance(node, (str, int, float)):
-            if not _is_reference(node):
-                found.append(f"{'.'.join(map(str, path))}: {node!r}")
+        if (isinstance(node, dict) and isinstance(node.get("name"), str) and "value" in node
+                and SECRET_KEY_NAME.search(node["name"]) and not _is_reference(node["value"])):
+            found.append(f"{'.'.join(map(str, path))}: {node['name']}={node['value']!r}")
+        if (isinstance(key, str) and SECRET_KEY_NAME.search(key) and isinstance(node, (str, int, float))
+                and not _is_reference(node)):
+            found.append(f"{'.'.join(map(str, path))}: {node!r}")
     return found
 
 

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 from penzai.models.transformer.variants import gemma
 
-from runner.model.architecture import PUBLISHED, Gemma2Architecture, published_architecture
 from runner.errors import CheckpointError
+from runner.model.architecture import PUBLISHED, Gemma2Architecture, published_architecture
 
 #: Penzai's preset names of the published sizes.
 REAL_SIZES = {name.replace("-", "_"): arch for name, arch in PUBLISHED.items()}
@@ -25,10 +25,10 @@ def shapes_of(arch: Gemma2Architecture) -> dict[str, dict[str, tuple[int, ...]]]
 def test_real_checkpoint_shapes_give_exactly_penzais_preset(preset: str) -> None:
     inferred = Gemma2Architecture.from_shapes(shapes_of(REAL_SIZES[preset]))
     config = inferred.to_llamalike_config("bfloat16", "bfloat16")
-    expected = gemma._GEMMA_PRESETS[preset]  # noqa: SLF001 - the reference values live only there
+    expected = gemma._GEMMA_PRESETS[preset]
     for field, value in expected.items():
         assert getattr(config, field) == value, field
-    assert inferred.gating_is_d_by_f is not gemma._NEEDS_GATING_TRANSPOSE[preset]  # noqa: SLF001
+    assert inferred.gating_is_d_by_f is not gemma._NEEDS_GATING_TRANSPOSE[preset]
     default_scale = config.query_scaling_factor
     assert default_scale == expected.get("query_scaling_factor", inferred.head_dim**-0.5)
 
@@ -54,6 +54,7 @@ def test_inconsistent_layer_shape_is_named() -> None:
 
 def test_published_sizes_are_known_by_kaggle_variant_and_hugging_face_repo() -> None:
     assert published_architecture("gemma2-9b-it") == PUBLISHED["gemma2-9b"]
-    assert published_architecture("google/gemma-2-2b") == dataclasses.replace(PUBLISHED["gemma2-2b"], vocab_size=256_000)
+    hugging_face_2b = dataclasses.replace(PUBLISHED["gemma2-2b"], vocab_size=256_000)
+    assert published_architecture("google/gemma-2-2b") == hugging_face_2b
     assert published_architecture("google/gemma-2-27b-it").num_layers == 46
     assert published_architecture("someone/other-model") is None

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from runner.model.architecture import Gemma2Architecture
 from runner.errors import CheckpointError
+from runner.model.architecture import Gemma2Architecture
 from runner.model.hf_format import (
     DOWNLOAD_PATTERNS,
     flat_to_hf_tensors,

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 from penzai import pz
 
-from runner.model import hf_format
-from runner.model import synthetic
-from runner.model import tokenizer as tokenizer_lib
 from runner.config.schema import ModelConfig
 from runner.errors import CheckpointError
+from runner.model import hf_format, synthetic
+from runner.model import tokenizer as tokenizer_lib
 from runner.model.loading import load_model, make_host_mesh, read_architecture, resolve_model_location
 from runner.steering.sampler import SteeringSampler
 from tests.steering.test_sampler import PROBES, make_batch

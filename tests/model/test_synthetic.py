@@ -9,8 +9,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from runner.model.architecture import Gemma2Architecture
 from runner.errors import CheckpointError
+from runner.model.architecture import Gemma2Architecture
 from runner.model.synthetic import (
     MARKER_FILE_NAME,
     SYNTHETIC_PRESETS,

@@ -8,9 +8,8 @@ import pytest
 from penzai import pz
 
 from runner import lm_stats as metrics
-from runner.nn import sites
-from runner.nn import steering
 from runner.model import tokenizer as tokenizer_lib
+from runner.nn import sites, steering
 from runner.sae.jumprelu import LATENT_AXIS
 
 PROMPT = "Would you be able to travel through time using a wormhole?"
@@ -82,7 +81,9 @@ def test_steering_equals_adding_the_decoder_row_by_hand(tiny_model, tiny_saes, p
 def test_rows_are_steered_only_at_their_own_layer(tiny_model, tiny_saes, prompt_tokens) -> None:
     batch = pz.nx.wrap(jnp.concatenate([prompt_tokens.unwrap("batch", "seq")] * 3)).tag("batch", "seq")
     patched = steering.add_steering_sites(tiny_model.model, tiny_saes)
-    inputs = steering.SteeringInputs.from_rows([1, 3, steering.NO_LAYER], [7, 9, 7], [12.5, 30.0, 99.0], ["add"] * 3, [0] * 3)
+    inputs = steering.SteeringInputs.from_rows(
+        [1, 3, steering.NO_LAYER], [7, 9, 7], [12.5, 30.0, 99.0], ["add"] * 3, [0] * 3
+    )
     together = logits_array(patched(batch, steering=inputs))
     for row, (layer, feature, scale) in enumerate([(1, 7, 12.5), (3, 9, 30.0)]):
         alone = steering.SteeringInputs.from_rows([layer], [feature], [scale], ["add"], [0])

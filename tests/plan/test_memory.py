@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from runner.model.architecture import Gemma2Architecture
 from runner.errors import PlanError
+from runner.model.architecture import Gemma2Architecture
 from runner.plan.memory import BatchMemory, estimate_batch_memory, largest_fitting_batch
 
 GEMMA2_9B = Gemma2Architecture(42, 3584, 16, 8, 256, 14_336, 256_128, gating_is_d_by_f=False)

@@ -109,7 +109,8 @@ def test_model_id(model, expected):
 def test_pack_jobs_makes_consecutive_chunks_with_content_ids():
     points = [p for p in expand_points(make_config(), SAE_IDS) if not p.is_baseline]
     jobs = pack_jobs(points, 10)
-    assert [len(job.points) for job in jobs] == [10] * (len(points) // 10) + ([len(points) % 10] if len(points) % 10 else [])
+    full, rest = divmod(len(points), 10)
+    assert [len(job.points) for job in jobs] == [10] * full + ([rest] if rest else [])
     assert [p for job in jobs for p in job.points] == points
     assert len({job.job_id for job in jobs}) == len(jobs)
     assert pack_jobs(points, 10)[0].job_id == jobs[0].job_id

@@ -2,8 +2,8 @@
 
 import pytest
 
-from runner.sae import gemma_scope
 from runner.errors import ConfigError
+from runner.sae import gemma_scope
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,14 @@ import pytest
 from penzai import pz
 
 from runner.errors import SAEError
-from runner.sae.jumprelu import JumpReLUSAE, calibrate_thresholds, load_sae, random_sae_arrays, read_params_npz, write_params_npz
+from runner.sae.jumprelu import (
+    JumpReLUSAE,
+    calibrate_thresholds,
+    load_sae,
+    random_sae_arrays,
+    read_params_npz,
+    write_params_npz,
+)
 
 
 def write(tmp_path: Path, arrays: dict, name: str = "params.npz") -> Path:
@@ -41,7 +48,8 @@ def test_jumprelu_matches_numpy_formula() -> None:
 
 def test_round_trip_through_the_gemma_scope_file(tmp_path: Path) -> None:
     arrays = valid_arrays()
-    loaded = load_sae(write_params_npz(arrays, tmp_path / "layer_0/width_32/average_l0_5/params.npz"), sae_id="x", layer=0)
+    path = write_params_npz(arrays, tmp_path / "layer_0/width_32/average_l0_5/params.npz")
+    loaded = load_sae(path, sae_id="x", layer=0)
     assert loaded.sae.d_in == 8 and loaded.sae.d_sae == 32
     for name, array in loaded.sae.to_arrays().items():
         np.testing.assert_array_equal(array, arrays[name])

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from penzai import pz
 
-from runner.nn import sites
 from runner.config.schema import SAEConfig
 from runner.errors import SAEError
+from runner.nn import sites
 from runner.sae.jumprelu import load_sae, random_sae_arrays, write_params_npz
 from runner.sae.sources import calibration_tokens, resolve_sae_files
 
@@ -39,7 +39,8 @@ def test_huggingface_sae_is_fetched_by_its_gemma_scope_path(monkeypatch, tmp_pat
 
 def local_tree(root: Path, layer: int, l0s: list[int]) -> None:
     for l0 in l0s:
-        write_params_npz(random_sae_arrays(8, 16, seed=l0), root / f"layer_{layer}" / "width_16k" / f"average_l0_{l0}" / "params.npz")
+        folder = root / f"layer_{layer}" / "width_16k" / f"average_l0_{l0}"
+        write_params_npz(random_sae_arrays(8, 16, seed=l0), folder / "params.npz")
 
 
 def test_local_tree_canonical_is_the_l0_closest_to_100(tmp_path: Path) -> None:
@@ -68,8 +69,10 @@ def test_one_npz_file_serves_one_layer_only(tmp_path: Path) -> None:
 
 
 def test_synthetic_saes_fire_near_the_requested_l0_on_unseen_text(tiny_model, tiny_sae_paths) -> None:
-    loaded = {layer: load_sae(path, sae_id="s", layer=layer, expected_d_in=64) for layer, path in tiny_sae_paths.items()}
-    for layer, sae in loaded.items():
+    loaded = {
+        layer: load_sae(path, sae_id="s", layer=layer, expected_d_in=64) for layer, path in tiny_sae_paths.items()
+    }
+    for sae in loaded.values():
         arrays = sae.sae.to_arrays()
         np.testing.assert_allclose(np.linalg.norm(arrays["W_dec"], axis=1), 1.0, rtol=1e-5)
         assert sae.path.parent.parent.name == "width_256"

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from penzai import pz
 
-from runner.tracking import plots
-from runner.sae_eval import evaluate as sae_eval
+from runner.model.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from runner.nn import sites
 from runner.sae.jumprelu import JumpReLUSAE
 from runner.sae.sources import calibration_tokens
-from runner.model.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from runner.sae_eval import evaluate as sae_eval
+from runner.tracking import plots
 
 LAYERS = (1, 2)
 #: The SAEs evaluated together: two at the residual stream, one at an MLP output, one at attention heads.
@@ -280,7 +280,8 @@ def test_top_feature_table_rows(tiny_saes, eval_tokens, captured, evaluation) ->
     _, features, _ = sae_reference(captured[1][(2, "res")], tiny_saes[2].to_arrays())
     rows = evaluation[(2, "res")].top_feature_rows
     mask = ordinary(eval_tokens[:TABLE_SEQUENCES])
-    assert [(r["sequence"], r["position"]) for r in rows] == [tuple(map(int, p)) for p in zip(*np.nonzero(mask))]
+    masked_positions = [tuple(map(int, p)) for p in zip(*np.nonzero(mask), strict=True)]
+    assert [(r["sequence"], r["position"]) for r in rows] == masked_positions
     for row in rows:
         f = features[row["sequence"], row["position"]]
         order = np.argsort(-f, kind="stable")[:5]

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from runner.sae_eval import text_sets
 from runner.config.schema import TextSetConfig
 from runner.errors import ConfigError
 from runner.model.tokenizer import BOS_ID
+from runner.sae_eval import text_sets
 
 
 def test_the_bundled_text_is_a_few_hundred_kb_of_prose_without_gutenberg_boilerplate() -> None:

@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 from penzai import pz
 
-from runner.sae_eval import evaluate as sae_eval
-from runner.nn import sites
-from runner.nn import steering
-from runner.steering import metrics as steering_metrics
+from runner.model.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from runner.nn import sites, steering
 from runner.sae.jumprelu import JumpReLUSAE, random_sae_arrays
 from runner.sae.sources import calibration_tokens
-from runner.model.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from runner.sae_eval import evaluate as sae_eval
+from runner.steering import metrics as steering_metrics
 
 PROMPT_LEN, GEN_LEN = 12, 10
 LAYERS, FEATURES = [1, 2, 1], [7, 11, 3]
@@ -242,7 +241,8 @@ def greedy(patched, inputs: steering.SteeringInputs, prompt_tokens: np.ndarray) 
 def test_greedy_unsteered_generation_is_likelier_than_heavily_steered(tiny_model, tiny_saes, patched, batch) -> None:
     prompt_tokens, _ = batch
     unsteered, heavy = steering_inputs([0.0] * 3), steering_inputs([60.0] * 3)
-    plain_generation, steered_generation = greedy(patched, unsteered, prompt_tokens), greedy(patched, heavy, prompt_tokens)
+    plain_generation = greedy(patched, unsteered, prompt_tokens)
+    steered_generation = greedy(patched, heavy, prompt_tokens)
     assert (plain_generation != steered_generation).any()
     plain, steered = (
         [

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from penzai import pz
 
-from runner.nn import sites
-from runner.nn import steering
 from runner.model import tokenizer as tokenizer_lib
+from runner.nn import sites, steering
 from runner.sae.jumprelu import LATENT_AXIS
 from runner.steering.sampler import SamplingBatch, SteeringSampler, left_pad, prompt_bucket, sample_next_tokens
 

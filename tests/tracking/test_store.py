@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from runner.config.schema import ExperimentConfig
 from runner.plan.points import expand_points, sweep_id
@@ -116,11 +117,10 @@ def test_generations_table_loads_with_mlflow_and_plots_exist(sweep, tmp_path):
 
 def test_resume_reuses_the_parent_and_skips_finished_points(sweep):
     config, sid, points, tracker = sweep
-    with pytest.raises(KeyboardInterrupt):
-        with tracker.sweep(config, sid, len(points)) as first_parent:
-            tracker.log_point(points[0], result_for(points[0]))
-            tracker.log_point(points[1], result_for(points[1]))
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), tracker.sweep(config, sid, len(points)) as first_parent:
+        tracker.log_point(points[0], result_for(points[0]))
+        tracker.log_point(points[1], result_for(points[1]))
+        raise KeyboardInterrupt
     client = MlflowClient(config.tracking.uri)
     assert client.get_run(first_parent).info.status == "KILLED"
 
@@ -189,14 +189,13 @@ def test_sweep_status_of_an_unknown_sweep_has_no_parent(sweep):
 def test_an_exception_in_the_sweep_fails_the_parent_and_leaves_nothing_running(sweep):
     config, sid, points, tracker = sweep
     client = MlflowClient(config.tracking.uri)
-    with pytest.raises(ValueError, match="boom"):
-        with tracker.sweep(config, sid, len(points)) as parent_id:
-            tracker.log_point(points[0], result_for(points[0]))
-            bad = PointResult(points[1].point_key, "x", (), {"bad key!": 1.0})  # MLflow rejects the metric name
-            with pytest.raises(Exception):
-                tracker.log_point(points[1], bad)
-            tracker._start_child(parent_id, points[2], attempt=1, worker="w0")  # as if a worker died mid-point
-            raise ValueError("boom")
+    with pytest.raises(ValueError, match="boom"), tracker.sweep(config, sid, len(points)) as parent_id:
+        tracker.log_point(points[0], result_for(points[0]))
+        bad = PointResult(points[1].point_key, "x", (), {"bad key!": 1.0})  # MLflow rejects the metric name
+        with pytest.raises(MlflowException):
+            tracker.log_point(points[1], bad)
+        tracker._start_child(parent_id, points[2], attempt=1, worker="w0")  # as if a worker died mid-point
+        raise ValueError("boom")
     parent = client.get_run(parent_id)
     assert parent.info.status == "FAILED"
     assert parent.data.tags["runner.error"] == "ValueError: boom"

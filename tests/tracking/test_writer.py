@@ -12,8 +12,8 @@ import yaml
 from mlflow import MlflowClient
 
 from runner.config.schema import load_experiment
-from runner.plan.prepare import LocalExecutor, prepare_sweep, run_sweep, spool_path
 from runner.errors import TrackingUnavailable
+from runner.plan.prepare import LocalExecutor, prepare_sweep, run_sweep, spool_path
 from runner.tracking.writer import Spool
 from tests.mlflow_server import MlflowServer
 
