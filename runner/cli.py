@@ -354,7 +354,8 @@ def bench(
     """
     import json
 
-    from runner.bench.sampler import END_TO_END_EXPERIMENT, run_benchmark, run_end_to_end
+    from runner.bench.end_to_end import END_TO_END_EXPERIMENT, run_end_to_end
+    from runner.bench.sampler import run_benchmark
     from runner.errors import ConfigError
 
     if end_to_end:

@@ -4,16 +4,13 @@ Both generate the same steering points (prompts from the bundled corpus, a mix o
 for exactly `new_tokens` tokens each (EOS does not stop either, so the work is equal):
 
 - runner: `SteeringSampler`, every point a batch row, one compiled program; timed after a warm-up call.
-- tutorial: one point at a time, the patched model rebuilt per point (a layer adding `scale * W_dec[i]` after
-  block L), `KVCachingTransformerLM` with a jitted body, `temperature_sample_pyloop`. Its jitted body recompiles
-  for every new prompt length, cache position and patched layer, so it is timed twice over the same points:
-  `cold` (after one warm-up point, recompilations included: what a notebook pays) and `warm` (a second pass,
-  every program cached: its best case). The speedup is reported against the warm figure.
+- tutorial (`runner.bench.tutorial`): one point at a time, timed twice over the same points: `cold` (after one
+  warm-up point, recompilations included: what a notebook pays) and `warm` (a second pass, every program cached:
+  its best case). The speedup is reported against the warm figure.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import resource
 import time
@@ -21,21 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from penzai import pz
-from penzai.models.transformer import sampling_mode, simple_decoding_loop
-from penzai.toolshed import jit_wrapper
 
+from runner.bench.tutorial import BENCH_LAYERS, BenchPoint, make_points, tutorial_generate
 from runner.config.schema import ModelConfig
 from runner.execution.workers import count_compilations
 from runner.model import synthetic
-from runner.model import tokenizer as tokenizer_lib
 from runner.model.loading import LoadedModel, load_model
-from runner.model.tokenizer import CORPUS_PATH
-from runner.nn.sites import insert_after_block
 from runner.nn.steering import MODE_CODES
-from runner.sae.jumprelu import LATENT_AXIS, JumpReLUSAE, load_sae
+from runner.sae.jumprelu import load_sae
 from runner.sae.sources import write_synthetic_saes
 from runner.steering.sampler import SamplingBatch, SteeringSampler, left_pad, prompt_bucket
 
@@ -52,48 +44,6 @@ MEMORY_BANDWIDTH = {
     "TPU v6 lite": 1.64e12,
     "TPU v6e": 1.64e12,
 }
-BENCH_LAYERS = (1, 2)
-BENCH_SCALES = (0.0, 10.0, 20.0, 40.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class BenchPoint:
-    """One generation of the benchmark."""
-
-    tokens: tuple[int, ...]
-    layer: int
-    feature: int
-    scale: float
-    seed: int
-
-
-@pz.pytree_dataclass
-class AddSteeringVector(pz.nn.Layer):
-    """The tutorial's intervention: add a fixed vector to the residual stream."""
-
-    vector: pz.nx.NamedArray
-
-    def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
-        return x + self.vector.astype(x.dtype)
-
-
-def make_points(tokenizer: Any, count: int, d_sae: int) -> list[BenchPoint]:
-    """`count` steering points over corpus sentences, both bench layers, spread features and the bench scales."""
-    sentences = [s.strip() for s in CORPUS_PATH.read_text(encoding="utf-8").split(".") if len(s.split()) >= 4]
-    rng = np.random.default_rng(0)
-    points = []
-    for index in range(count):
-        words = sentences[index % len(sentences)].split()[:10]
-        points.append(
-            BenchPoint(
-                tokens=tuple(tokenizer_lib.encode_prompt(tokenizer, " ".join(words))),
-                layer=BENCH_LAYERS[index % len(BENCH_LAYERS)],
-                feature=int(rng.integers(d_sae)),
-                scale=BENCH_SCALES[index % len(BENCH_SCALES)],
-                seed=index,
-            )
-        )
-    return points
 
 
 def runner_batches(
@@ -122,23 +72,6 @@ def runner_batches(
             )
         )
     return batches
-
-
-def tutorial_generate(
-    loaded: LoadedModel, saes: dict[int, JumpReLUSAE], point: BenchPoint, new_tokens: int, temperature: float
-) -> np.ndarray:
-    """One point the tutorial's way: patch, convert to KV-caching with a jitted body, sample in a Python loop."""
-    w_dec = saes[point.layer].decoder.w_dec[{LATENT_AXIS: point.feature}]
-    patched = insert_after_block(loaded.model, point.layer, AddSteeringVector(point.scale * w_dec))
-    caching = sampling_mode.KVCachingTransformerLM.from_uncached(
-        patched, cache_len=len(point.tokens) + new_tokens, batch_axes={"batch": 1}
-    )
-    caching = pz.select(caching).at(lambda model: model.body).apply(jit_wrapper.Jitted)
-    prompt = pz.nx.wrap(jnp.asarray([point.tokens], jnp.int32)).tag("batch", "seq")
-    out = simple_decoding_loop.temperature_sample_pyloop(
-        caching, prompt, jax.random.key(point.seed), temperature=max(temperature, 1e-6), max_sampling_steps=new_tokens
-    )
-    return np.asarray(out.unwrap("batch", "seq"))
 
 
 def run_benchmark(
@@ -231,94 +164,3 @@ def _accelerator_figures(
     if bandwidth:
         figures["roofline_fraction"] = round(bytes_per_step * steps_per_s / bandwidth, 4)
     return figures
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# `runner bench --end-to-end`: the real command against the tutorial's loop over the same points
-
-#: The sweep `runner bench --end-to-end` runs by default: 256 points on the synthetic small model.
-END_TO_END_EXPERIMENT = Path(__file__).resolve().parents[2] / "experiments" / "small_feature_scale_sweep.yaml"
-
-
-def run_end_to_end(
-    *, experiment: Path, cache_dir: Path, tutorial_points: int = 16, compilation_cache: bool = True
-) -> dict[str, Any]:
-    """Times `runner run` on an experiment in a fresh directory and process (Ray start-up, a new MLflow database
-    and its logging included), then the tutorial's loop on the same points, and returns the figures.
-
-    The tutorial's loop is timed on every distinct (prompt, layer) of the sweep once (each costs it new XLA
-    compilations: `cold`), then on `tutorial_points` points spread over the sweep again (`warm`: everything
-    compiled). Over all points it would take `cold + (points - combinations) * warm` seconds (`tutorial_s`), at
-    its very best `points * warm` (`tutorial_warm_s`).
-
-    Raises:
-      RunnerError: `runner run` failed (its last output lines are in the message).
-    """
-    import json
-    import os
-    import subprocess
-    import sys
-    import tempfile
-
-    from runner.config.schema import load_experiment
-    from runner.errors import RunnerError
-    from runner.execution.workers import load_saes
-    from runner.plan.prepare import prepare_sweep
-
-    with tempfile.TemporaryDirectory(prefix="runner-bench-") as scratch:
-        summary_path = Path(scratch) / "summary.json"
-        command = [sys.executable, "-m", "runner.cli", "run", str(Path(experiment).resolve()), "--set",
-                   "tracking.uri=sqlite:///mlflow.db", "--cache-dir", str(cache_dir), "--summary-json",
-                   str(summary_path)]
-        env = {**os.environ, **({} if compilation_cache else {"RUNNER_COMPILATION_CACHE": "0"})}
-        started = time.perf_counter()
-        finished = subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True)
-        command_seconds = time.perf_counter() - started
-        if finished.returncode != 0:
-            tail = " | ".join((finished.stdout + finished.stderr).strip().splitlines()[-3:])
-            raise RunnerError(f"runner run {experiment} failed ({finished.returncode}): {tail}")
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-
-    config = load_experiment(Path(experiment))
-    sweep_plan = prepare_sweep(config, cache_dir)
-    loaded = load_model(config.model, cache_dir=cache_dir)
-    saes = {sae.layer: sae.sae for sae in load_saes(loaded, config, sweep_plan.sae_files.values(), cache_dir).values()}
-    new_tokens = config.sampling.max_new_tokens
-    points = [
-        BenchPoint(tuple(tokenizer_lib.encode_prompt(loaded.tokenizer, p.prompt)), p.layer, p.feature, p.scale, p.seed)
-        for p in sweep_plan.points
-    ]
-    first_of_combination = {}
-    for point in points:
-        first_of_combination.setdefault((point.tokens, point.layer), point)
-    started = time.perf_counter()
-    for point in first_of_combination.values():
-        tutorial_generate(loaded, saes, point, new_tokens, config.sampling.temperature)
-    cold_seconds = time.perf_counter() - started
-    sample = points[:: max(1, len(points) // tutorial_points)][:tutorial_points]
-    started = time.perf_counter()
-    for point in sample:
-        tutorial_generate(loaded, saes, point, new_tokens, config.sampling.temperature)
-    warm_per_point = (time.perf_counter() - started) / len(sample)
-    tutorial_seconds = cold_seconds + (len(points) - len(first_of_combination)) * warm_per_point
-    tutorial_warm_seconds = len(points) * warm_per_point
-    return {
-        "experiment": str(experiment),
-        "points": len(points),
-        "new_tokens_per_point": new_tokens,
-        "compilation_cache": compilation_cache,
-        "runner_command_s": round(command_seconds, 1),
-        "runner_sweep_s": round(summary["seconds"], 1),
-        "runner_generated_tokens": summary["generated_tokens"],
-        "runner_points_finished": summary["points_finished"],
-        "mlflow_logging_s": round(summary["tracking_seconds"], 1),
-        "mlflow_not_overlapped_s": round(summary["tracking_wait_seconds"], 1),
-        "mlflow_not_overlapped_share_of_sweep": round(summary["tracking_wait_seconds"] / summary["seconds"], 3),
-        "tutorial_combinations": len(first_of_combination),
-        "tutorial_cold_s": round(cold_seconds, 1),
-        "tutorial_warm_s_per_point": round(warm_per_point, 3),
-        "tutorial_s": round(tutorial_seconds, 1),
-        "tutorial_warm_s": round(tutorial_warm_seconds, 1),
-        "speedup": round(tutorial_seconds / command_seconds, 1),
-        "speedup_vs_warm_tutorial": round(tutorial_warm_seconds / command_seconds, 1),
-    }
