@@ -14,7 +14,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import sqlite3
 import tempfile
 import time
@@ -32,6 +31,7 @@ from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_B
 from runner.config.schema import ExperimentConfig
 from runner.errors import RunnerError, TrackingUnavailable, first_line
 from runner.plan.points import Point, SAEEvalPoint
+from runner.redaction import scrub
 from runner.results import PointResult, Result
 from runner.tracking import plots
 
@@ -560,20 +560,6 @@ def sweep_status(uri: str, experiment_name: str, sweep_id: str) -> dict[str, Any
         children=counts,
     )
     return summary
-
-
-_SECRET_PATTERNS = (
-    (re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s@]+@"), r"\1***@"),
-    (re.compile(r"\b(hf|ghp|gho|github_pat|sk|xox[abp])_[A-Za-z0-9_-]{8,}"), r"\1_***"),
-    (re.compile(r"(?i)\b(password|passwd|token|secret|api[_-]?key|authorization)(\s*[=:]\s*)\S+"), r"\1\2***"),
-)
-
-
-def scrub(text: str) -> str:
-    """Removes URL credentials, API tokens and `password=...`-style values from free text before it is logged."""
-    for pattern, replacement in _SECRET_PATTERNS:
-        text = pattern.sub(replacement, text)
-    return text
 
 
 def _search_all(client: MlflowClient, experiment_id: str | None, query: str) -> list[Run]:

@@ -25,8 +25,9 @@ import numpy as np
 from runner.errors import TrackingUnavailable, first_line
 from runner.files import write_text_atomically
 from runner.plan.points import Point
+from runner.redaction import scrub
 from runner.results import PointResult, Result, SAEEvalPointResult
-from runner.tracking.store import SweepTracker, is_transient, scrub
+from runner.tracking.store import SweepTracker, is_transient
 
 _log = logging.getLogger(__name__)
 
