@@ -10,16 +10,8 @@ from mlflow.exceptions import MlflowException
 from runner.config.schema import ExperimentConfig
 from runner.plan.points import expand_points, sweep_id
 from runner.results import PointResult
-from runner.tracking.store import SweepTracker, sweep_status
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One sqlite database per module (its first initialisation costs ~2 s); artifacts under the same folder."""
-    root = tmp_path_factory.mktemp("mlflow")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)  # MLflow puts artifacts of new experiments in ./mlruns
-        yield f"sqlite:///{root / 'mlflow.db'}"
+from runner.tracking.search import sweep_status
+from runner.tracking.store import SweepTracker
 
 
 @pytest.fixture
@@ -175,14 +167,6 @@ def test_a_failed_point_is_retried_in_the_same_run_and_never_finishes_twice(swee
     assert status_of(config, sid) == {
         "experiment_id": run.info.experiment_id, "sweep_id": sid, "parent_run_id": parent_id,
         "parent_status": "FAILED", "num_points": 4, "children": {"FINISHED": 1},
-    }
-
-
-def test_sweep_status_of_an_unknown_sweep_has_no_parent(sweep):
-    config, sid, points, tracker = sweep
-    assert status_of(config, sid) == {
-        "experiment_id": None, "sweep_id": sid, "parent_run_id": None, "parent_status": None, "num_points": None,
-        "children": {},
     }
 
 
