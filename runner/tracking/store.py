@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -497,21 +496,3 @@ def _safe(function: Callable[[], _T], default: _T) -> _T:
         return function()
     except Exception:  # noqa: BLE001
         return default
-
-
-def is_transient(error: BaseException) -> bool:
-    """Whether a tracking call that raised `error` may succeed when tried again: the server or database was
-    unreachable, overloaded or busy (HTTP 5xx or 429, a refused or broken connection, a locked sqlite file), as
-    opposed to a request the store refused (HTTP 4xx), which fails the same way every time."""
-    if isinstance(error, MlflowException):
-        return error.get_http_status_code() >= 500 or error.get_http_status_code() == 429
-    return isinstance(error, (OSError, ConnectionError, TimeoutError, sqlite3.OperationalError)) or any(
-        type(cause).__module__.split(".")[0] in ("requests", "urllib3", "sqlalchemy")
-        for cause in _causes(error)
-    )
-
-
-def _causes(error: BaseException) -> Iterator[BaseException]:
-    while error is not None:
-        yield error
-        error = error.__cause__ or error.__context__
