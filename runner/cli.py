@@ -148,7 +148,7 @@ def run(
         check_write_locations(config, Path.cwd(), file)
         sweep_plan = prepare_sweep(config, _cache_dir(cache_dir))
         if resume:
-            from runner.tracking.store import sweep_status  # MLflow: otherwise imported while Ray starts
+            from runner.tracking.search import sweep_status  # MLflow: otherwise imported while Ray starts
 
             status = sweep_status(config.tracking.uri, config.tracking.experiment, sweep_plan.sweep_id)
             if status.get("parent_status") is None:
@@ -222,7 +222,7 @@ def runs(file: ExperimentFile, set_: Overrides = None) -> None:
 
     from runner.config.schema import load_experiment
     from runner.plan import points as plan
-    from runner.tracking.store import sweep_status
+    from runner.tracking.search import sweep_status
 
     try:
         config = load_experiment(file, set_ or [])

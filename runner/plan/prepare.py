@@ -32,8 +32,8 @@ from runner.sae_eval import text_sets
 from runner.sae_eval.text_sets import EvalTokens
 
 if TYPE_CHECKING:
+    from runner.tracking.spool import Spool
     from runner.tracking.store import SweepTracker
-    from runner.tracking.writer import Spool
 
 #: Largest batch chosen automatically when `sampling.batch_size` is `auto`.
 MAX_AUTO_BATCH = 64
@@ -492,8 +492,8 @@ def run_sweep(
         """Connects to the tracking store, opens the sweep, finds its finished points and logs what an earlier run
         left in the spool."""
         nonlocal tracker, spool
+        from runner.tracking.spool import Spool
         from runner.tracking.store import SweepTracker
-        from runner.tracking.writer import Spool
 
         opened = time.perf_counter()
         spool = Spool(spool_path(output_dir if output_dir is not None else Path.cwd(), sweep_plan.sweep_id))

@@ -17,7 +17,8 @@ from mlflow.entities import Run
 from runner.config.schema import ExperimentConfig
 from runner.errors import RunnerError
 from runner.plan import points as plan
-from runner.tracking.store import TABLE_ARTIFACT, TAG_PARENT, TAG_POINT_KEY, TAG_WORKER, sweep_status
+from runner.tracking.layout import TABLE_ARTIFACT, TAG_PARENT, TAG_POINT_KEY, TAG_WORKER
+from runner.tracking.search import search_all, sweep_status
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -52,8 +53,8 @@ def finished_points_frame(config: ExperimentConfig) -> pd.DataFrame:
     if status["parent_run_id"] is None:
         raise RunnerError(f"sweep {sweep_id} of {config.name!r} has no runs in {uri}; run it first")
     client = MlflowClient(tracking_uri=uri)
-    runs = _search_all(client, status["experiment_id"],
-                       f"tags.`{TAG_PARENT}` = '{status['parent_run_id']}' AND attributes.status = 'FINISHED'")
+    runs = search_all(client, status["experiment_id"],
+                      f"tags.`{TAG_PARENT}` = '{status['parent_run_id']}' AND attributes.status = 'FINISHED'")
     texts = _texts_from_sweep_table(client, status["parent_run_id"]) if config.kind == "steering" else {}
     with tempfile.TemporaryDirectory(prefix="runner-export-") as tmp:
         rows = [_row(client, run, config, texts, Path(tmp)) for run in runs if TAG_POINT_KEY in run.data.tags]
@@ -79,7 +80,7 @@ def default_export_path(config: ExperimentConfig, file_format: ExportFormat) -> 
     return Path(f"{config.name}-{plan.sweep_id(config)[:8]}.{file_format}")
 
 
-def parse_param(value: str) -> Any:
+def parse_param(value: str) -> int | float | str | None:
     """An MLflow param string back to its value: "None" -> None, then int, then float, else the string."""
     if value == "None":
         return None
@@ -91,7 +92,7 @@ def parse_param(value: str) -> Any:
     return value
 
 
-def _row(client: MlflowClient, run: Run, config: ExperimentConfig, texts: dict[str, str], tmp: Path) -> dict:
+def _row(client: MlflowClient, run: Run, config: ExperimentConfig, texts: dict[str, str], tmp: Path) -> dict[str, Any]:
     key = run.data.tags[TAG_POINT_KEY]
     names = _PARAM_ORDER[config.kind]
     params = {name: parse_param(run.data.params[name]) for name in names if name in run.data.params}
@@ -129,13 +130,3 @@ def _texts_from_sweep_table(client: MlflowClient, parent_run_id: str) -> dict[st
         return {}
     return dict(zip(table["point_key"], table["text"], strict=True))
 
-
-def _search_all(client: MlflowClient, experiment_id: str, query: str) -> list[Run]:
-    runs: list[Run] = []
-    token = None
-    while True:
-        page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs

@@ -1,4 +1,4 @@
-"""MLflow tracking of a sweep: one parent run per sweep, one child run per steering point.
+"""MLflow tracking of a sweep: one parent run per sweep, one child run per point.
 
 The parent carries tag `sweep_id`; children carry `mlflow.parentRunId` and `point_key`. A rerun of the same config
 reuses the parent, skips points that already have a FINISHED child and reuses the run of a point that failed, so
@@ -13,9 +13,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
-import re
-import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -31,32 +28,33 @@ from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_B
 
 from runner.config.schema import ExperimentConfig
 from runner.errors import RunnerError, TrackingUnavailable, first_line
-from runner.plan.points import Point, SAEEvalPoint
+from runner.plan.points import Point, SAEEvalPoint, SteeringPoint
+from runner.redaction import scrub
 from runner.results import PointResult, Result
 from runner.tracking import plots
+from runner.tracking.layout import (
+    CONFIG_ARTIFACT,
+    PLOTS_DIR,
+    SAE_TABLE_ARTIFACT,
+    TABLE_ARTIFACT,
+    TAG_ATTEMPT,
+    TAG_ERROR,
+    TAG_EXPERIMENT_KIND,
+    TAG_LOGGED_ARTIFACTS,
+    TAG_NEURONPEDIA,
+    TAG_PARENT,
+    TAG_POINT_KEY,
+    TAG_ROLE,
+    TAG_SWEEP_ID,
+    TAG_WORKER,
+)
+from runner.tracking.search import find_sweep_parent, search_all
+from runner.tracking.sqlite import checkpoint_sqlite_tracking, tune_sqlite_tracking
 
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 SweepStatus = Literal["FINISHED", "FAILED", "KILLED"]
-
-TAG_PARENT = "mlflow.parentRunId"
-TAG_SWEEP_ID = "sweep_id"
-TAG_POINT_KEY = "point_key"
-TAG_ROLE = "runner.role"
-TAG_WORKER = "runner.worker"
-TAG_ATTEMPT = "runner.attempt"
-TAG_ERROR = "runner.error"
-TAG_NEURONPEDIA = "neuronpedia_url"
-TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
-_TAG_LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"
-
-CONFIG_ARTIFACT = "config/experiment.yaml"
-#: The parent run's table of a steering sweep (one row per point) and of an SAE evaluation sweep (one per SAE).
-TABLE_ARTIFACT = "generations.json"
-SAE_TABLE_ARTIFACT = "sae_metrics.json"
-PLOTS_DIR = "plots"
-_PAGE = 1000
 
 
 @dataclasses.dataclass
@@ -68,66 +66,6 @@ class _Child:
     params: frozenset[str]
     has_error_tag: bool
     artifact_uri: str
-
-
-#: Set to 0 to leave a sqlite tracking database in its default rollback-journal mode (e.g. on a network filesystem,
-#: where SQLite's write-ahead log does not work).
-SQLITE_WAL_ENV = "RUNNER_SQLITE_WAL"
-_tuned_sqlite_files: set[str] = set()
-
-
-def tune_sqlite_tracking(uri: str) -> None:
-    """Makes this process's connections to a `sqlite:///` tracking database use SQLite's write-ahead log with
-    `synchronous=NORMAL`.
-
-    MLflow commits every call (several per child run); in the default journal mode each commit syncs the file
-    twice, which made logging a point ~4x slower here. WAL is SQLite's own answer: a crash of this process loses
-    nothing, a power failure at most the last commits, and readers (the MLflow UI) never block the sweep. The mode
-    is stored in the database file. Does nothing for other URIs or with `RUNNER_SQLITE_WAL=0`.
-    """
-    path = _sqlite_file(uri)
-    if path is None or os.environ.get(SQLITE_WAL_ENV, "1") == "0":
-        return
-    if not _tuned_sqlite_files:
-        from sqlalchemy import event
-        from sqlalchemy.engine import Engine
-
-        event.listen(Engine, "connect", _set_sqlite_pragmas)
-    _tuned_sqlite_files.add(path)
-
-
-def checkpoint_sqlite_tracking(uri: str) -> None:
-    """Moves what the write-ahead log of a tuned `sqlite:///` tracking database holds into the database file and
-    empties the log, so that the `.db` file alone has every run (e.g. when it is copied). Never raises: the data is
-    safe in the log either way."""
-    path = _sqlite_file(uri)
-    if path not in _tuned_sqlite_files:
-        return
-    try:
-        with contextlib.closing(sqlite3.connect(path, timeout=10.0)) as connection:
-            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    except sqlite3.Error as error:
-        _log.warning("could not fold the write-ahead log into %s: %s", path, error)
-
-
-def _sqlite_file(uri: str) -> str | None:
-    """The real path of a `sqlite:///` tracking database, else None."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return os.path.realpath(uri.removeprefix("sqlite:///").split("?", 1)[0])
-
-
-def _set_sqlite_pragmas(connection: Any, _record: Any) -> None:
-    if not isinstance(connection, sqlite3.Connection):
-        return
-    cursor = connection.cursor()
-    try:
-        files = {os.path.realpath(row[2]) for row in cursor.execute("PRAGMA database_list") if row[2]}
-        if files & _tuned_sqlite_files:
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-    finally:
-        cursor.close()
 
 
 class SweepTracker:
@@ -171,10 +109,6 @@ class SweepTracker:
         """The parent run id while a sweep is open."""
         return self._parent_run_id
 
-    def runs_page(self) -> str:
-        """The UI fragment of the experiment's runs table (append to the server URL)."""
-        return f"#/experiments/{self._experiment_id}/runs"
-
     # -- sweep lifecycle ----------------------------------------------------------------------------------------
 
     def open_sweep(self, config: ExperimentConfig, sweep_id: str, num_points: int) -> str:
@@ -184,7 +118,7 @@ class SweepTracker:
         RUNNING. Returns the parent run id.
         """
         self._experiment_id = self._ensure_experiment()
-        parent = self._find_parent(sweep_id)
+        parent = find_sweep_parent(self._client, self._experiment_id, sweep_id)
         if parent is None:
             run = self._client.create_run(
                 self._experiment_id,
@@ -337,7 +271,8 @@ class SweepTracker:
             child.status = _status_for(error)
             raise
         child.status = "FINISHED"
-        self._rows[key] = table_row(key, point.params(), result.metrics, getattr(result, "text", None))
+        self._rows[key] = table_row(key, point.params(), result.metrics,
+                                   result.text if isinstance(result, PointResult) else None)
         return child.run_id
 
     def fail_point(self, point: Point, error: str, attempt: int) -> str:
@@ -385,20 +320,11 @@ class SweepTracker:
             )
         return experiment.experiment_id
 
-    def _find_parent(self, sweep_id: str) -> Run | None:
-        runs = self._client.search_runs(
-            [self._experiment_id],
-            f"tags.{TAG_SWEEP_ID} = '{sweep_id}' AND tags.`{TAG_ROLE}` = 'sweep'",
-            max_results=1,
-            order_by=["attributes.start_time DESC"],
-        )
-        return runs[0] if runs else None
-
     def _search_children(self, extra_filter: str = "") -> list[Run]:
         query = f"tags.{TAG_PARENT} = '{self._parent_run_id}'"
         if extra_filter:
             query += f" AND {extra_filter}"
-        return _search_all(self._client, self._experiment_id, query)
+        return search_all(self._client, self._experiment_id, query)
 
     def _start_child(
         self,
@@ -415,7 +341,7 @@ class SweepTracker:
                 **{k: _truncate(v) for k, v in (extra_tags or {}).items()}}
         if worker is not None:
             tags[TAG_WORKER] = worker
-        if getattr(point, "neuronpedia_url", None) is not None:
+        if isinstance(point, SteeringPoint) and point.neuronpedia_url is not None:
             tags[TAG_NEURONPEDIA] = point.neuronpedia_url
         child = self._children.get(point.point_key)
         if child is None:
@@ -501,10 +427,10 @@ class SweepTracker:
                 written = plots.write_sae_eval_plots(frame, plot_dir)
             if written:
                 self._client.log_artifacts(parent, str(plot_dir), PLOTS_DIR)
-        logged = json.loads(self._client.get_run(parent).data.tags.get(_TAG_LOGGED_ARTIFACTS, "[]"))
+        logged = json.loads(self._client.get_run(parent).data.tags.get(TAG_LOGGED_ARTIFACTS, "[]"))
         entry = {"path": table_name, "type": "table"}
         if entry not in logged:
-            self._client.set_tag(parent, _TAG_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
+            self._client.set_tag(parent, TAG_LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
 
 
 def write_point_artifacts(point: Point, result: Result, directory: Path) -> None:
@@ -524,67 +450,6 @@ def write_point_artifacts(point: Point, result: Result, directory: Path) -> None
     table = {"columns": columns, "data": [[row[c] for c in columns] for row in result.top_feature_rows]}
     (directory / "top_features.json").write_text(json.dumps(table), encoding="utf-8")
     (directory / "l0_histogram.json").write_text(json.dumps(result.l0_histogram.tolist()), encoding="utf-8")
-
-
-def sweep_status(uri: str, experiment_name: str, sweep_id: str) -> dict[str, Any]:
-    """Summarises a sweep for `runner runs` and `--resume` checks.
-
-    Returns `experiment_id`, `sweep_id`, `parent_run_id`, `parent_status` (e.g. "RUNNING", "FINISHED"),
-    `num_points` and `children` (child run counts by status). Without such an experiment or sweep, the ids,
-    `parent_status` and `num_points` are None and `children` is empty.
-    """
-    client = MlflowClient(tracking_uri=uri)
-    summary: dict[str, Any] = {"experiment_id": None, "sweep_id": sweep_id, "parent_run_id": None,
-                               "parent_status": None, "num_points": None, "children": {}}
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        return summary
-    summary["experiment_id"] = experiment.experiment_id
-    parents = client.search_runs(
-        [experiment.experiment_id],
-        f"tags.{TAG_SWEEP_ID} = '{sweep_id}' AND tags.`{TAG_ROLE}` = 'sweep'",
-        max_results=1,
-        order_by=["attributes.start_time DESC"],
-    )
-    if not parents:
-        return summary
-    parent = parents[0]
-    counts: dict[str, int] = {}
-    for run in _search_all(client, experiment.experiment_id, f"tags.{TAG_PARENT} = '{parent.info.run_id}'"):
-        counts[run.info.status] = counts.get(run.info.status, 0) + 1
-    num_points = parent.data.params.get("num_points")
-    summary.update(
-        parent_run_id=parent.info.run_id,
-        parent_status=parent.info.status,
-        num_points=int(num_points) if num_points is not None else None,
-        children=counts,
-    )
-    return summary
-
-
-_SECRET_PATTERNS = (
-    (re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s@]+@"), r"\1***@"),
-    (re.compile(r"\b(hf|ghp|gho|github_pat|sk|xox[abp])_[A-Za-z0-9_-]{8,}"), r"\1_***"),
-    (re.compile(r"(?i)\b(password|passwd|token|secret|api[_-]?key|authorization)(\s*[=:]\s*)\S+"), r"\1\2***"),
-)
-
-
-def scrub(text: str) -> str:
-    """Removes URL credentials, API tokens and `password=...`-style values from free text before it is logged."""
-    for pattern, replacement in _SECRET_PATTERNS:
-        text = pattern.sub(replacement, text)
-    return text
-
-
-def _search_all(client: MlflowClient, experiment_id: str | None, query: str) -> list[Run]:
-    runs: list[Run] = []
-    token = None
-    while True:
-        page = client.search_runs([experiment_id], query, max_results=_PAGE, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 def _child_of(run: Run) -> _Child:
@@ -631,21 +496,3 @@ def _safe(function: Callable[[], _T], default: _T) -> _T:
         return function()
     except Exception:  # noqa: BLE001
         return default
-
-
-def is_transient(error: BaseException) -> bool:
-    """Whether a tracking call that raised `error` may succeed when tried again: the server or database was
-    unreachable, overloaded or busy (HTTP 5xx or 429, a refused or broken connection, a locked sqlite file), as
-    opposed to a request the store refused (HTTP 4xx), which fails the same way every time."""
-    if isinstance(error, MlflowException):
-        return error.get_http_status_code() >= 500 or error.get_http_status_code() == 429
-    return isinstance(error, (OSError, ConnectionError, TimeoutError, sqlite3.OperationalError)) or any(
-        type(cause).__module__.split(".")[0] in ("requests", "urllib3", "sqlalchemy")
-        for cause in _causes(error)
-    )
-
-
-def _causes(error: BaseException) -> Iterator[BaseException]:
-    while error is not None:
-        yield error
-        error = error.__cause__ or error.__context__

@@ -11,22 +11,22 @@ result is lost or computed twice.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import queue
+import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
 
-import numpy as np
+import tenacity
+from mlflow.exceptions import MlflowException
 
 from runner.errors import TrackingUnavailable, first_line
-from runner.files import write_text_atomically
 from runner.plan.points import Point
-from runner.results import PointResult, Result, SAEEvalPointResult
-from runner.tracking.store import SweepTracker, is_transient, scrub
+from runner.redaction import scrub
+from runner.results import Result
+from runner.tracking.spool import Spool
+from runner.tracking.store import SweepTracker
 
 _log = logging.getLogger(__name__)
 
@@ -49,51 +49,6 @@ class RetryPolicy:
     give_up_after_s: float = 600.0
 
 
-class Spool:
-    """Finished results that could not be logged yet, one JSON object per line, for one sweep."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def read(self) -> list[Result]:
-        """The spooled results (none when there is no spool file)."""
-        if not self.path.is_file():
-            return []
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        return [result_from_record(json.loads(line)) for line in lines if line.strip()]
-
-    def write(self, results: Sequence[Result]) -> None:
-        """Replaces the spool with `results` (atomically; an empty list removes the file)."""
-        if not results:
-            self.clear()
-            return
-        write_text_atomically(self.path, "".join(json.dumps(result_record(result)) + "\n" for result in results))
-
-    def clear(self) -> None:
-        """Removes the spool file."""
-        self.path.unlink(missing_ok=True)
-
-
-def result_record(result: Result) -> dict[str, Any]:
-    """A result as JSON-safe data (arrays as lists)."""
-    fields = {
-        field.name: (value.tolist() if isinstance(value, np.ndarray) else value)
-        for field in dataclasses.fields(result)
-        for value in [getattr(result, field.name)]
-    }
-    kind = "steering" if isinstance(result, PointResult) else "sae_eval"
-    return {"kind": kind, **json.loads(json.dumps(fields))}
-
-
-def result_from_record(record: dict[str, Any]) -> Result:
-    """The inverse of `result_record`."""
-    fields = {key: value for key, value in record.items() if key != "kind"}
-    if record["kind"] == "steering":
-        return PointResult(**fields)
-    fields["top_feature_rows"] = tuple(fields.get("top_feature_rows", ()))
-    return SAEEvalPointResult(**fields)
-
-
 @dataclasses.dataclass(frozen=True)
 class _Logged:
     points: tuple[Point, ...]
@@ -107,13 +62,34 @@ class _Failed:
     attempt: int
 
 
-_STOP = object()
+_Item = _Logged | _Failed
+
+
+class _Abandoned(Exception):
+    """Raised out of a pause between two tries when the writer is abandoned."""
+
+
+class _GiveUpAfter(tenacity.stop.stop_base):
+    """Stops retrying `seconds` after the first failure; tenacity's `stop_after_delay` would count from the start
+    of the first try, which may have logged several points before it failed."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.first_failure = 0.0
+        self.unreachable_for = 0.0
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        """Whether to stop after the try that just failed."""
+        if retry_state.attempt_number == 1:
+            self.first_failure = retry_state.outcome_timestamp
+        self.unreachable_for = retry_state.outcome_timestamp - self.first_failure
+        return self.unreachable_for >= self.seconds
 
 
 class TrackingWriter:
     """Logs results and failures on a thread of its own (see the module docstring). Only transient failures
-    (`tracking.is_transient`) are retried; a store that refuses a result stops the sweep at once, the result
-    kept in the spool.
+    (`is_transient`) are retried; a store that refuses a result stops the sweep at once, the result kept in the
+    spool.
 
     Args:
       tracker: The open sweep's tracker; only this thread calls it until `close` returns.
@@ -122,12 +98,12 @@ class TrackingWriter:
       on_logged: Called after each logged item (results: finished count and tokens; failures: failed count).
     """
 
-    def __init__(self, tracker: SweepTracker, spool: Spool, policy: RetryPolicy, on_logged: LoggedCallback):
+    def __init__(self, tracker: SweepTracker, spool: Spool, policy: RetryPolicy, on_logged: LoggedCallback) -> None:
         self._tracker = tracker
         self._spool = spool
         self._policy = policy
         self._on_logged = on_logged
-        self._queue: queue.Queue[Any] = queue.Queue()
+        self._queue: queue.Queue[_Item | None] = queue.Queue()  # None: stop
         self._abandon = threading.Event()
         self._gave_up: str | None = None
         self._unlogged: list[Result] = []
@@ -159,7 +135,7 @@ class TrackingWriter:
         """
         if abandon:
             self._abandon.set()
-        self._queue.put(_STOP)
+        self._queue.put(None)
         self._thread.join()
         if self._unlogged:
             self._spool.write(self._unlogged)
@@ -173,7 +149,7 @@ class TrackingWriter:
     # -- the thread ------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while (item := self._queue.get()) is not _STOP:
+        while (item := self._queue.get()) is not None:
             if self._gave_up is not None:
                 self._keep(item)
             elif self._abandon.is_set():
@@ -182,11 +158,11 @@ class TrackingWriter:
             else:
                 self._log_with_retries(item)
 
-    def _keep(self, item: Any) -> None:
+    def _keep(self, item: _Item) -> None:
         if isinstance(item, _Logged):
             self._unlogged.extend(item.results)
 
-    def _try_once(self, item: Any) -> bool:
+    def _try_once(self, item: _Item) -> bool:
         try:
             self._log(item)
         except Exception as error:  # noqa: BLE001 - kept for the next run
@@ -194,34 +170,41 @@ class TrackingWriter:
             return False
         return True
 
-    def _log_with_retries(self, item: Any) -> None:
-        first_failure: float | None = None
-        delay = self._policy.first_delay_s
-        while True:
-            try:
-                self._log(item)
-                return
-            except Exception as error:  # noqa: BLE001 - the tracking store's failures are sorted below
-                now = time.monotonic()
-                first_failure = now if first_failure is None else first_failure
-                if not is_transient(error):
-                    self._gave_up = f"tracking.uri: {self._tracker.uri} refused a result: {_one_line(error)}"
-                    self._keep(item)
-                    return
-                if now - first_failure >= self._policy.give_up_after_s or self._abandon.is_set():
-                    self._gave_up = (
-                        f"tracking.uri: {self._tracker.uri} unreachable for {now - first_failure:.0f} s "
-                        f"(tracking.retry_timeout_s={self._policy.give_up_after_s:g}); last error: {_one_line(error)}"
-                    )
-                    self._keep(item)
-                    return
-                _log.warning("tracking server unreachable (%s); retrying in %.0f s", _one_line(error), delay)
-                if self._abandon.wait(delay):
-                    self._keep(item)
-                    return
-                delay = min(2 * delay, self._policy.max_delay_s)
+    def _log_with_retries(self, item: _Item) -> None:
+        """Logs `item`, retrying transient failures as the policy says; an item given up on is kept."""
+        give_up = _GiveUpAfter(self._policy.give_up_after_s)
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(is_transient),
+            stop=give_up | tenacity.stop_when_event_set(self._abandon),
+            # The first pause is `first_delay_s` even where `max_delay_s` is shorter (a short retry_timeout_s).
+            wait=tenacity.wait_chain(
+                tenacity.wait_fixed(self._policy.first_delay_s),
+                tenacity.wait_exponential(multiplier=self._policy.first_delay_s, max=self._policy.max_delay_s),
+            ),
+            before_sleep=_warn_retrying,
+            sleep=self._pause,
+            reraise=True,
+        )
+        try:
+            retrying(self._log, item)
+        except _Abandoned:
+            self._keep(item)
+        except Exception as error:  # noqa: BLE001 - refused at once, or still unreachable when retrying stopped
+            self._keep(item)
+            if not is_transient(error):
+                self._gave_up = f"tracking.uri: {self._tracker.uri} refused a result: {_one_line(error)}"
+            else:
+                self._gave_up = (
+                    f"tracking.uri: {self._tracker.uri} unreachable for {give_up.unreachable_for:.0f} s "
+                    f"(tracking.retry_timeout_s={self._policy.give_up_after_s:g}); last error: {_one_line(error)}"
+                )
 
-    def _log(self, item: Any) -> None:
+    def _pause(self, seconds: float) -> None:
+        """The pause between two tries, cut short (raising `_Abandoned`) when the writer is abandoned."""
+        if self._abandon.wait(seconds):
+            raise _Abandoned
+
+    def _log(self, item: _Item) -> None:
         started = time.perf_counter()
         try:
             if isinstance(item, _Logged):
@@ -234,6 +217,29 @@ class TrackingWriter:
                 self._on_logged(0, len(item.points), 0)
         finally:
             self.busy_seconds += time.perf_counter() - started
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a tracking call that raised `error` may succeed when tried again: the server or database was
+    unreachable, overloaded or busy (HTTP 5xx or 429, a refused or broken connection, a locked sqlite file), as
+    opposed to a request the store refused (HTTP 4xx), which fails the same way every time."""
+    if isinstance(error, MlflowException):
+        return error.get_http_status_code() >= 500 or error.get_http_status_code() == 429
+    return isinstance(error, (OSError, ConnectionError, TimeoutError, sqlite3.OperationalError)) or any(
+        type(cause).__module__.split(".")[0] in ("requests", "urllib3", "sqlalchemy")
+        for cause in _causes(error)
+    )
+
+
+def _causes(error: BaseException | None) -> Iterator[BaseException]:
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _warn_retrying(retry_state: tenacity.RetryCallState) -> None:
+    error = retry_state.outcome.exception()
+    _log.warning("tracking server unreachable (%s); retrying in %.0f s", _one_line(error), retry_state.upcoming_sleep)
 
 
 def _one_line(error: BaseException) -> str:

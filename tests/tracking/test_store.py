@@ -10,16 +10,8 @@ from mlflow.exceptions import MlflowException
 from runner.config.schema import ExperimentConfig
 from runner.plan.points import expand_points, sweep_id
 from runner.results import PointResult
-from runner.tracking.store import SweepTracker, scrub, sweep_status
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One sqlite database per module (its first initialisation costs ~2 s); artifacts under the same folder."""
-    root = tmp_path_factory.mktemp("mlflow")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)  # MLflow puts artifacts of new experiments in ./mlruns
-        yield f"sqlite:///{root / 'mlflow.db'}"
+from runner.tracking.search import sweep_status
+from runner.tracking.store import SweepTracker
 
 
 @pytest.fixture
@@ -178,14 +170,6 @@ def test_a_failed_point_is_retried_in_the_same_run_and_never_finishes_twice(swee
     }
 
 
-def test_sweep_status_of_an_unknown_sweep_has_no_parent(sweep):
-    config, sid, points, tracker = sweep
-    assert status_of(config, sid) == {
-        "experiment_id": None, "sweep_id": sid, "parent_run_id": None, "parent_status": None, "num_points": None,
-        "children": {},
-    }
-
-
 def test_an_exception_in_the_sweep_fails_the_parent_and_leaves_nothing_running(sweep):
     config, sid, points, tracker = sweep
     client = MlflowClient(config.tracking.uri)
@@ -202,11 +186,6 @@ def test_an_exception_in_the_sweep_fails_the_parent_and_leaves_nothing_running(s
     statuses = sorted(run.info.status for run in children(client, parent_id))
     assert statuses == ["FAILED", "FAILED", "FINISHED"]
     assert parent.data.metrics["points_failed"] == 2.0
-
-
-def test_scrub_removes_credentials_from_error_texts():
-    text = "fetch https://bob:pw@hf.co failed; token=abc123 hf_abcdefghijklmnopqrstuv"
-    assert scrub(text) == "fetch https://***@hf.co failed; token=*** hf_***"
 
 
 def test_a_closed_sweep_is_whole_in_the_database_file_alone(sweep, tmp_path):
