@@ -27,7 +27,7 @@ from penzai import pz
 from penzai.models.transformer import sampling_mode, simple_decoding_loop
 from penzai.toolshed import jit_wrapper
 
-from runner.config.schema import ModelConfig
+from runner.config.schema import LocalModelConfig
 from runner.execution.workers import count_compilations
 from runner.model import synthetic
 from runner.model import tokenizer as tokenizer_lib
@@ -153,7 +153,7 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Runs both samplers and returns the figures that `runner bench` prints as one JSON line."""
     model_dir = synthetic.write_synthetic_model(cache_dir / "synthetic" / f"{preset}-seed0", preset, 0)
-    loaded = load_model(ModelConfig(source="local", path=model_dir), cache_dir=cache_dir)
+    loaded = load_model(LocalModelConfig(path=model_dir), cache_dir=cache_dir)
     arch = loaded.architecture
     width = 4 * arch.embedding_dim
     sae_paths = write_synthetic_saes(
@@ -260,7 +260,7 @@ def run_end_to_end(
     import sys
     import tempfile
 
-    from runner.config.schema import load_experiment
+    from runner.config.loading import load_experiment
     from runner.errors import RunnerError
     from runner.execution.workers import load_saes
     from runner.plan.prepare import prepare_sweep

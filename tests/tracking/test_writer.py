@@ -11,7 +11,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from runner.config.schema import load_experiment
+from runner.config.loading import load_experiment
 from runner.errors import TrackingUnavailable
 from runner.plan.prepare import LocalExecutor, prepare_sweep, run_sweep, spool_path
 from runner.tracking.writer import Spool
