@@ -29,6 +29,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH, MAX_TAG_VAL_LENGTH
 
+from runner.config.locations import sqlite_file
 from runner.config.schema import ExperimentConfig
 from runner.errors import RunnerError, TrackingUnavailable, first_line
 from runner.plan.points import Point, SAEEvalPoint
@@ -112,9 +113,8 @@ def checkpoint_sqlite_tracking(uri: str) -> None:
 
 def _sqlite_file(uri: str) -> str | None:
     """The real path of a `sqlite:///` tracking database, else None."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return os.path.realpath(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    database = sqlite_file(uri)
+    return os.path.realpath(database) if database is not None else None
 
 
 def _set_sqlite_pragmas(connection: Any, _record: Any) -> None:

@@ -3,7 +3,7 @@
 import pytest
 
 from runner.config.loading import load_experiment
-from runner.config.locations import check_write_locations
+from runner.config.locations import check_write_locations, sqlite_file
 from runner.errors import ConfigError
 from tests.config.experiment_files import MINIMAL, write
 
@@ -36,3 +36,17 @@ def test_the_tracking_store_cannot_write_outside_the_output_directory(tmp_path, 
     assert message.startswith(f"{output_dir / 'x.yaml'}: tracking.uri: {uri!r} would write ") and "\n" not in message
     assert f"outside the output directory {str(output_dir.resolve())!r}" in message
 
+
+@pytest.mark.parametrize(
+    ("uri", "database"),
+    [
+        ("sqlite:///mlflow.db", "mlflow.db"),
+        ("sqlite:///runs/sweeps.db?timeout=30", "runs/sweeps.db"),
+        ("sqlite:////data/mlflow.db", "/data/mlflow.db"),
+        ("sqlite://", None),
+        ("http://127.0.0.1:5000", None),
+        ("file:///tmp/mlruns", None),
+    ],
+)
+def test_a_sqlite_uri_names_its_database_file_as_written(uri, database):
+    assert sqlite_file(uri) == database
