@@ -233,6 +233,9 @@ class HuggingFaceSAEConfig(_GemmaScopeFolders):
         if self.width not in gemma_scope.WIDTHS:
             raise invalid(f"{self.width!r} is not a Gemma Scope width (allowed: {', '.join(gemma_scope.WIDTHS)})",
                           "width")
+        widths = gemma_scope.release_widths(self.release)
+        if self.width not in widths:
+            raise invalid(f"{self.width!r} is not a width of {self.release!r} (allowed: {', '.join(widths)})", "width")
         _check_release_site(self.release, self.site)
         return self
 
@@ -551,6 +554,9 @@ class ExperimentConfig(BaseModel):
             if self.sae.site != "res":
                 raise invalid(f"{self.sae.site!r}: steering adds decoder rows to the residual stream (allowed: res)",
                               "sae.site")
+            if isinstance(self.sae, HuggingFaceSAEConfig):
+                _check_gemma_scope_folders(self.sae.release, self.steering.layers, [self.sae.width], [self.sae.l0],
+                                           "steering.layers", "sae.l0")
             return self
         if self.prompts:
             raise invalid("does not apply to sae_eval sweeps (they read sae_eval.text)", "prompts")
@@ -559,10 +565,10 @@ class ExperimentConfig(BaseModel):
         for field in sorted(self.sae.model_fields_set & set(_SAE_GRID_FIELDS)):
             raise invalid(f"is set by the evaluation grid (set {_SAE_GRID_FIELDS[field]} instead)", f"sae.{field}")
         if isinstance(self.sae, HuggingFaceSAEConfig):
-            bad = [width for width in self.sae_eval.widths if width not in gemma_scope.WIDTHS]
-            if bad:
-                raise invalid(f"{bad} are not Gemma Scope widths (allowed: {', '.join(gemma_scope.WIDTHS)})",
-                              "sae_eval.widths")
+            _check_evaluated_widths(self.sae.release, self.sae_eval.widths)
+            if self.sae_eval.layers != "all":
+                _check_gemma_scope_folders(self.sae.release, self.sae_eval.layers, self.sae_eval.widths,
+                                           self.sae_eval.l0s, "sae_eval.layers", "sae_eval.l0s")
         if isinstance(self.sae, SyntheticSAEConfig) and "canonical" in self.sae_eval.l0s:
             raise invalid("'canonical' has no meaning for synthetic SAEs (allowed: target L0s, integers >= 1)",
                           "sae_eval.l0s")
@@ -585,3 +591,30 @@ class ExperimentConfig(BaseModel):
         """Returns the canonical YAML dump, which `load_experiment` reads back to an equal config."""
         return yaml.safe_dump(self.canonical_dict(), sort_keys=False, allow_unicode=True)
 
+
+def _check_evaluated_widths(release: str, widths: list[str]) -> None:
+    unknown = [width for width in widths if width not in gemma_scope.WIDTHS]
+    if unknown:
+        raise invalid(f"{unknown} are not Gemma Scope widths (allowed: {', '.join(gemma_scope.WIDTHS)})",
+                      "sae_eval.widths")
+    missing = [width for width in widths if width not in gemma_scope.release_widths(release)]
+    if missing:
+        allowed = ", ".join(gemma_scope.release_widths(release))
+        raise invalid(f"{missing} are not widths of {release!r} (allowed: {allowed})", "sae_eval.widths")
+
+
+def _check_gemma_scope_folders(
+    release: str, layers: list[int], widths: list[str], l0s: list[int | str], layers_field: str, l0_field: str
+) -> None:
+    """Refuses a grid naming a Gemma Scope SAE the release does not have: a layer without SAEs of a width, or an
+    L0 without a folder (the registry lists every folder, so this needs no download)."""
+    for width in widths:
+        for layer in layers:
+            problem = gemma_scope.layer_problem(release, layer, width)
+            if problem is not None:
+                raise invalid(problem, layers_field)
+        for layer in layers:
+            for l0 in l0s:
+                problem = gemma_scope.l0_problem(release, layer, width, l0)
+                if problem is not None:
+                    raise invalid(problem, l0_field)

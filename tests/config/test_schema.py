@@ -131,9 +131,67 @@ def test_sae_fields_must_fit_the_source(tmp_path, sae, expected):
 def test_huggingface_sae_accepts_release_width_and_l0(tmp_path):
     text = MINIMAL.replace(
         "sae: {source: synthetic}", "sae: {source: huggingface, release: gemma-scope-2b-pt-res, width: 65k, l0: 114}"
-    )
+    ).replace("layers: [1]", "layers: [20]")  # layer 20's 65k SAEs have an average_l0_114 folder
     sae = load_experiment(write(tmp_path, text)).sae
     assert (sae.release, sae.width, sae.l0, sae.site) == ("gemma-scope-2b-pt-res", "65k", 114, "res")
+
+
+HF_STEERING = MINIMAL.replace("sae: {source: synthetic}", "sae: {source: huggingface, release: gemma-scope-2b-pt-res}")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            HF_STEERING.replace("release: gemma-scope-2b-pt-res}", "release: gemma-scope-2b-pt-res, l0: 72}")
+            .replace("layers: [1]", "layers: [20]"),
+            "sae.l0: 'gemma-scope-2b-pt-res' has no layer_20/width_16k/average_l0_72 (available: 22, 38, 71, 139, "
+            "294, or canonical)",
+        ),
+        (
+            HF_STEERING.replace("release: gemma-scope-2b-pt-res}", "release: gemma-scope-2b-pt-res, width: 131k}")
+            .replace("layers: [1]", "layers: [12]"),
+            "sae.l0: no canonical L0 is known for release 'gemma-scope-2b-pt-res' width '131k' layer 12 (available: "
+            "12, 20, 36, 67, 129, 264); set an explicit `l0:`",
+        ),
+        (
+            HF_STEERING.replace("release: gemma-scope-2b-pt-res}", "release: gemma-scope-2b-pt-res, width: 32k}"),
+            "steering.layers: 'gemma-scope-2b-pt-res' has no width_32k SAE for layer 1 (layers with one: 12)",
+        ),
+        (
+            HF_STEERING.replace("layers: [1]", "layers: [1, 30]"),
+            "steering.layers: 'gemma-scope-2b-pt-res' has no width_16k SAE for layer 30 (layers with one: 0..25)",
+        ),
+        (
+            MINIMAL.replace("sae: {source: synthetic}", "sae: {source: huggingface, release: gemma-scope-2b-pt-mlp, "
+                            "site: mlp, width: 32k}"),
+            "sae.width: '32k' is not a width of 'gemma-scope-2b-pt-mlp' (allowed: 16k, 65k)",
+        ),
+        (
+            EVALUATION.replace("l0s:", "layers: [3, 20], l0s:"),
+            "sae_eval.l0s: 'gemma-scope-2b-pt-res' has no layer_3/width_16k/average_l0_71 (available: 14, 28, 59, "
+            "142, 315, or canonical)",
+        ),
+        (
+            EVALUATION.replace("release: gemma-scope-2b-pt-res", "release: gemma-scope-9b-pt-mlp, site: mlp"),
+            "sae_eval.widths: ['65k'] are not widths of 'gemma-scope-9b-pt-mlp' (allowed: 16k, 131k)",
+        ),
+    ],
+)
+def test_a_gemma_scope_sae_the_release_does_not_have_is_refused_naming_what_it_has(tmp_path, text, expected):
+    """Refused while loading (`runner validate`), from the registry of Gemma Scope folders: nothing is downloaded."""
+    assert error_of(write(tmp_path, text)).startswith(expected)
+
+
+def test_every_listed_layer_of_an_evaluation_grid_is_checked_but_all_layers_wait_for_the_model(tmp_path):
+    listed = EVALUATION.replace("[canonical, 71]", "[canonical, 114]").replace("[16k, 65k]", "[65k]")
+    assert load_experiment(write(tmp_path, listed.replace("l0s:", "layers: [20], l0s:"))).sae_eval.layers == [20]
+    assert error_of(write(tmp_path, listed.replace("l0s:", "layers: [20, 21], l0s:"))).startswith(
+        "sae_eval.l0s: 'gemma-scope-2b-pt-res' has no layer_21/width_65k/average_l0_114"
+    )
+    # `all` is the model's blocks, known once the planner has the model: the L0s are checked per layer there.
+    assert load_experiment(write(tmp_path, listed)).sae_eval.layers == "all"
+
 
 
 @pytest.mark.parametrize(
