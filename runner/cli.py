@@ -80,7 +80,7 @@ def _cache_dir(option: Path | None) -> Path:
 def validate(file: ExperimentFile, set_: Overrides = None) -> None:
     """Check an experiment file and print its plan (points, jobs, workers, tokens, memory), without loading a
     model."""
-    from runner.config.schema import load_experiment
+    from runner.config.loading import load_experiment
     from runner.plan.prepare import outline
 
     try:
@@ -135,7 +135,8 @@ def run(
     from runner.execution.slices import SliceExecutor
 
     keep_driver_jax_on_cpu()  # before anything imports JAX: the driver must never take a host's accelerator
-    from runner.config.schema import check_write_locations, load_experiment
+    from runner.config.loading import load_experiment
+    from runner.config.locations import check_write_locations
     from runner.plan.prepare import prepare_sweep, run_sweep
 
     overrides = list(set_ or [])
@@ -220,7 +221,7 @@ def runs(file: ExperimentFile, set_: Overrides = None) -> None:
     """Show a sweep's state in MLflow: its parent run's status and its points by status."""
     from mlflow.exceptions import MlflowException
 
-    from runner.config.schema import load_experiment
+    from runner.config.loading import load_experiment
     from runner.plan import points as plan
     from runner.tracking.search import sweep_status
 
@@ -261,7 +262,7 @@ def export(
     """Write one row per FINISHED point (point_key, params, prompt, text, metrics) to a CSV or Parquet file."""
     from mlflow.exceptions import MlflowException
 
-    from runner.config.schema import load_experiment
+    from runner.config.loading import load_experiment
     from runner.errors import ConfigError
     from runner.tracking import export as export_lib
 
@@ -305,14 +306,14 @@ def synth(
 
 def write_synthetic_bundle(out_dir: Path, preset: str, seed: int, model_format: str, target_l0: float) -> dict:
     """Writes `out_dir/model` (Kaggle layout), optionally `out_dir/model-hf`, and `out_dir/saes` (every layer)."""
-    from runner.config.schema import ModelConfig
+    from runner.config.schema import LocalModelConfig
     from runner.model import hf_format, synthetic
     from runner.model.loading import load_model
     from runner.sae.sources import write_synthetic_saes
 
     model_dir = synthetic.write_synthetic_model(out_dir / "model", preset, seed)
     paths = {"model": model_dir}
-    loaded = load_model(ModelConfig(source="local", path=model_dir), cache_dir=out_dir)
+    loaded = load_model(LocalModelConfig(path=model_dir), cache_dir=out_dir)
     if model_format == "huggingface":
         flat = synthetic.synthetic_flat_params(synthetic.SYNTHETIC_PRESETS[preset], seed)
         hf_dir = hf_format.write_hf_checkpoint(flat, loaded.architecture, out_dir / "model-hf")

@@ -44,10 +44,10 @@ def tiny_model_dir(cache_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir: Path, cache_dir: Path):
     """The tiny model loaded through the `local` source, unsharded."""
-    from runner.config.schema import ModelConfig
+    from runner.config.schema import LocalModelConfig
     from runner.model.loading import load_model
 
-    return load_model(ModelConfig(source="local", path=tiny_model_dir), cache_dir=cache_dir)
+    return load_model(LocalModelConfig(path=tiny_model_dir), cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="session")

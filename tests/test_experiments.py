@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.config.schema import load_experiment
+from runner.config.loading import load_experiment
 from runner.plan.prepare import outline
 
 EXPERIMENTS = sorted((Path(__file__).parent.parent / "experiments").glob("*.yaml"))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner.config.schema import load_experiment
+from runner.config.loading import load_experiment
 from runner.errors import ConfigError
 from runner.plan.prepare import prepare_sweep, run_sweep
 

@@ -34,7 +34,7 @@ def run_end_to_end(
     import sys
     import tempfile
 
-    from runner.config.schema import load_experiment
+    from runner.config.loading import load_experiment
     from runner.errors import RunnerError
     from runner.execution.workers import load_saes
     from runner.plan.prepare import prepare_sweep

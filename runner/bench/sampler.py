@@ -22,7 +22,7 @@ import numpy as np
 from penzai import pz
 
 from runner.bench.tutorial import BENCH_LAYERS, BenchPoint, make_points, tutorial_generate
-from runner.config.schema import ModelConfig
+from runner.config.schema import LocalModelConfig
 from runner.execution.workers import count_compilations
 from runner.model import synthetic
 from runner.model.loading import LoadedModel, load_model
@@ -86,7 +86,7 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Runs both samplers and returns the figures that `runner bench` prints as one JSON line."""
     model_dir = synthetic.write_synthetic_model(cache_dir / "synthetic" / f"{preset}-seed0", preset, 0)
-    loaded = load_model(ModelConfig(source="local", path=model_dir), cache_dir=cache_dir)
+    loaded = load_model(LocalModelConfig(path=model_dir), cache_dir=cache_dir)
     arch = loaded.architecture
     width = 4 * arch.embedding_dim
     sae_paths = write_synthetic_saes(

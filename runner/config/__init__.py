@@ -1,5 +1,8 @@
-"""The experiment file: its schema, loading (YAML and `--set` overrides) and one-line messages.
+"""The experiment file: its schema, loading (YAML and `--set` overrides), one-line messages and where it may write.
 
-Data flows from here: a validated, frozen `ExperimentConfig` is what every later stage reads. Pure Python (pydantic,
-PyYAML): no JAX, Ray or MLflow. May import: `runner.errors`, `runner.sae.gemma_scope` (release names and widths).
+`schema` holds the pydantic models (the `model`, `sae` and `sae_eval.text` sections are unions discriminated by
+`source`); `loading.load_experiment` reads a file into a validated, frozen `ExperimentConfig`, which is what every
+later stage reads; `messages` turns a validation error into one line; `locations` checks the tracking store a sweep
+writes to. Pure Python (pydantic, PyYAML): no JAX, Ray or MLflow. May import: `runner.errors`,
+`runner.sae.gemma_scope` (the Gemma Scope registry: releases, widths, L0 folders).
 """

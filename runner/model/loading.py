@@ -2,12 +2,15 @@
 
 Every source (Kaggle, a local Kaggle-layout directory, Hugging Face, synthetic) ends as the flat Kaggle/Flax
 parameter dict, from which one builder makes the Penzai `TransformerLM`. The architecture comes from tensor
-shapes (`Gemma2Architecture.from_shapes`), so tiny synthetic and real checkpoints take the same path.
+shapes (`Gemma2Architecture.from_shapes`), so tiny synthetic and real checkpoints take the same path. Each source's
+config class registers where its files are (`resolve_model_location`) and what its architecture is before any
+download (`planning_architecture`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +26,13 @@ from penzai.models.transformer import model_parts
 from penzai.models.transformer.variants import llamalike_common
 from penzai.toolshed import sharding_util
 
+from runner.config.schema import (
+    HuggingFaceModelConfig,
+    KaggleModelConfig,
+    LocalModelConfig,
+    ModelConfig,
+    SyntheticModelConfig,
+)
 from runner.errors import CheckpointError
 from runner.model import hf_format, synthetic
 from runner.model import tokenizer as tokenizer_lib
@@ -73,43 +83,56 @@ def make_host_mesh(devices: list[jax.Device] | None = None) -> Mesh:
     return Mesh(np.array(devices), (MODEL_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def resolve_model_location(model_config: Any, cache_dir: Path) -> CheckpointLocation:
-    """Finds (downloading or writing if needed) the files of the configured model.
+@functools.singledispatch
+def resolve_model_location(model_config: ModelConfig, cache_dir: Path) -> CheckpointLocation:
+    """Finds (downloading or writing if needed) the files of the configured model; each source's class registers
+    how.
 
     Args:
-      model_config: `runner.config.schema.ModelConfig`.
+      model_config: The model section.
       cache_dir: Where synthetic models are written (`<cache_dir>/synthetic/<preset>-seed<seed>`).
     """
-    source = model_config.source
-    if source == "kaggle":
-        import kagglehub  # Imported lazily: it reads credentials from KAGGLE_USERNAME/KAGGLE_KEY itself.
+    raise CheckpointError(f"unknown model source {type(model_config).__name__}")
 
-        model_dir = Path(kagglehub.model_download(f"google/gemma-2/flax/{model_config.variant}"))
-        checkpoint_dir = model_dir / model_config.variant
-        if not checkpoint_dir.is_dir():
-            checkpoint_dir = synthetic.find_checkpoint_dir(model_dir)
-        return CheckpointLocation("orbax", checkpoint_dir, model_dir / "tokenizer.model")
-    if source == "local":
-        model_dir = Path(model_config.path)
-        return CheckpointLocation(
-            "orbax",
-            synthetic.find_checkpoint_dir(model_dir),
-            model_dir / "tokenizer.model",
-            is_synthetic=synthetic.synthetic_architecture(model_dir) is not None,
-        )
-    if source == "huggingface":
-        directory = hf_format.resolve_hf_checkpoint(model_config.repo_id, model_config.path)
-        return CheckpointLocation("huggingface", directory, directory / "tokenizer.model")
-    if source == "synthetic":
-        model_dir = synthetic.write_synthetic_model(
-            cache_dir / "synthetic" / f"{model_config.preset}-seed{model_config.seed}",
-            model_config.preset,
-            model_config.seed,
-        )
-        return CheckpointLocation(
-            "orbax", synthetic.find_checkpoint_dir(model_dir), model_dir / "tokenizer.model", is_synthetic=True
-        )
-    raise CheckpointError(f"unknown model source {source!r}")
+
+@resolve_model_location.register(KaggleModelConfig)
+def _kaggle_location(model_config: KaggleModelConfig, cache_dir: Path) -> CheckpointLocation:
+    import kagglehub  # Imported lazily: it reads credentials from KAGGLE_USERNAME/KAGGLE_KEY itself.
+
+    model_dir = Path(kagglehub.model_download(f"google/gemma-2/flax/{model_config.variant}"))
+    checkpoint_dir = model_dir / model_config.variant
+    if not checkpoint_dir.is_dir():
+        checkpoint_dir = synthetic.find_checkpoint_dir(model_dir)
+    return CheckpointLocation("orbax", checkpoint_dir, model_dir / "tokenizer.model")
+
+
+@resolve_model_location.register(LocalModelConfig)
+def _local_location(model_config: LocalModelConfig, cache_dir: Path) -> CheckpointLocation:
+    model_dir = model_config.path
+    return CheckpointLocation(
+        "orbax",
+        synthetic.find_checkpoint_dir(model_dir),
+        model_dir / "tokenizer.model",
+        is_synthetic=synthetic.synthetic_architecture(model_dir) is not None,
+    )
+
+
+@resolve_model_location.register(HuggingFaceModelConfig)
+def _huggingface_location(model_config: HuggingFaceModelConfig, cache_dir: Path) -> CheckpointLocation:
+    directory = hf_format.resolve_hf_checkpoint(model_config.repo_id, model_config.path)
+    return CheckpointLocation("huggingface", directory, directory / "tokenizer.model")
+
+
+@resolve_model_location.register(SyntheticModelConfig)
+def _synthetic_location(model_config: SyntheticModelConfig, cache_dir: Path) -> CheckpointLocation:
+    model_dir = synthetic.write_synthetic_model(
+        cache_dir / "synthetic" / f"{model_config.preset}-seed{model_config.seed}",
+        model_config.preset,
+        model_config.seed,
+    )
+    return CheckpointLocation(
+        "orbax", synthetic.find_checkpoint_dir(model_dir), model_dir / "tokenizer.model", is_synthetic=True
+    )
 
 
 def read_orbax_shapes(checkpoint_dir: Path) -> dict[str, dict[str, tuple[int, ...]]]:
@@ -225,7 +248,7 @@ def shard_model(model: model_parts.TransformerLM, mesh: Mesh) -> model_parts.Tra
 
 
 def load_model(
-    model_config: Any,
+    model_config: ModelConfig,
     *,
     cache_dir: Path,
     mesh: Mesh | None = None,
@@ -234,7 +257,7 @@ def load_model(
     """Loads the configured Gemma2 model and its tokenizer.
 
     Args:
-      model_config: `runner.config.schema.ModelConfig`.
+      model_config: The model section.
       cache_dir: Where synthetic checkpoints are written.
       mesh: Host mesh to shard over; None keeps everything on the first local device.
       model_id: Identifier recorded with results (defaults to the source and name).
@@ -287,17 +310,31 @@ def _hf_architecture(flat_numpy: FlatParams, overrides: Mapping[str, Any], direc
     return dataclasses.replace(Gemma2Architecture.from_shapes(shapes, source=str(directory)), **overrides)
 
 
-def planning_architecture(model_config: Any) -> Gemma2Architecture | None:
+@functools.singledispatch
+def planning_architecture(model_config: ModelConfig) -> Gemma2Architecture | None:
     """The model's architecture without downloading or reading weights: a synthetic preset, a published Gemma2
     (Kaggle variant, Hugging Face repo) or a local Kaggle-layout checkpoint's metadata; None when only the
     checkpoint itself could tell (a local Hugging Face directory, an unknown repo, a missing directory)."""
-    source = model_config.source
-    if source == "synthetic":
-        return synthetic.SYNTHETIC_PRESETS[model_config.preset]
-    if source == "kaggle":
-        return published_architecture(model_config.variant)
-    if source == "huggingface":
-        return published_architecture(model_config.repo_id) if model_config.repo_id else None
+    raise CheckpointError(f"unknown model source {type(model_config).__name__}")
+
+
+@planning_architecture.register(SyntheticModelConfig)
+def _synthetic_architecture(model_config: SyntheticModelConfig) -> Gemma2Architecture | None:
+    return synthetic.SYNTHETIC_PRESETS[model_config.preset]
+
+
+@planning_architecture.register(KaggleModelConfig)
+def _kaggle_architecture(model_config: KaggleModelConfig) -> Gemma2Architecture | None:
+    return published_architecture(model_config.variant)
+
+
+@planning_architecture.register(HuggingFaceModelConfig)
+def _huggingface_architecture(model_config: HuggingFaceModelConfig) -> Gemma2Architecture | None:
+    return published_architecture(model_config.repo_id) if model_config.repo_id else None
+
+
+@planning_architecture.register(LocalModelConfig)
+def _local_architecture(model_config: LocalModelConfig) -> Gemma2Architecture | None:
     try:
         return read_architecture(resolve_model_location(model_config, cache_dir_default()))
     except CheckpointError:

@@ -167,15 +167,9 @@ def sweep_id(config: ExperimentConfig) -> str:
 
 def model_id(model: ModelConfig) -> str:
     """Names a checkpoint, e.g. `kaggle:gemma2-2b`, `synthetic:tiny:seed0`, `local:/abs/path`,
-    `huggingface:google/gemma-2-2b`; a non-default dtype or upcasting is appended (`...:bfloat16:upcast`)."""
-    if model.source == "synthetic":
-        name = f"synthetic:{model.preset}:seed{model.seed}"
-    elif model.source == "kaggle":
-        name = f"kaggle:{model.variant}"
-    elif model.source == "local":
-        name = f"local:{model.path}"
-    else:
-        name = f"huggingface:{model.repo_id or model.path}"
+    `huggingface:google/gemma-2-2b` (each source's `checkpoint_name`); a non-default dtype or upcasting is appended
+    (`...:bfloat16:upcast`)."""
+    name = model.checkpoint_name()
     if model.dtype != "auto":
         name += f":{model.dtype}"
     if model.upcast_activations:

@@ -27,7 +27,7 @@ from runner.plan import points as plan
 from runner.plan.points import Job, Point
 from runner.results import Result
 from runner.sae.jumprelu import read_params_npz
-from runner.sae.sources import SAEFile, resolve_sae_file, resolve_sae_files, width_latents
+from runner.sae.sources import SAEFile, resolve_sae_file, resolve_sae_files, steering_width_and_l0, width_latents
 from runner.sae_eval import text_sets
 from runner.sae_eval.text_sets import EvalTokens
 
@@ -319,7 +319,7 @@ def outline(config: ExperimentConfig) -> SweepOutline:
         if arch is not None:
             # About 3 bytes of English per token: a conservative prompt length before the tokenizer is at hand.
             longest = max(math.ceil(len(prompt.encode("utf-8")) / 3) + 1 for prompt in config.prompts)
-            width = _sae_latents(config, config.sae.width, arch)
+            width = _sae_latents(config, steering_width_and_l0(config.sae, arch.embedding_dim)[0], arch)
             estimate = memory.estimate_batch_memory(
                 arch, prompt_len=prompt_bucket(longest), max_new_tokens=config.sampling.max_new_tokens,
                 parameter_bytes=parameter_bytes, activation_bytes=activation_bytes,

@@ -1,27 +1,36 @@
 """Where each steered layer's SAE comes from: Gemma Scope on Hugging Face, a local tree, or a synthetic SAE.
 
 All sources end as a `params.npz` file in the Gemma Scope layout
-(`layer_{L}/width_{W}/average_l0_{N}/params.npz`), which `runner.sae.jumprelu.load_sae` reads and validates.
+(`layer_{L}/width_{W}/average_l0_{N}/params.npz`), which `runner.sae.jumprelu.load_sae` reads and validates. Each
+source's config class (`runner.config.schema`) registers its functions here (`resolve_sae_file`,
+`steering_width_and_l0`): a new source is a new class and its registrations.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from penzai import pz
 
+from runner.config.schema import HuggingFaceSAEConfig, LocalSAEConfig, SAEConfig, SyntheticSAEConfig
 from runner.errors import SAEError
 from runner.files import write_text_atomically
 from runner.model import tokenizer as tokenizer_lib
 from runner.nn import sites
 from runner.sae import gemma_scope
 from runner.sae.jumprelu import calibrate_thresholds, random_sae_arrays, write_params_npz
+
+if TYPE_CHECKING:
+    from gemma import gm
+
+    from runner.model.loading import LoadedModel
 
 _L0_FOLDER = re.compile(r"^average_l0_(\d+)$")
 
@@ -55,7 +64,7 @@ class SAEFile:
         return gemma_scope.neuronpedia_url(self.release, self.layer, self.width, feature)
 
 
-def synthetic_sae_width(sae_config: Any, embedding_dim: int) -> int:
+def synthetic_sae_width(sae_config: SyntheticSAEConfig, embedding_dim: int) -> int:
     """Latents of a steering sweep's synthetic SAE: `width_features`, else 4 x the model width."""
     return int(sae_config.width_features or 4 * embedding_dim)
 
@@ -73,26 +82,44 @@ def synthetic_sae_id(model_id: str, layer: int, width: int, target_l0: float, se
 
 
 def resolve_sae_files(
-    sae_config: Any, layers: Sequence[int], *, model_id: str, embedding_dim: int
+    sae_config: SAEConfig, layers: Sequence[int], *, model_id: str, embedding_dim: int
 ) -> dict[int, SAEFile]:
-    """The SAE file of every steered layer (the config's `width` and `l0`; see `resolve_sae_file`)."""
-    if sae_config.source == "synthetic":
-        width, l0 = str(synthetic_sae_width(sae_config, embedding_dim)), sae_config.target_l0
-    else:
-        width, l0 = sae_config.width, sae_config.l0
+    """The SAE file of every steered layer (the width and L0 a steering sweep reads from the SAE section, see
+    `steering_width_and_l0`; then `resolve_sae_file`)."""
+    width, l0 = steering_width_and_l0(sae_config, embedding_dim)
     return {
         layer: resolve_sae_file(sae_config, layer, width=width, l0=l0, model_id=model_id, num_layers=len(layers))
         for layer in layers
     }
 
 
+@functools.singledispatch
+def steering_width_and_l0(sae_config: SAEConfig, embedding_dim: int) -> tuple[str, int | float | str]:
+    """The width label and L0 of the SAEs a steering sweep uses (an evaluation grid gives its own)."""
+    raise TypeError(f"no SAE source {type(sae_config).__name__}")
+
+
+@steering_width_and_l0.register(HuggingFaceSAEConfig)
+@steering_width_and_l0.register(LocalSAEConfig)
+def _gemma_scope_width_and_l0(
+    sae_config: HuggingFaceSAEConfig | LocalSAEConfig, embedding_dim: int
+) -> tuple[str, int | float | str]:
+    return sae_config.width, sae_config.l0
+
+
+@steering_width_and_l0.register(SyntheticSAEConfig)
+def _synthetic_width_and_l0(sae_config: SyntheticSAEConfig, embedding_dim: int) -> tuple[str, int | float | str]:
+    return str(synthetic_sae_width(sae_config, embedding_dim)), sae_config.target_l0
+
+
+@functools.singledispatch
 def resolve_sae_file(
-    sae_config: Any, layer: int, *, width: str, l0: int | float | str, model_id: str, num_layers: int = 1
+    sae_config: SAEConfig, layer: int, *, width: str, l0: int | float | str, model_id: str, num_layers: int = 1
 ) -> SAEFile:
     """Finds (downloading a Gemma Scope file if needed) one SAE of the configured source.
 
     Args:
-      sae_config: `runner.config.schema.SAEConfig` (source, release or path, site, seed).
+      sae_config: The SAE section; each source's class registers how its SAEs are found.
       layer: The block whose site the SAE reads.
       width: Width label (`16k`); for synthetic SAEs the latent count.
       l0: `canonical` or the N of `average_l0_N`; for synthetic SAEs the target L0.
@@ -101,32 +128,43 @@ def resolve_sae_file(
 
     Synthetic SAEs are only named here (path None); `write_synthetic_saes` creates them from the loaded model.
     """
-    if sae_config.source == "synthetic":
-        latents = width_latents(str(width))
-        sae_id = synthetic_sae_id(model_id, layer, latents, float(l0), sae_config.seed, sae_config.site)
-        return SAEFile(layer, sae_id, path=None, width=str(latents), l0=f"{float(l0):g}", site=sae_config.site)
-    if sae_config.source == "huggingface":
-        found = _huggingface_sae(sae_config.release, layer, width, l0)
-    else:
-        found = _local_sae(Path(sae_config.path), layer, width, l0, num_layers)
-    return dataclasses.replace(found, site=sae_config.site)
+    raise TypeError(f"no SAE source {type(sae_config).__name__}")
 
 
-def _huggingface_sae(release: str, layer: int, width: str, l0: int | str) -> SAEFile:
+@resolve_sae_file.register(SyntheticSAEConfig)
+def _synthetic_sae(
+    sae_config: SyntheticSAEConfig, layer: int, *, width: str, l0: int | float | str, model_id: str,
+    num_layers: int = 1,
+) -> SAEFile:
+    latents = width_latents(str(width))
+    sae_id = synthetic_sae_id(model_id, layer, latents, float(l0), sae_config.seed, sae_config.site)
+    return SAEFile(layer, sae_id, path=None, width=str(latents), l0=f"{float(l0):g}", site=sae_config.site)
+
+
+@resolve_sae_file.register(HuggingFaceSAEConfig)
+def _huggingface_sae(
+    sae_config: HuggingFaceSAEConfig, layer: int, *, width: str, l0: int | float | str, model_id: str,
+    num_layers: int = 1,
+) -> SAEFile:
     from huggingface_hub import hf_hub_download  # token: HF_TOKEN, read by huggingface_hub itself
 
-    resolved = gemma_scope.resolve_l0(release, layer, width, l0)
+    release = sae_config.release
+    resolved = gemma_scope.resolve_l0(release, layer, width, l0 if isinstance(l0, str) else int(l0))
     filename = gemma_scope.params_path(layer, width, resolved)
     path = Path(hf_hub_download(gemma_scope.hf_repo_id(release), filename))
     sae_id = gemma_scope.sae_id(release, layer, width, resolved)
-    return SAEFile(layer, sae_id, path, release=release, width=width, l0=str(resolved))
+    return SAEFile(layer, sae_id, path, release=release, width=width, l0=str(resolved), site=sae_config.site)
 
 
-def _local_sae(root: Path, layer: int, width: str, l0: int | str, num_layers: int) -> SAEFile:
+@resolve_sae_file.register(LocalSAEConfig)
+def _local_sae(
+    sae_config: LocalSAEConfig, layer: int, *, width: str, l0: int | float | str, model_id: str, num_layers: int = 1
+) -> SAEFile:
+    root, site = sae_config.path, sae_config.site
     if root.is_file():
         if num_layers != 1:
             raise SAEError(f"{root}: one params.npz given but {num_layers} layers are steered; give a directory tree")
-        return SAEFile(layer, f"local:{root}", root, width=width, l0=str(l0))
+        return SAEFile(layer, f"local:{root}", root, width=width, l0=str(l0), site=site)
     width_dir = root / f"layer_{layer}" / f"width_{width}"
     if not width_dir.is_dir():
         raise SAEError(f"{width_dir}: no SAE for layer {layer} at width {width} in {root}")
@@ -143,10 +181,10 @@ def _local_sae(root: Path, layer: int, width: str, l0: int | str, num_layers: in
         raise SAEError(f"{width_dir}: no average_l0_{l0} (available: {available})")
     path = width_dir / f"average_l0_{chosen}" / "params.npz"
     sae_id = f"local:{root.name}/layer_{layer}/width_{width}/average_l0_{chosen}"
-    return SAEFile(layer, sae_id, path, width=width, l0=str(chosen))
+    return SAEFile(layer, sae_id, path, width=width, l0=str(chosen), site=site)
 
 
-def calibration_tokens(tokenizer: Any, num_sequences: int = 16, seq_len: int = 64) -> np.ndarray:
+def calibration_tokens(tokenizer: gm.text.Tokenizer, num_sequences: int = 16, seq_len: int = 64) -> np.ndarray:
     """`[num_sequences, seq_len]` windows of the bundled corpus, each starting with BOS (no padding)."""
     text = tokenizer_lib.CORPUS_PATH.read_text(encoding="utf-8")
     stream = tokenizer_lib.encode_prompt(tokenizer, text)[1:]
@@ -159,7 +197,7 @@ def calibration_tokens(tokenizer: Any, num_sequences: int = 16, seq_len: int = 6
 
 
 def write_synthetic_saes(
-    loaded_model: Any,
+    loaded_model: LoadedModel,
     layers: Sequence[int],
     out_root: Path,
     *,

@@ -1,5 +1,5 @@
 """Evaluation text for SAE evaluation sweeps: the bundled prose, a user's files, or a Hugging Face dataset,
-cut into fixed-length token windows.
+cut into fixed-length token windows. Each text source's config class registers its reader (`read_documents`).
 
 Windowing (the SAELens convention): the documents are tokenized without BOS, joined into one token stream, and
 cut into consecutive windows of `context_length - 1` tokens, each prefixed with BOS. The first `num_sequences`
@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import glob
 import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from runner.config.schema import BundledTextConfig, FileTextConfig, HuggingFaceTextConfig, TextSetConfig
 from runner.errors import ConfigError
 from runner.model import tokenizer as tokenizer_lib
+
+if TYPE_CHECKING:
+    from gemma import gm
 
 #: The bundled public-domain prose (see `runner/data/EVAL_TEXT_SOURCES.md`).
 BUNDLED_EVAL_TEXT = Path(__file__).resolve().parents[1] / "data" / "eval_text.txt"
@@ -48,25 +53,33 @@ class EvalTokens:
         return int(self.tokens.size)
 
 
-def read_documents(text_config: Any) -> tuple[list[str], str]:
-    """The documents of a `runner.config.schema.TextSetConfig` and a description of their source.
+@functools.singledispatch
+def read_documents(text_config: TextSetConfig) -> tuple[list[str], str]:
+    """The documents of a text set and a description of their source (each source's class registers its reader).
 
     Raises:
       ConfigError: A file or glob matches nothing or cannot be read, a dataset is unreachable or lacks the column.
     """
-    if text_config.source == "bundled":
-        return _split_paragraph_documents(BUNDLED_EVAL_TEXT.read_text(encoding="utf-8")), "bundled:eval_text.txt"
-    if text_config.source == "file":
-        pattern = str(text_config.path)
-        paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
-        if not paths:
-            raise ConfigError(f"sae_eval.text.path: {pattern!r} matches no file (allowed: a text file or a glob)")
-        documents = [doc for path in paths for doc in _read_text_file(path, text_config.column, "sae_eval.text.path")]
-        return documents, f"file:{pattern}"
-    return _huggingface_documents(text_config), f"huggingface:{text_config.dataset}"
+    raise TypeError(f"no text source {type(text_config).__name__}")
 
 
-def _huggingface_documents(text_config: Any) -> list[str]:
+@read_documents.register(BundledTextConfig)
+def _bundled_documents(text_config: BundledTextConfig) -> tuple[list[str], str]:
+    return _split_paragraph_documents(BUNDLED_EVAL_TEXT.read_text(encoding="utf-8")), "bundled:eval_text.txt"
+
+
+@read_documents.register(FileTextConfig)
+def _file_documents(text_config: FileTextConfig) -> tuple[list[str], str]:
+    pattern = text_config.path
+    paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    if not paths:
+        raise ConfigError(f"sae_eval.text.path: {pattern!r} matches no file (allowed: a text file or a glob)")
+    documents = [doc for path in paths for doc in _read_text_file(path, text_config.column, "sae_eval.text.path")]
+    return documents, f"file:{pattern}"
+
+
+@read_documents.register(HuggingFaceTextConfig)
+def _huggingface_documents(text_config: HuggingFaceTextConfig) -> tuple[list[str], str]:
     """Documents of a Hugging Face dataset repo: the files matching `text_config.files`, column `column`."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -92,7 +105,8 @@ def _huggingface_documents(text_config: Any) -> list[str]:
             f"sae_eval.text.files: {list(text_config.files)} matched no {'/'.join(TEXT_SUFFIXES)} file in "
             f"dataset {text_config.dataset!r}"
         )
-    return [doc for path in paths for doc in _read_text_file(path, text_config.column, "sae_eval.text.dataset")]
+    documents = [doc for path in paths for doc in _read_text_file(path, text_config.column, "sae_eval.text.dataset")]
+    return documents, f"huggingface:{text_config.dataset}"
 
 
 def _split_paragraph_documents(text: str) -> list[str]:
@@ -124,7 +138,12 @@ def _read_text_file(path: Path, column: str, field: str) -> list[str]:
 
 
 def token_windows(
-    tokenizer: Any, documents: Sequence[str], *, context_length: int, num_sequences: int, source: str = "text"
+    tokenizer: gm.text.Tokenizer,
+    documents: Sequence[str],
+    *,
+    context_length: int,
+    num_sequences: int,
+    source: str = "text",
 ) -> np.ndarray:
     """`[num_sequences, context_length]` windows of the documents' token stream, each starting with BOS.
 
@@ -150,7 +169,9 @@ def token_windows(
     return np.concatenate([bos, windows], axis=1)
 
 
-def load_eval_tokens(text_config: Any, tokenizer: Any, *, context_length: int, num_sequences: int) -> EvalTokens:
+def load_eval_tokens(
+    text_config: TextSetConfig, tokenizer: gm.text.Tokenizer, *, context_length: int, num_sequences: int
+) -> EvalTokens:
     """Reads and tokenizes the evaluation set of a sweep (see the module docstring for the windowing)."""
     documents, description = read_documents(text_config)
     tokens = token_windows(

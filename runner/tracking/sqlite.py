@@ -9,6 +9,8 @@ import os
 import sqlite3
 from typing import TYPE_CHECKING
 
+from runner.config.locations import sqlite_file
+
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import DBAPIConnection
     from sqlalchemy.pool import ConnectionPoolEntry
@@ -57,9 +59,8 @@ def checkpoint_sqlite_tracking(uri: str) -> None:
 
 def _sqlite_file(uri: str) -> str | None:
     """The real path of a `sqlite:///` tracking database, else None."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return os.path.realpath(uri.removeprefix("sqlite:///").split("?", 1)[0])
+    database = sqlite_file(uri)
+    return os.path.realpath(database) if database is not None else None
 
 
 def _set_sqlite_pragmas(connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:

@@ -1,36 +1,12 @@
 """The experiment schema: what a valid file looks like, and the one-line error every invalid one gets."""
 
-from pathlib import Path
-
 import pydantic
 import pytest
 import yaml
 
-from runner.config.schema import ExperimentConfig, load_experiment
-from runner.errors import ConfigError
-
-MINIMAL = """\
-name: demo
-model: {source: synthetic}
-sae: {source: synthetic}
-prompts: ["The weather today is", "My favourite city is"]
-steering: {layers: [1], features: [0, 3], scales: [0, 8.5]}
-"""
-
-
-def write(directory: Path, text: str = MINIMAL, name: str = "x.yaml") -> Path:
-    path = directory / name
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def error_of(path: Path, overrides: list[str] | None = None) -> str:
-    with pytest.raises(ConfigError) as error:
-        load_experiment(path, overrides or [])
-    message = str(error.value)
-    assert "\n" not in message, "every error is one line"
-    assert message.startswith(f"{path}: "), "every error names the file first"
-    return message[len(f"{path}: ") :]
+from runner.config.loading import load_experiment
+from runner.config.schema import ExperimentConfig
+from tests.config.experiment_files import EVALUATION, MINIMAL, error_of, write
 
 
 def test_minimal_file_gets_documented_defaults(tmp_path):
@@ -155,61 +131,67 @@ def test_sae_fields_must_fit_the_source(tmp_path, sae, expected):
 def test_huggingface_sae_accepts_release_width_and_l0(tmp_path):
     text = MINIMAL.replace(
         "sae: {source: synthetic}", "sae: {source: huggingface, release: gemma-scope-2b-pt-res, width: 65k, l0: 114}"
-    )
+    ).replace("layers: [1]", "layers: [20]")  # layer 20's 65k SAEs have an average_l0_114 folder
     sae = load_experiment(write(tmp_path, text)).sae
     assert (sae.release, sae.width, sae.l0, sae.site) == ("gemma-scope-2b-pt-res", "65k", 114, "res")
 
 
-def test_overrides_set_scalars_lists_list_items_and_mapping_keys(tmp_path):
-    path = write(tmp_path, MINIMAL + "cluster: {resources: {CPU: 2}}\n")
-    config = load_experiment(
-        path,
-        [
-            "steering.scales=[0, 10, 20]",
-            "steering.features.1=7",
-            "sampling.temperature=0.7",
-            "cluster.resources.TPU=4",
-            "tracking.experiment=other",
-        ],
-    )
-    assert config.steering.scales == [0.0, 10.0, 20.0]
-    assert config.steering.features == [0, 7]
-    assert config.sampling.temperature == 0.7
-    assert config.cluster.resources == {"CPU": 2.0, "TPU": 4.0}
-    assert config.tracking.experiment == "other"
-    assert load_experiment(path).steering.scales == [0.0, 8.5], "the file itself is untouched"
+HF_STEERING = MINIMAL.replace("sae: {source: synthetic}", "sae: {source: huggingface, release: gemma-scope-2b-pt-res}")
 
 
 @pytest.mark.parametrize(
-    ("override", "expected"),
+    ("text", "expected"),
     [
         (
-            "steering.colour=red",
-            "--set steering.colour: unknown field 'steering.colour' (allowed: layers, features, scales, seeds, "
-            "mode, positions)",
+            HF_STEERING.replace("release: gemma-scope-2b-pt-res}", "release: gemma-scope-2b-pt-res, l0: 72}")
+            .replace("layers: [1]", "layers: [20]"),
+            "sae.l0: 'gemma-scope-2b-pt-res' has no layer_20/width_16k/average_l0_72 (available: 22, 38, 71, 139, "
+            "294, or canonical)",
         ),
-        ("colour=red", "--set colour: unknown field 'colour' (allowed: name, model, sae, prompts, steering,"),
-        ("steering.scales.5=1", "--set steering.scales.5: no item '5' (the list has 2 items)"),
-        ("steering.scales", "--set 'steering.scales': expected KEY=VALUE"),
-        ("steering.scales=[0, abc]", "steering.scales.1: 'abc' is not a number"),
-        ("steering.scales=[0, 1", "--set steering.scales: invalid YAML"),
+        (
+            HF_STEERING.replace("release: gemma-scope-2b-pt-res}", "release: gemma-scope-2b-pt-res, width: 131k}")
+            .replace("layers: [1]", "layers: [12]"),
+            "sae.l0: no canonical L0 is known for release 'gemma-scope-2b-pt-res' width '131k' layer 12 (available: "
+            "12, 20, 36, 67, 129, 264); set an explicit `l0:`",
+        ),
+        (
+            HF_STEERING.replace("release: gemma-scope-2b-pt-res}", "release: gemma-scope-2b-pt-res, width: 32k}"),
+            "steering.layers: 'gemma-scope-2b-pt-res' has no width_32k SAE for layer 1 (layers with one: 12)",
+        ),
+        (
+            HF_STEERING.replace("layers: [1]", "layers: [1, 30]"),
+            "steering.layers: 'gemma-scope-2b-pt-res' has no width_16k SAE for layer 30 (layers with one: 0..25)",
+        ),
+        (
+            MINIMAL.replace("sae: {source: synthetic}", "sae: {source: huggingface, release: gemma-scope-2b-pt-mlp, "
+                            "site: mlp, width: 32k}"),
+            "sae.width: '32k' is not a width of 'gemma-scope-2b-pt-mlp' (allowed: 16k, 65k)",
+        ),
+        (
+            EVALUATION.replace("l0s:", "layers: [3, 20], l0s:"),
+            "sae_eval.l0s: 'gemma-scope-2b-pt-res' has no layer_3/width_16k/average_l0_71 (available: 14, 28, 59, "
+            "142, 315, or canonical)",
+        ),
+        (
+            EVALUATION.replace("release: gemma-scope-2b-pt-res", "release: gemma-scope-9b-pt-mlp, site: mlp"),
+            "sae_eval.widths: ['65k'] are not widths of 'gemma-scope-9b-pt-mlp' (allowed: 16k, 131k)",
+        ),
     ],
 )
-def test_bad_overrides_are_one_line_errors(tmp_path, override, expected):
-    assert error_of(write(tmp_path), [override]).startswith(expected)
+def test_a_gemma_scope_sae_the_release_does_not_have_is_refused_naming_what_it_has(tmp_path, text, expected):
+    """Refused while loading (`runner validate`), from the registry of Gemma Scope folders: nothing is downloaded."""
+    assert error_of(write(tmp_path, text)).startswith(expected)
 
 
-def test_prompts_file_is_read_relative_to_the_yaml(tmp_path):
-    (tmp_path / "exp").mkdir()
-    (tmp_path / "exp" / "prompts.txt").write_text("first prompt\n\n   \nsecond — prompt\n", encoding="utf-8")
-    text = MINIMAL.replace('prompts: ["The weather today is", "My favourite city is"]', "prompts: {file: prompts.txt}")
-    config = load_experiment(write(tmp_path / "exp", text))
-    assert config.prompts == ("first prompt", "second — prompt")
+def test_every_listed_layer_of_an_evaluation_grid_is_checked_but_all_layers_wait_for_the_model(tmp_path):
+    listed = EVALUATION.replace("[canonical, 71]", "[canonical, 114]").replace("[16k, 65k]", "[65k]")
+    assert load_experiment(write(tmp_path, listed.replace("l0s:", "layers: [20], l0s:"))).sae_eval.layers == [20]
+    assert error_of(write(tmp_path, listed.replace("l0s:", "layers: [20, 21], l0s:"))).startswith(
+        "sae_eval.l0s: 'gemma-scope-2b-pt-res' has no layer_21/width_65k/average_l0_114"
+    )
+    # `all` is the model's blocks, known once the planner has the model: the L0s are checked per layer there.
+    assert load_experiment(write(tmp_path, listed)).sae_eval.layers == "all"
 
-
-def test_missing_prompts_file_names_it(tmp_path):
-    text = MINIMAL.replace('prompts: ["The weather today is", "My favourite city is"]', "prompts: {file: gone.txt}")
-    assert error_of(write(tmp_path, text)) == f"prompts.file: {str(tmp_path / 'gone.txt')!r} not found"
 
 
 @pytest.mark.parametrize(
@@ -232,35 +214,6 @@ def test_credentials_in_tracking_uri_are_rejected_without_echoing_them(tmp_path,
     assert message.startswith("tracking.uri: ")
     assert "MLFLOW_TRACKING_USERNAME" in message and "MLFLOW_TRACKING_PASSWORD" in message
     assert "s3cret" not in message and ":pw@" not in message
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("name: [unclosed\n", "invalid YAML at line 2, column 1"),
-        ("- a\n- b\n", "the top level must be a mapping of fields (allowed: name, model,"),
-        ("", "the top level must be a mapping of fields"),
-    ],
-)
-def test_unreadable_files_are_one_line_errors(tmp_path, text, expected):
-    assert error_of(write(tmp_path, text)).startswith(expected)
-
-
-def test_missing_file(tmp_path):
-    assert error_of(tmp_path / "nope.yaml") == "file not found"
-
-
-def test_several_errors_share_one_line(tmp_path):
-    text = MINIMAL.replace("steering: {layers: [1], features: [0, 3], scales: [0, 8.5]}", "steering: {}")
-    assert error_of(write(tmp_path, text)) == (
-        "steering.layers: required field is missing; steering.features: required field is missing; "
-        "steering.scales: required field is missing"
-    )
-
-
-def test_loader_uses_safe_yaml(tmp_path):
-    text = MINIMAL.replace("name: demo", "name: !!python/object/apply:os.getcwd []")
-    assert error_of(write(tmp_path, text)).startswith("invalid YAML")
 
 
 def test_validating_a_dict_directly_also_works(tmp_path):
@@ -287,14 +240,6 @@ def test_an_accelerator_platform_needs_its_resource(tmp_path):
         "cluster.platform: 'tpu' needs resources.TPU (allowed: request every TPU of a host, e.g. "
         "resources: {TPU: 4}, or platform cpu)"
     )
-
-
-EVALUATION = """\
-name: layer-sweep
-model: {source: synthetic}
-sae: {source: huggingface, release: gemma-scope-2b-pt-res}
-sae_eval: {widths: [16k, 65k], l0s: [canonical, 71]}
-"""
 
 
 def test_an_sae_evaluation_needs_only_its_grid_and_gets_documented_defaults(tmp_path):
@@ -360,32 +305,14 @@ def test_invalid_sweep_kinds_and_evaluation_grids_are_one_line_errors(tmp_path, 
     assert error_of(write(tmp_path, text)).startswith(expected)
 
 
-@pytest.mark.parametrize(
-    ("uri", "allowed"),
-    [
-        ("sqlite:///mlflow.db", True),
-        ("sqlite:///runs/sweeps.db", True),
-        ("http://127.0.0.1:5000", True),
-        ("databricks", True),
-        ("sqlite:///../outside.db", False),
-        ("sqlite:////tmp/elsewhere/mlflow.db", False),
-        ("file:///etc/mlruns", False),
-        ("../mlruns", False),
-        ("sqlite:///link/mlflow.db", False),  # a symbolic link inside that leads outside
-    ],
-)
-def test_the_tracking_store_cannot_write_outside_the_output_directory(tmp_path, uri, allowed):
-    from runner.config.schema import check_write_locations
 
-    output_dir = tmp_path / "work"
-    output_dir.mkdir()
-    (output_dir / "link").symlink_to(tmp_path)
-    config = load_experiment(write(output_dir, MINIMAL + f"tracking: {{uri: '{uri}'}}\n"))
-    if allowed:
-        check_write_locations(config, output_dir, output_dir / "x.yaml")
-        return
-    with pytest.raises(ConfigError) as error:
-        check_write_locations(config, output_dir, output_dir / "x.yaml")
-    message = str(error.value)
-    assert message.startswith(f"{output_dir / 'x.yaml'}: tracking.uri: {uri!r} would write ") and "\n" not in message
-    assert f"outside the output directory {str(output_dir.resolve())!r}" in message
+
+def test_each_source_keeps_only_its_own_fields(tmp_path):
+    dumped = load_experiment(write(tmp_path)).canonical_dict()
+    assert dumped["model"] == {"source": "synthetic", "preset": "tiny", "seed": 0, "dtype": "auto",
+                               "upcast_activations": False}
+    assert dumped["sae"] == {"source": "synthetic", "site": "res", "width_features": None, "target_l0": 16.0, "seed": 0}
+    kaggle = MINIMAL.replace("model: {source: synthetic}", "model: {source: kaggle, variant: gemma2-2b}")
+    assert load_experiment(write(tmp_path, kaggle)).canonical_dict()["model"] == {
+        "source": "kaggle", "variant": "gemma2-2b", "dtype": "auto", "upcast_activations": False
+    }

@@ -31,7 +31,8 @@ from ray.cluster_utils import Cluster
 from typer.testing import CliRunner
 
 from runner.cli import app
-from runner.config.schema import ClusterConfig, load_experiment
+from runner.config.loading import load_experiment
+from runner.config.schema import ClusterConfig
 from runner.execution.ray_hosts import (
     HostWorker,
     RayExecutor,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from penzai import pz
 
-from runner.config.schema import ModelConfig
+from runner.config.schema import HuggingFaceModelConfig, KaggleModelConfig, LocalModelConfig
 from runner.errors import CheckpointError
 from runner.model import hf_format, synthetic
 from runner.model import tokenizer as tokenizer_lib
@@ -52,7 +52,7 @@ def test_huggingface_and_kaggle_checkpoints_of_the_same_weights_give_the_same_lo
     flat = synthetic.synthetic_flat_params(tiny_model.architecture, seed=0)
     hf_dir = hf_format.write_hf_checkpoint(flat, tiny_model.architecture, tmp_path / "hf", max_shard_bytes=200_000)
     (hf_dir / "tokenizer.model").write_bytes((tiny_model_dir / "tokenizer.model").read_bytes())
-    from_hf = load_model(ModelConfig(source="huggingface", path=hf_dir, dtype="float32"), cache_dir=cache_dir)
+    from_hf = load_model(HuggingFaceModelConfig(path=hf_dir, dtype="float32"), cache_dir=cache_dir)
     # config.json states the query scalar that the Kaggle layout leaves implicit (head_dim); both scale alike.
     assert from_hf.architecture.query_scaling_factor == tiny_model.architecture.query_scaling_factor
     assert dataclasses.replace(from_hf.architecture, query_pre_attn_scalar=None) == tiny_model.architecture
@@ -61,7 +61,7 @@ def test_huggingface_and_kaggle_checkpoints_of_the_same_weights_give_the_same_lo
 
 def test_sharded_and_unsharded_logits_agree(tiny_model_dir, tiny_model, tokens, cache_dir) -> None:
     mesh = make_host_mesh(jax.devices()[:4])
-    sharded = load_model(ModelConfig(source="local", path=tiny_model_dir), cache_dir=cache_dir, mesh=mesh)
+    sharded = load_model(LocalModelConfig(path=tiny_model_dir), cache_dir=cache_dir, mesh=mesh)
     mlp = pz.select(sharded.model).at_instances_of(pz.Parameter).where(lambda p: "out_linear" in p.label).get_sequence()
     assert len(mlp[0].value.data_array.sharding.device_set) == 4  # really split over the 4 devices
     np.testing.assert_allclose(logits_of(sharded, tokens), logits_of(tiny_model, tokens), rtol=1e-5, atol=1e-5)
@@ -71,7 +71,7 @@ def test_sampler_on_the_sharded_model_gives_the_same_greedy_tokens(
     tiny_model_dir, tiny_model, tiny_saes, cache_dir
 ) -> None:
     mesh = make_host_mesh(jax.devices()[:4])
-    sharded = load_model(ModelConfig(source="local", path=tiny_model_dir), cache_dir=cache_dir, mesh=mesh)
+    sharded = load_model(LocalModelConfig(path=tiny_model_dir), cache_dir=cache_dir, mesh=mesh)
     prompt = tokenizer_lib.encode_prompt(tiny_model.tokenizer, "The most iconic structure on Earth is")
     rows = [{"tokens": prompt, "layer": 2, "feature": 7, "value": 20.0}, {"tokens": prompt}]
     outputs = [
@@ -91,7 +91,7 @@ def test_bfloat16_is_the_default_for_real_checkpoints_and_activations_can_be_upc
     (real_like / "tokenizer.model").write_bytes((tiny_model_dir / "tokenizer.model").read_bytes())
     checkpoint = synthetic.find_checkpoint_dir(tiny_model_dir)
     (real_like / checkpoint.name).symlink_to(checkpoint, target_is_directory=True)
-    loaded = load_model(ModelConfig(source="local", path=real_like, upcast_activations=True), cache_dir=cache_dir)
+    loaded = load_model(LocalModelConfig(path=real_like, upcast_activations=True), cache_dir=cache_dir)
     assert {p.value.dtype for p in pz.unbind_params(loaded.model)[1]} == {jnp.dtype(jnp.bfloat16)}
     assert loaded.architecture.sliding_window == 4096  # no synthetic marker: the Gemma2 value
     assert loaded.model.metadata.activation_dtype == jnp.float32
@@ -108,7 +108,7 @@ def test_kaggle_source_downloads_through_kagglehub(monkeypatch, tiny_model_dir, 
         return str(tiny_model_dir)
 
     monkeypatch.setattr(kagglehub, "model_download", model_download)
-    location = resolve_model_location(ModelConfig(source="kaggle", variant="gemma2-2b"), cache_dir)
+    location = resolve_model_location(KaggleModelConfig(variant="gemma2-2b"), cache_dir)
     assert asked == ["google/gemma-2/flax/gemma2-2b"]
     assert location.checkpoint_dir == synthetic.find_checkpoint_dir(tiny_model_dir)
     assert read_architecture(location).num_layers == 4
@@ -116,4 +116,4 @@ def test_kaggle_source_downloads_through_kagglehub(monkeypatch, tiny_model_dir, 
 
 def test_missing_checkpoint_directory_is_named(tmp_path, cache_dir) -> None:
     with pytest.raises(CheckpointError, match=str(tmp_path / "nowhere")):
-        resolve_model_location(ModelConfig(source="local", path=tmp_path / "nowhere"), cache_dir)
+        resolve_model_location(LocalModelConfig(path=tmp_path / "nowhere"), cache_dir)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from penzai import pz
 
-from runner.config.schema import SAEConfig
-from runner.errors import SAEError
+from runner.config.schema import HuggingFaceSAEConfig, LocalSAEConfig
+from runner.errors import ConfigError, SAEError
 from runner.nn import sites
 from runner.sae.jumprelu import load_sae, random_sae_arrays, write_params_npz
 from runner.sae.sources import calibration_tokens, resolve_sae_files
@@ -27,7 +27,7 @@ def test_huggingface_sae_is_fetched_by_its_gemma_scope_path(monkeypatch, tmp_pat
         return str(write_params_npz(random_sae_arrays(8, 16, seed=0), tmp_path / filename))
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
-    config = SAEConfig(source="huggingface", release="gemma-scope-2b-pt-res", width="16k", l0="canonical")
+    config = HuggingFaceSAEConfig(release="gemma-scope-2b-pt-res", width="16k", l0="canonical")
     files = resolve_sae_files(config, [20, 3], model_id="kaggle:gemma2-2b", embedding_dim=2304)
     assert asked == [
         ("google/gemma-scope-2b-pt-res", "layer_20/width_16k/average_l0_71/params.npz"),
@@ -35,6 +35,31 @@ def test_huggingface_sae_is_fetched_by_its_gemma_scope_path(monkeypatch, tmp_pat
     ]
     assert files[20].sae_id == "gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71"
     assert files[20].neuronpedia_url(3124) == "https://www.neuronpedia.org/gemma-2-2b/20-gemmascope-res-16k/3124"
+
+
+def test_an_mlp_sae_of_gemma_scope_links_its_neuronpedia_page(monkeypatch, tmp_path: Path) -> None:
+    import huggingface_hub
+
+    def hf_hub_download(repo_id: str, filename: str) -> str:
+        return str(write_params_npz(random_sae_arrays(8, 16, seed=0), tmp_path / filename))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    config = HuggingFaceSAEConfig(release="gemma-scope-2b-pt-mlp", site="mlp")
+    file = resolve_sae_files(config, [20], model_id="kaggle:gemma2-2b", embedding_dim=2304)[20]
+    assert (file.site, file.sae_id) == ("mlp", "gemma-scope-2b-pt-mlp/layer_20/width_16k/average_l0_109")
+    assert file.neuronpedia_url(7) == "https://www.neuronpedia.org/gemma-2-2b/20-gemmascope-mlp-16k/7"
+
+
+def test_a_gemma_scope_l0_without_a_folder_is_refused_before_any_download(monkeypatch) -> None:
+    import huggingface_hub
+
+    def hf_hub_download(repo_id: str, filename: str) -> str:
+        raise AssertionError(f"downloaded {filename}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    config = HuggingFaceSAEConfig(release="gemma-scope-2b-pt-res", l0=72)
+    with pytest.raises(ConfigError, match=r"no layer_20/width_16k/average_l0_72 \(available: 22, 38, 71, 139, 294"):
+        resolve_sae_files(config, [20], model_id="m", embedding_dim=2304)
 
 
 def local_tree(root: Path, layer: int, l0s: list[int]) -> None:
@@ -45,24 +70,24 @@ def local_tree(root: Path, layer: int, l0s: list[int]) -> None:
 
 def test_local_tree_canonical_is_the_l0_closest_to_100(tmp_path: Path) -> None:
     local_tree(tmp_path, 5, [22, 71, 139])
-    config = SAEConfig(source="local", path=tmp_path, width="16k", l0="canonical")
+    config = LocalSAEConfig(path=tmp_path, width="16k", l0="canonical")
     files = resolve_sae_files(config, [5], model_id="m", embedding_dim=8)
     assert files[5].path == tmp_path / "layer_5" / "width_16k" / "average_l0_71" / "params.npz"
-    explicit = SAEConfig(source="local", path=tmp_path, width="16k", l0=139)
+    explicit = LocalSAEConfig(path=tmp_path, width="16k", l0=139)
     assert resolve_sae_files(explicit, [5], model_id="m", embedding_dim=8)[5].path.parent.name == "average_l0_139"
 
 
 def test_local_tree_errors_name_what_is_missing(tmp_path: Path) -> None:
     local_tree(tmp_path, 5, [22])
     with pytest.raises(SAEError, match=r"no average_l0_50 \(available: \[22\]\)"):
-        resolve_sae_files(SAEConfig(source="local", path=tmp_path, l0=50), [5], model_id="m", embedding_dim=8)
+        resolve_sae_files(LocalSAEConfig(path=tmp_path, l0=50), [5], model_id="m", embedding_dim=8)
     with pytest.raises(SAEError, match="no SAE for layer 6 at width 16k"):
-        resolve_sae_files(SAEConfig(source="local", path=tmp_path), [6], model_id="m", embedding_dim=8)
+        resolve_sae_files(LocalSAEConfig(path=tmp_path), [6], model_id="m", embedding_dim=8)
 
 
 def test_one_npz_file_serves_one_layer_only(tmp_path: Path) -> None:
     file = write_params_npz(random_sae_arrays(8, 16, seed=0), tmp_path / "params.npz")
-    config = SAEConfig(source="local", path=file)
+    config = LocalSAEConfig(path=file)
     assert resolve_sae_files(config, [2], model_id="m", embedding_dim=8)[2].path == file
     with pytest.raises(SAEError, match="one params.npz given but 2 layers"):
         resolve_sae_files(config, [2, 3], model_id="m", embedding_dim=8)

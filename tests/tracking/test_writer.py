@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE, RESOURCE_EXHAUSTED
 
-from runner.config.schema import load_experiment
+from runner.config.loading import load_experiment
 from runner.errors import TrackingUnavailable
 from runner.plan.points import SteeringPoint
 from runner.plan.prepare import LocalExecutor, prepare_sweep, run_sweep, spool_path

@@ -1,0 +1,93 @@
+"""Loading an experiment file: YAML, `--set` overrides and `prompts: {file: ...}`, each failure one line."""
+
+import pytest
+
+from runner.config.loading import load_experiment
+from tests.config.experiment_files import MINIMAL, error_of, write
+
+
+def test_overrides_set_scalars_lists_list_items_and_mapping_keys(tmp_path):
+    path = write(tmp_path, MINIMAL + "cluster: {resources: {CPU: 2}}\n")
+    config = load_experiment(
+        path,
+        [
+            "steering.scales=[0, 10, 20]",
+            "steering.features.1=7",
+            "sampling.temperature=0.7",
+            "cluster.resources.TPU=4",
+            "tracking.experiment=other",
+        ],
+    )
+    assert config.steering.scales == [0.0, 10.0, 20.0]
+    assert config.steering.features == [0, 7]
+    assert config.sampling.temperature == 0.7
+    assert config.cluster.resources == {"CPU": 2.0, "TPU": 4.0}
+    assert config.tracking.experiment == "other"
+    assert load_experiment(path).steering.scales == [0.0, 8.5], "the file itself is untouched"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "steering.colour=red",
+            "--set steering.colour: unknown field 'steering.colour' (allowed: layers, features, scales, seeds, "
+            "mode, positions)",
+        ),
+        ("colour=red", "--set colour: unknown field 'colour' (allowed: name, model, sae, prompts, steering,"),
+        ("steering.scales.5=1", "--set steering.scales.5: no item '5' (the list has 2 items)"),
+        ("steering.scales", "--set 'steering.scales': expected KEY=VALUE"),
+        ("steering.scales=[0, abc]", "steering.scales.1: 'abc' is not a number"),
+        ("steering.scales=[0, 1", "--set steering.scales: invalid YAML"),
+    ],
+)
+def test_bad_overrides_are_one_line_errors(tmp_path, override, expected):
+    assert error_of(write(tmp_path), [override]).startswith(expected)
+
+
+def test_prompts_file_is_read_relative_to_the_yaml(tmp_path):
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "prompts.txt").write_text("first prompt\n\n   \nsecond — prompt\n", encoding="utf-8")
+    text = MINIMAL.replace('prompts: ["The weather today is", "My favourite city is"]', "prompts: {file: prompts.txt}")
+    config = load_experiment(write(tmp_path / "exp", text))
+    assert config.prompts == ("first prompt", "second — prompt")
+
+
+def test_missing_prompts_file_names_it(tmp_path):
+    text = MINIMAL.replace('prompts: ["The weather today is", "My favourite city is"]', "prompts: {file: gone.txt}")
+    assert error_of(write(tmp_path, text)) == f"prompts.file: {str(tmp_path / 'gone.txt')!r} not found"
+
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("name: [unclosed\n", "invalid YAML at line 2, column 1"),
+        ("- a\n- b\n", "the top level must be a mapping of fields (allowed: name, model,"),
+        ("", "the top level must be a mapping of fields"),
+    ],
+)
+def test_unreadable_files_are_one_line_errors(tmp_path, text, expected):
+    assert error_of(write(tmp_path, text)).startswith(expected)
+
+
+def test_missing_file(tmp_path):
+    assert error_of(tmp_path / "nope.yaml") == "file not found"
+
+
+
+def test_loader_uses_safe_yaml(tmp_path):
+    text = MINIMAL.replace("name: demo", "name: !!python/object/apply:os.getcwd []")
+    assert error_of(write(tmp_path, text)).startswith("invalid YAML")
+
+
+
+
+def test_an_override_may_name_a_field_of_any_source_of_a_section(tmp_path):
+    path = write(tmp_path)
+    config = load_experiment(path, ["model.variant=gemma2-2b", "model.source=kaggle"])
+    assert (config.model.source, config.model.variant) == ("kaggle", "gemma2-2b")
+    assert error_of(path, ["model.colour=red"]) == (
+        "--set model.colour: unknown field 'model.colour' (allowed: source, preset, seed, dtype, upcast_activations, "
+        "variant, path, repo_id)"
+    )
