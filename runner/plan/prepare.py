@@ -1,39 +1,29 @@
-"""The driver of a steering sweep: config -> checked plan -> jobs -> worker -> results -> MLflow.
+"""The planner: config -> checked plan (points, jobs, SAE files) for `runner.driver.run_sweep`.
 
 `prepare_sweep` does every check that can fail on user input (checkpoint layout, SAE files, layer and feature
-ranges, prompt lengths) before anything is written to MLflow; `run_sweep` then opens the sweep's parent run,
-skips points that already finished (resume), runs the rest in jobs, and logs each point as it completes.
+ranges, prompt lengths) before anything is written to MLflow; `outline` is what `runner validate` prints.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import dataclasses
 import math
-import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 from runner.config.schema import ExperimentConfig
-from runner.errors import PlanError, SAEError, TrackingUnavailable
+from runner.errors import PlanError, SAEError
 from runner.model import tokenizer as tokenizer_lib
 from runner.model.architecture import Gemma2Architecture
 from runner.model.loading import read_architecture, resolve_model_location
 from runner.nn.sites import site_width
 from runner.plan import points as plan
 from runner.plan.points import Job, Point
-from runner.results import Result
 from runner.sae.jumprelu import read_params_npz
 from runner.sae.sources import SAEFile, resolve_sae_file, resolve_sae_files, width_latents
 from runner.sae_eval import text_sets
 from runner.sae_eval.text_sets import EvalTokens
-
-if TYPE_CHECKING:
-    from runner.tracking.store import SweepTracker
-    from runner.tracking.writer import Spool
 
 #: Largest batch chosen automatically when `sampling.batch_size` is `auto`.
 MAX_AUTO_BATCH = 64
@@ -92,35 +82,6 @@ class SweepPlan:
 
         chunks = [chunk for job in self.jobs for chunk in plan.split_by_generations(job.points, self.batch_size)]
         return max((point_bucket(len(chunk), self.batch_size) for chunk in chunks), default=self.batch_size)
-
-
-@dataclasses.dataclass(frozen=True)
-class SweepSummary:
-    """How a sweep ended.
-
-    Attributes:
-      seconds: Wall time of `run_sweep`.
-      tracking_seconds: Time spent logging to MLflow (opening the sweep, the tracking thread's work, closing it),
-        mostly while the workers computed.
-      tracking_wait_seconds: The part of `seconds` the sweep spent waiting on MLflow alone: the opening not
-        hidden behind the workers' start-up, the results still to log after the last job, the closing not
-        hidden behind the workers' shut-down.
-    """
-
-    sweep_id: str
-    parent_run_id: str
-    experiment_id: str | None
-    points_total: int
-    points_skipped: int
-    points_finished: int
-    points_failed: int
-    generated_tokens: int
-    seconds: float
-    tracking_seconds: float
-    compilations: int
-    tracking_wait_seconds: float = 0.0
-    points_from_spool: int = 0
-    faults: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def prepare_sweep(config: ExperimentConfig, cache_dir: Path) -> SweepPlan:
@@ -367,212 +328,3 @@ def _sae_latents(config: ExperimentConfig, width: str, arch: Gemma2Architecture)
     if config.sae.source == "synthetic" and config.kind == "steering":
         return int(config.sae.width_features or 4 * arch.embedding_dim)
     return width_latents(width)
-
-
-ProgressCallback = Callable[[int, int, int, int], None]
-ResultCallback = Callable[[Job, list[Result]], None]
-FailureCallback = Callable[[Job, str, int], None]
-
-
-class JobExecutor(Protocol):
-    """Runs jobs somewhere and reports each one back on the calling thread."""
-
-    def run(self, jobs: Sequence[Job], on_result: ResultCallback, on_failure: FailureCallback) -> None:
-        """Runs every job; calls `on_result(job, results)` or `on_failure(job, error_text, attempt)` per job."""
-
-    @property
-    def compilations(self) -> int:
-        """Programs compiled by the executor's workers so far."""
-
-    def fault_counts(self) -> dict[str, int]:
-        """`preemptions`, `worker_crashes` and `job_retries` of the last run."""
-
-    def start(self) -> None:
-        """Brings the workers up (they load the model); `run` does it too. Does nothing when already started."""
-
-    def close(self) -> None:
-        """Releases the workers; does nothing when they are not up."""
-
-
-class LocalExecutor:
-    """Runs jobs in this process on one worker of the sweep's kind (built on first use, or `worker`: one already
-    built for the same model, SAEs and shapes, e.g. from an earlier sweep); a job's error fails its points."""
-
-    def __init__(self, sweep_plan: SweepPlan, cache_dir: Path, worker: Any = None):
-        self._plan = sweep_plan
-        self._cache_dir = cache_dir
-        self._worker: Any = worker
-
-    @property
-    def worker(self) -> Any:
-        """The worker, once built."""
-        return self._worker
-
-    @property
-    def compilations(self) -> int:
-        """Programs compiled by the local worker so far."""
-        return self._worker.compilations if self._worker is not None else 0
-
-    def fault_counts(self) -> dict[str, int]:
-        """No host to lose, and no retries: a job's error fails its points at once."""
-        return {"preemptions": 0, "worker_crashes": 0, "job_retries": 0}
-
-    def start(self) -> None:
-        """Nothing to start ahead: the worker is built by the first `run` that has jobs (a resumed sweep with
-        nothing left to do loads no model)."""
-
-    def close(self) -> None:
-        """Nothing to release: the worker is this process."""
-
-    def run(self, jobs: Sequence[Job], on_result: ResultCallback, on_failure: FailureCallback) -> None:
-        """Runs the jobs one after another."""
-        from runner.execution.workers import (
-            worker_class_for,  # JAX model code is imported only when a sweep really runs.
-        )
-
-        if self._worker is None and jobs:
-            worker_class = worker_class_for(self._plan.config.kind)
-            self._worker = worker_class(**self._plan.worker_args(), cache_dir=self._cache_dir)
-        for job in jobs:
-            try:
-                results = self._worker.run_job(job)
-            except Exception as error:  # noqa: BLE001 - the job's own error: its points fail, the sweep goes on
-                on_failure(job, f"{type(error).__name__}: {error}", 1)
-            else:
-                on_result(job, results)
-
-
-def spool_path(output_dir: Path, sweep_id: str) -> Path:
-    """Where a sweep's results wait while the tracking server is unreachable."""
-    return Path(output_dir) / ".runner" / "spool" / f"{sweep_id}.jsonl"
-
-
-def run_sweep(
-    sweep_plan: SweepPlan,
-    *,
-    cache_dir: Path,
-    executor: JobExecutor | None = None,
-    progress: ProgressCallback | None = None,
-    output_dir: Path | None = None,
-) -> SweepSummary:
-    """Runs the planned sweep and logs every point to MLflow (this process is the only MLflow writer).
-
-    Points whose child run already FINISHED are skipped, so re-running a sweep resumes it; results spooled by an
-    earlier run whose tracking server went away (`output_dir/.runner/spool/`) are logged first, without being
-    computed again. Results are logged by a tracking thread while the executor goes on (`TrackingWriter`).
-    `executor` defaults to a `LocalExecutor`. `progress` is called after every logged job with (points done,
-    points to run, failures, tokens).
-
-    Raises:
-      TrackingUnavailable: The tracking server stayed unreachable for `tracking.retry_timeout_s`; the finished
-        results are in the spool for the next run.
-    """
-    config = sweep_plan.config
-    executor = executor if executor is not None else LocalExecutor(sweep_plan, cache_dir)
-    # MLflow takes a second or two to import and a new database as long to create: both happen on the tracking
-    # set-up thread (`open_and_catch_up`) while Ray and the workers start on this one.
-    tracker: SweepTracker | None = None
-    spool: Spool | None = None
-    started = time.perf_counter()
-    counts = {"finished": 0, "failed": 0, "tokens": 0, "to_run": 0}
-    counts_lock = threading.Lock()
-
-    def on_logged(finished: int, failed: int, tokens: int) -> None:
-        with counts_lock:
-            counts["finished"] += finished
-            counts["failed"] += failed
-            counts["tokens"] += tokens
-            done, to_run = counts["finished"] + counts["failed"], counts["to_run"]
-        if progress is not None:
-            progress(done, to_run, counts["failed"], counts["tokens"])
-
-    by_key = {point.point_key: point for point in sweep_plan.points}
-
-    def open_and_catch_up() -> tuple[str, list[Result], set[str], float]:
-        """Connects to the tracking store, opens the sweep, finds its finished points and logs what an earlier run
-        left in the spool."""
-        nonlocal tracker, spool
-        from runner.tracking.store import SweepTracker
-        from runner.tracking.writer import Spool
-
-        opened = time.perf_counter()
-        spool = Spool(spool_path(output_dir if output_dir is not None else Path.cwd(), sweep_plan.sweep_id))
-        tracker = SweepTracker(config.tracking.uri, config.tracking.experiment)
-        parent = tracker.open_sweep(config, sweep_plan.sweep_id, len(sweep_plan.points))
-        done = tracker.finished_point_keys()
-        spooled = [r for r in spool.read() if r.point_key in by_key and r.point_key not in done]
-        for result in spooled:
-            tracker.log_point(by_key[result.point_key], result)
-        spool.clear()
-        seconds = time.perf_counter() - opened
-        tracker.warm_up_plots()
-        return parent, spooled, done | {result.point_key for result in spooled}, seconds
-
-    def finish() -> float:
-        finishing = time.perf_counter()
-        tracker.finish()
-        return time.perf_counter() - finishing
-
-    background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="runner-tracking-setup")
-    opening = background.submit(open_and_catch_up)
-    try:
-        executor.start()  # Ray and the workers come up while the tracker opens (Ray wants the main thread)
-        waiting = time.perf_counter()
-        parent_run_id, spooled, done_keys, setup_seconds = opening.result()
-        tracking_wait = time.perf_counter() - waiting
-        from runner.tracking.writer import RetryPolicy, TrackingWriter  # imported by the set-up thread by now
-
-        remaining = [point for point in sweep_plan.points if point.point_key not in done_keys]
-        counts["to_run"] = len(remaining)
-        patience = config.tracking.retry_timeout_s
-        writer = TrackingWriter(
-            tracker, spool, RetryPolicy(max_delay_s=min(30.0, patience / 10), give_up_after_s=patience), on_logged
-        )
-        try:
-            executor.run(
-                sweep_plan.pack(remaining),
-                lambda job, results: writer.put_results(job.points, results),
-                lambda job, error, attempt: writer.put_failure(job.points, error, attempt),
-            )
-        except TrackingUnavailable:
-            writer.close(abandon=True)  # raises it again, saying where the unlogged results are kept
-            raise
-        except BaseException:
-            with contextlib.suppress(TrackingUnavailable):
-                writer.close(abandon=True)
-            raise
-        waiting = time.perf_counter()
-        writer.close()  # the results still queued when the last job came back
-        faults = executor.fault_counts()
-        tracker.log_sweep_metrics(faults)
-        tracking_wait += time.perf_counter() - waiting
-        finishing = background.submit(finish)  # the table and plots, while the workers and Ray shut down
-        executor.close()
-        waiting = time.perf_counter()
-        close_seconds = finishing.result()
-        tracking_wait += time.perf_counter() - waiting
-    except BaseException as error:
-        with contextlib.suppress(BaseException):
-            opening.result()  # an interrupt may come while the sweep is being opened: close what was opened
-        if tracker is not None:
-            tracker.abort(error)
-        raise
-    finally:
-        executor.close()
-        background.shutdown(wait=True)
-    return SweepSummary(
-        sweep_id=sweep_plan.sweep_id,
-        parent_run_id=parent_run_id,
-        experiment_id=tracker.experiment_id,
-        points_total=len(sweep_plan.points),
-        points_skipped=len(sweep_plan.points) - len(remaining) - len(spooled),
-        points_finished=counts["finished"] + len(spooled),
-        points_failed=counts["failed"],
-        generated_tokens=counts["tokens"],
-        seconds=time.perf_counter() - started,
-        tracking_seconds=setup_seconds + writer.busy_seconds + close_seconds,
-        tracking_wait_seconds=tracking_wait,
-        compilations=executor.compilations,
-        points_from_spool=len(spooled),
-        faults=faults,
-    )

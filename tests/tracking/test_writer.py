@@ -12,8 +12,10 @@ import yaml
 from mlflow import MlflowClient
 
 from runner.config.schema import load_experiment
+from runner.driver import run_sweep, spool_path
 from runner.errors import TrackingUnavailable
-from runner.plan.prepare import LocalExecutor, prepare_sweep, run_sweep, spool_path
+from runner.execution.local import LocalExecutor
+from runner.plan.prepare import prepare_sweep
 from runner.tracking.writer import Spool
 from tests.mlflow_server import MlflowServer
 
