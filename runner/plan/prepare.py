@@ -1,39 +1,43 @@
-"""The planner: config -> checked plan (points, jobs, SAE files) for `runner.driver.run_sweep`.
+"""The planner: config -> points -> jobs, with the SAEs and the memory of a batch, from what is known.
 
-`prepare_sweep` does every check that can fail on user input (checkpoint layout, SAE files, layer and feature
-ranges, prompt lengths) before anything is written to MLflow; `outline` is what `runner validate` prints.
+`plan_sweep` is the one planner. `prepare_sweep` (`runner run`) gives it everything, resolved (`ResolvedFacts`),
+and refuses, before anything runs or is written to MLflow, what cannot run: layers, features or prompts out of
+the model's or SAEs' range. `outline` (`runner validate`) gives it what is known without a download
+(`OfflineFacts`) and describes the sweep (`SweepOutline`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from runner.config.schema import ExperimentConfig
-from runner.errors import PlanError, SAEError
-from runner.model import tokenizer as tokenizer_lib
+from runner.errors import PlanError
 from runner.model.architecture import Gemma2Architecture
-from runner.model.loading import read_architecture, resolve_model_location
 from runner.nn.sites import site_width
+from runner.plan import memory
 from runner.plan import points as plan
-from runner.plan.points import Job, Point
-from runner.sae.jumprelu import read_params_npz
-from runner.sae.sources import SAEFile, resolve_sae_file, resolve_sae_files, width_latents
-from runner.sae_eval import text_sets
+from runner.plan.facts import L0, OfflineFacts, ResolvedFacts, SweepFacts
+from runner.plan.memory import BatchMemory
+from runner.plan.points import Job, Point, SteeringPoint
+from runner.sae.sources import SAEFile, synthetic_sae_width
 from runner.sae_eval.text_sets import EvalTokens
 
 #: Largest batch chosen automatically when `sampling.batch_size` is `auto`.
 MAX_AUTO_BATCH = 64
 #: Most SAEs in one evaluation job when `sae_eval.saes_per_job` is `auto`.
 MAX_AUTO_SAES_PER_JOB = 8
+#: The evaluation text of an offline plan, which does not read it.
+UNREAD_TEXT = "not read"
 
 
 @dataclasses.dataclass(frozen=True)
 class SweepPlan:
-    """Everything a sweep needs, checked: the points, their jobs, and the resolved files.
+    """Everything a sweep needs: the points, their jobs, the SAEs and the memory estimate (checked and resolved
+    when made by `prepare_sweep`; from what is known offline when made for `outline`).
 
     Attributes:
       config: The experiment.
@@ -41,11 +45,12 @@ class SweepPlan:
       points: Every point, in sweep order.
       jobs: The points packed into jobs.
       batch_size: Rows of each compiled batch (steering: generations; SAE evaluation: sequences).
-      architecture: The model's architecture (from checkpoint metadata).
-      sae_files: Every SAE of the sweep, by SAE id.
-      d_sae: Latent count of each SAE, by SAE id.
-      prompt_token_counts: Tokens of each prompt (BOS included; steering only).
-      eval_tokens: The evaluation set (SAE evaluation only).
+      architecture: The model's architecture (from checkpoint metadata; offline: the published one, or None).
+      sae_files: Every SAE of the sweep, by SAE id (offline: placeholders).
+      d_sae: Latent count of each SAE, by SAE id (offline: those its width label names).
+      memory: Estimated bytes of a worker's batch; None when the architecture is unknown.
+      prompt_token_counts: Tokens of each prompt (BOS included; steering only; offline: estimated).
+      eval_tokens: The evaluation set (SAE evaluation only; offline: None).
       saes_per_job: SAEs evaluated together (SAE evaluation only).
     """
 
@@ -54,9 +59,10 @@ class SweepPlan:
     points: tuple[Point, ...]
     jobs: tuple[Job, ...]
     batch_size: int
-    architecture: Gemma2Architecture
+    architecture: Gemma2Architecture | None
     sae_files: dict[str, SAEFile]
     d_sae: dict[str, int]
+    memory: BatchMemory | None = None
     prompt_token_counts: tuple[int, ...] = ()
     eval_tokens: EvalTokens | None = None
     saes_per_job: int = 1
@@ -86,66 +92,43 @@ class SweepPlan:
 
 def prepare_sweep(config: ExperimentConfig, cache_dir: Path) -> SweepPlan:
     """Resolves and checks everything the sweep needs; raises a one-line `RunnerError` on bad input."""
-    location = resolve_model_location(config.model, cache_dir)
-    arch = read_architecture(location)
-    tokenizer = tokenizer_lib.load_tokenizer(location.tokenizer_path)
+    facts = ResolvedFacts.read(config, cache_dir)
+    _check_model_fits(config, facts.architecture)  # before any SAE is resolved (which may download)
+    sweep_plan = plan_sweep(config, facts)
+    _check_steering_fits(sweep_plan)
+    return sweep_plan
+
+
+def plan_sweep(config: ExperimentConfig, facts: SweepFacts) -> SweepPlan:
+    """The sweep's points, jobs, SAEs and memory estimate, from what `facts` know (see `runner.plan.facts`)."""
     if config.kind == "sae_eval":
-        return _prepare_sae_eval(config, arch, tokenizer)
-    return _prepare_steering(config, arch, tokenizer)
+        return _plan_sae_eval(config, facts)
+    return _plan_steering(config, facts)
 
 
-def _check_layers(layers: Sequence[int], arch: Gemma2Architecture, field: str) -> None:
-    bad_layers = [layer for layer in layers if layer >= arch.num_layers]
-    if bad_layers:
-        raise PlanError(
-            f"{field}: {bad_layers} out of range (allowed: 0..{arch.num_layers - 1}, "
-            f"the model has {arch.num_layers} blocks)"
-        )
-
-
-def _latent_count(config: ExperimentConfig, sae_file: SAEFile, arch: Gemma2Architecture) -> int:
-    """The SAE's width, read from its file (synthetic: the width it will be written with)."""
-    if sae_file.path is None:
-        return int(sae_file.width)
-    d_sae = read_params_npz(sae_file.path, expected_d_in=site_width(arch, sae_file.site))["W_enc"].shape[1]
-    if config.sae.source == "huggingface" and d_sae != width_latents(sae_file.width):
-        raise SAEError(f"{sae_file.path}: holds {d_sae} latents but width {sae_file.width} has "
-                       f"{width_latents(sae_file.width)}")
-    return d_sae
-
-
-def _prepare_steering(config: ExperimentConfig, arch: Gemma2Architecture, tokenizer: Any) -> SweepPlan:
-    steering = config.steering
-    _check_layers(steering.layers, arch, "steering.layers")
-    model_name = plan.model_id(config.model)
-    by_layer = resolve_sae_files(
-        config.sae, steering.layers, model_id=model_name, embedding_dim=arch.embedding_dim
-    )
-    d_sae = {}
-    for layer, sae_file in by_layer.items():
-        d_sae[sae_file.sae_id] = _latent_count(config, sae_file, arch)
-        bad_features = [feature for feature in steering.features if feature >= d_sae[sae_file.sae_id]]
-        if bad_features:
-            raise PlanError(
-                f"steering.features: {bad_features} out of range for the layer-{layer} SAE "
-                f"(allowed: 0..{d_sae[sae_file.sae_id] - 1})"
-            )
-
-    counts = tuple(len(tokenizer_lib.encode_prompt(tokenizer, prompt)) for prompt in config.prompts)
-    limit = arch.context_length - config.sampling.max_new_tokens
-    for index, count in enumerate(counts):
-        if count > limit:
-            raise PlanError(
-                f"prompts.{index}: {count} tokens plus sampling.max_new_tokens={config.sampling.max_new_tokens} "
-                f"exceed the model's context of {arch.context_length} tokens"
-            )
-
+def _plan_steering(config: ExperimentConfig, facts: SweepFacts) -> SweepPlan:
+    arch = facts.architecture
+    layers = config.steering.layers
+    width, l0 = steering_sae_labels(config, arch)
+    by_layer = {layer: facts.sae_file(layer, width=width, l0=l0, num_layers=len(layers)) for layer in layers}
+    d_sae = _latent_counts(facts, by_layer.values())
+    counts = facts.prompt_token_counts(config.prompts)
     points = plan.expand_points(
         config,
         {layer: sae_file.sae_id for layer, sae_file in by_layer.items()},
         lambda layer, feature: by_layer[layer].neuronpedia_url(feature),
     )
     batch_size = job_size(config, points)
+    estimate = None
+    if arch is not None:
+        from runner.steering.sampler import prompt_bucket
+
+        parameter_bytes, activation_bytes = memory.value_bytes(config.model, facts.is_synthetic)
+        estimate = memory.estimate_batch_memory(
+            arch, prompt_len=prompt_bucket(max(counts)), max_new_tokens=config.sampling.max_new_tokens,
+            parameter_bytes=parameter_bytes, activation_bytes=activation_bytes,
+            sae_widths=[d_sae[by_layer[layer].sae_id] for layer in layers],
+        )
     return SweepPlan(
         config=config,
         sweep_id=plan.sweep_id(config),
@@ -155,52 +138,39 @@ def _prepare_steering(config: ExperimentConfig, arch: Gemma2Architecture, tokeni
         architecture=arch,
         sae_files={sae_file.sae_id: sae_file for sae_file in by_layer.values()},
         d_sae=d_sae,
+        memory=estimate,
         prompt_token_counts=counts,
     )
 
 
-def evaluated_layers(config: ExperimentConfig, num_layers: int) -> list[int]:
-    """`sae_eval.layers` with `all` resolved to every block of the model."""
-    layers = config.sae_eval.layers
-    return list(range(num_layers)) if layers == "all" else list(layers)
-
-
-def saes_per_job(config: ExperimentConfig, num_points: int) -> int:
-    """`sae_eval.saes_per_job`, or with `auto` the points shared evenly over the workers, at most
-    `MAX_AUTO_SAES_PER_JOB` (a job is also what a resumed sweep reruns after a crash)."""
-    requested = config.sae_eval.saes_per_job
-    if requested != "auto":
-        return requested
-    return max(1, min(MAX_AUTO_SAES_PER_JOB, math.ceil(num_points / config.cluster.workers)))
-
-
-def _prepare_sae_eval(config: ExperimentConfig, arch: Gemma2Architecture, tokenizer: Any) -> SweepPlan:
+def _plan_sae_eval(config: ExperimentConfig, facts: SweepFacts) -> SweepPlan:
     grid = config.sae_eval
-    layers = evaluated_layers(config, arch.num_layers)
-    _check_layers(layers, arch, "sae_eval.layers")
-    if grid.context_length > arch.context_length:
-        raise PlanError(f"sae_eval.context_length: {grid.context_length} exceeds the model's context of "
-                        f"{arch.context_length} tokens")
-    model_name = plan.model_id(config.model)
-    files: dict[tuple[int, str, str], SAEFile] = {}
-    for layer in layers:
-        for width in grid.widths:
-            for l0 in grid.l0s:
-                files[(layer, width, str(l0))] = resolve_sae_file(
-                    config.sae, layer, width=width, l0=l0, model_id=model_name, num_layers=len(layers)
-                )
-    d_sae = {sae_file.sae_id: _latent_count(config, sae_file, arch) for sae_file in files.values()}
-    eval_tokens = text_sets.load_eval_tokens(
-        grid.text, tokenizer, context_length=grid.context_length, num_sequences=grid.num_sequences
-    )
+    arch = facts.architecture
+    layers = evaluated_layers(config, arch)
+    files = {
+        (layer, width, str(l0)): facts.sae_file(layer, width=width, l0=l0, num_layers=len(layers))
+        for layer in layers
+        for width in grid.widths
+        for l0 in grid.l0s
+    }
+    d_sae = _latent_counts(facts, files.values())
+    eval_tokens = facts.eval_tokens(grid)
     points = plan.expand_sae_eval_points(
         config,
         layers,
         {key: sae_file.sae_id for key, sae_file in files.items()},
-        text=eval_tokens.description,
-        text_digest=eval_tokens.digest,
+        text=eval_tokens.description if eval_tokens is not None else UNREAD_TEXT,
+        text_digest=eval_tokens.digest if eval_tokens is not None else UNREAD_TEXT,
     )
     per_job = saes_per_job(config, len(points))
+    estimate = None
+    if arch is not None:
+        parameter_bytes, activation_bytes = memory.value_bytes(config.model, facts.is_synthetic)
+        estimate = memory.estimate_eval_memory(
+            arch, context_length=grid.context_length, parameter_bytes=parameter_bytes,
+            activation_bytes=activation_bytes, sae_widths=[max(d_sae.values())] * per_job,
+            site_width=site_width(arch, config.sae.site), captures=2 * per_job,
+        )
     return SweepPlan(
         config=config,
         sweep_id=plan.sweep_id(config),
@@ -210,12 +180,37 @@ def _prepare_sae_eval(config: ExperimentConfig, arch: Gemma2Architecture, tokeni
         architecture=arch,
         sae_files={sae_file.sae_id: sae_file for sae_file in files.values()},
         d_sae=d_sae,
+        memory=estimate,
         eval_tokens=eval_tokens,
         saes_per_job=per_job,
     )
 
 
-def job_size(config: ExperimentConfig, points: Sequence[plan.SteeringPoint]) -> int:
+def _latent_counts(facts: SweepFacts, sae_files: Iterable[SAEFile]) -> dict[str, int]:
+    """Latents of each SAE whose width is known, by SAE id."""
+    counts = {sae_file.sae_id: facts.latents(sae_file) for sae_file in sae_files}
+    return {sae_id: count for sae_id, count in counts.items() if count is not None}
+
+
+def steering_sae_labels(config: ExperimentConfig, arch: Gemma2Architecture | None) -> tuple[str | None, L0]:
+    """The width label and L0 of a steering sweep's SAEs: the config's, or for synthetic SAEs the latent count
+    they are written with (`synthetic_sae_width`; None while the model's width is unknown) and their target L0."""
+    sae = config.sae
+    if sae.source != "synthetic":
+        return sae.width, sae.l0
+    return (str(synthetic_sae_width(sae, arch.embedding_dim)) if arch is not None else None), sae.target_l0
+
+
+def evaluated_layers(config: ExperimentConfig, arch: Gemma2Architecture | None) -> list[int]:
+    """`sae_eval.layers`, with `all` resolved to every block of the model (none while its architecture is
+    unknown)."""
+    layers = config.sae_eval.layers
+    if layers != "all":
+        return list(layers)
+    return list(range(arch.num_layers)) if arch is not None else []
+
+
+def job_size(config: ExperimentConfig, points: Sequence[SteeringPoint]) -> int:
     """Distinct generations per job: `sampling.batch_size`, or with `auto` the generations shared evenly over
     as few jobs as hold at most `MAX_AUTO_BATCH` each, their count a multiple of the workers (so no job runs a
     mostly empty batch). A worker may then run a job in smaller batches that fit its device."""
@@ -230,9 +225,62 @@ def job_size(config: ExperimentConfig, points: Sequence[plan.SteeringPoint]) -> 
     return max(1, math.ceil(generations / jobs))
 
 
+def saes_per_job(config: ExperimentConfig, num_points: int) -> int:
+    """`sae_eval.saes_per_job`, or with `auto` the points shared evenly over the workers, at most
+    `MAX_AUTO_SAES_PER_JOB` (a job is also what a resumed sweep reruns after a crash)."""
+    requested = config.sae_eval.saes_per_job
+    if requested != "auto":
+        return requested
+    return max(1, min(MAX_AUTO_SAES_PER_JOB, math.ceil(num_points / config.cluster.workers)))
+
+
+def _check_model_fits(config: ExperimentConfig, arch: Gemma2Architecture) -> None:
+    """Refuses layers the model does not have and an evaluation context longer than the model's."""
+    if config.kind == "steering":
+        _check_layers(config.steering.layers, arch, "steering.layers")
+        return
+    grid = config.sae_eval
+    _check_layers(evaluated_layers(config, arch), arch, "sae_eval.layers")
+    if grid.context_length > arch.context_length:
+        raise PlanError(f"sae_eval.context_length: {grid.context_length} exceeds the model's context of "
+                        f"{arch.context_length} tokens")
+
+
+def _check_layers(layers: Sequence[int], arch: Gemma2Architecture, field: str) -> None:
+    bad_layers = [layer for layer in layers if layer >= arch.num_layers]
+    if bad_layers:
+        raise PlanError(
+            f"{field}: {bad_layers} out of range (allowed: 0..{arch.num_layers - 1}, "
+            f"the model has {arch.num_layers} blocks)"
+        )
+
+
+def _check_steering_fits(sweep_plan: SweepPlan) -> None:
+    """Refuses features beyond an SAE's latents and prompts that leave no room in the context for the
+    generation."""
+    config = sweep_plan.config
+    if config.kind != "steering":
+        return
+    for sae_file in sweep_plan.sae_files.values():
+        d_sae = sweep_plan.d_sae[sae_file.sae_id]
+        bad_features = [feature for feature in config.steering.features if feature >= d_sae]
+        if bad_features:
+            raise PlanError(
+                f"steering.features: {bad_features} out of range for the layer-{sae_file.layer} SAE "
+                f"(allowed: 0..{d_sae - 1})"
+            )
+    limit = sweep_plan.architecture.context_length - config.sampling.max_new_tokens
+    for index, count in enumerate(sweep_plan.prompt_token_counts):
+        if count > limit:
+            raise PlanError(
+                f"prompts.{index}: {count} tokens plus sampling.max_new_tokens={config.sampling.max_new_tokens} "
+                f"exceed the model's context of {sweep_plan.architecture.context_length} tokens"
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class SweepOutline:
-    """A sweep's size and what each worker needs, worked out without downloading or loading a model.
+    """A sweep's size and what each worker needs, as `runner validate` prints it.
 
     Attributes:
       sweep_id: Identity of the sweep's results.
@@ -256,75 +304,41 @@ class SweepOutline:
 
 
 def outline(config: ExperimentConfig) -> SweepOutline:
-    """What `runner validate` reports (see `SweepOutline`). SAE ids are placeholders (resolving them may download),
-    which gives the same points and jobs."""
-    from runner.model.loading import planning_architecture
-    from runner.plan import memory
-    from runner.steering.sampler import prompt_bucket
+    """What `runner validate` reports: the plan from what is known without downloading or loading a model
+    (`OfflineFacts`: SAE ids are placeholders, which gives the same points and jobs)."""
+    return outline_of(plan_sweep(config, OfflineFacts(config)))
 
-    arch = planning_architecture(config.model)
-    parameter_bytes = 4 if config.model.dtype == "float32" or (
-        config.model.dtype == "auto" and config.model.source == "synthetic") else 2
-    activation_bytes = 4 if config.model.upcast_activations else parameter_bytes
+
+def outline_of(sweep_plan: SweepPlan) -> SweepOutline:
+    """The outline of a plan (see `SweepOutline`)."""
+    config = sweep_plan.config
     if config.kind == "steering":
         steering = config.steering
-        points = plan.expand_points(config, {layer: f"layer-{layer}-sae" for layer in steering.layers})
-        size = job_size(config, points)
-        jobs = len(plan.pack_jobs(points, size))
-        generations = len({point.generation_key for point in points})
+        generations = len({point.generation_key for point in sweep_plan.points})
+        size = sweep_plan.batch_size
         grid = (f"{len(config.prompts)} prompts x {len(steering.layers)} layers x {len(steering.features)} features "
                 f"x {len(steering.scales)} scales x {len(steering.seeds)} seeds; {generations} generations (scale-0 "
                 "baselines shared)")
         tokens = generations * config.sampling.max_new_tokens
-        estimate = None
-        if arch is not None:
-            # About 3 bytes of English per token: a conservative prompt length before the tokenizer is at hand.
-            longest = max(math.ceil(len(prompt.encode("utf-8")) / 3) + 1 for prompt in config.prompts)
-            width = _sae_latents(config, config.sae.width, arch)
-            estimate = memory.estimate_batch_memory(
-                arch, prompt_len=prompt_bucket(longest), max_new_tokens=config.sampling.max_new_tokens,
-                parameter_bytes=parameter_bytes, activation_bytes=activation_bytes,
-                sae_widths=[width] * len(steering.layers),
-            )
-            sae_bytes = len(steering.layers) * 2 * arch.embedding_dim * width * 4
     else:
         grid_config = config.sae_eval
-        layers = evaluated_layers(config, arch.num_layers) if arch is not None else grid_config.layers
-        num_layers = len(layers) if layers != "all" else None
-        count = (num_layers or 0) * len(grid_config.widths) * len(grid_config.l0s)
-        size = saes_per_job(config, count) if count else 1
-        jobs = math.ceil(count / size)
-        points = [None] * count
-        layer_words = f"{num_layers} layers" if num_layers is not None else "every layer (count known after download)"
+        size = sweep_plan.saes_per_job
+        known = grid_config.layers != "all" or sweep_plan.architecture is not None
+        num_layers = len(evaluated_layers(config, sweep_plan.architecture))
+        layer_words = f"{num_layers} layers" if known else "every layer (count known after download)"
         grid = (f"{layer_words} x {len(grid_config.widths)} widths x {len(grid_config.l0s)} L0s of the "
                 f"{config.sae.site} site; {grid_config.num_sequences} sequences of {grid_config.context_length} "
                 "tokens per SAE")
-        tokens = count * grid_config.num_sequences * grid_config.context_length
-        estimate = None
-        if arch is not None:
-            widths = [_sae_latents(config, width, arch) for width in grid_config.widths]
-            width_site = site_width(arch, config.sae.site)
-            estimate = memory.estimate_eval_memory(
-                arch, context_length=grid_config.context_length, parameter_bytes=parameter_bytes,
-                activation_bytes=activation_bytes, sae_widths=[max(widths)] * size, site_width=width_site,
-                captures=2 * size,
-            )
-            sae_bytes = size * 2 * width_site * max(widths) * 4
-    batch = size if config.kind == "steering" else config.sae_eval.batch_size
+        tokens = len(sweep_plan.points) * grid_config.num_sequences * grid_config.context_length
+    estimate, batch = sweep_plan.memory, sweep_plan.batch_size
     return SweepOutline(
-        sweep_id=plan.sweep_id(config),
-        points=len(points),
-        jobs=jobs,
+        sweep_id=sweep_plan.sweep_id,
+        points=len(sweep_plan.points),
+        jobs=len(sweep_plan.jobs),
         job_size=size,
         grid=grid,
         tokens=tokens,
         memory_bytes=estimate.total(batch) if estimate is not None else None,
-        memory_parts=(estimate.weights - sae_bytes, sae_bytes, batch * estimate.per_row) if estimate else None,
+        memory_parts=(estimate.weights - estimate.sae_weights, estimate.sae_weights, batch * estimate.per_row)
+        if estimate is not None else None,
     )
-
-
-def _sae_latents(config: ExperimentConfig, width: str, arch: Gemma2Architecture) -> int:
-    """Latents of an SAE of the config: a width label's count, or a synthetic steering SAE's width."""
-    if config.sae.source == "synthetic" and config.kind == "steering":
-        return int(config.sae.width_features or 4 * arch.embedding_dim)
-    return width_latents(width)
