@@ -109,7 +109,7 @@ def plan_sweep(config: ExperimentConfig, facts: SweepFacts) -> SweepPlan:
 def _plan_steering(config: ExperimentConfig, facts: SweepFacts) -> SweepPlan:
     arch = facts.architecture
     layers = config.steering.layers
-    width, l0 = steering_sae_labels(config, arch)
+    width, l0 = _steering_sae_labels(config, arch)
     by_layer = {layer: facts.sae_file(layer, width=width, l0=l0, num_layers=len(layers)) for layer in layers}
     d_sae = _latent_counts(facts, by_layer.values())
     counts = facts.prompt_token_counts(config.prompts)
@@ -192,7 +192,7 @@ def _latent_counts(facts: SweepFacts, sae_files: Iterable[SAEFile]) -> dict[str,
     return {sae_id: count for sae_id, count in counts.items() if count is not None}
 
 
-def steering_sae_labels(config: ExperimentConfig, arch: Gemma2Architecture | None) -> tuple[str | None, L0]:
+def _steering_sae_labels(config: ExperimentConfig, arch: Gemma2Architecture | None) -> tuple[str | None, L0]:
     """The width label and L0 of a steering sweep's SAEs: the config's, or for synthetic SAEs the latent count
     they are written with (`synthetic_sae_width`; None while the model's width is unknown) and their target L0."""
     sae = config.sae
