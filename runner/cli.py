@@ -137,7 +137,8 @@ def run(
     keep_driver_jax_on_cpu()  # before anything imports JAX: the driver must never take a host's accelerator
     from runner.config.loading import load_experiment
     from runner.config.locations import check_write_locations
-    from runner.plan.prepare import prepare_sweep, run_sweep
+    from runner.driver import run_sweep
+    from runner.plan.prepare import prepare_sweep
 
     overrides = list(set_ or [])
     if address is not None:

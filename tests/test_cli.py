@@ -143,7 +143,8 @@ def test_validate_prints_the_plan_without_a_model(tmp_path, sae_root) -> None:
 
 def test_synth_writes_a_model_and_saes_that_a_local_sweep_runs_on(tmp_path, cache_dir) -> None:
     from runner.config.loading import load_experiment
-    from runner.plan.prepare import prepare_sweep, run_sweep
+    from runner.driver import run_sweep
+    from runner.plan.prepare import prepare_sweep
 
     result = CliRunner().invoke(app, ["synth", str(tmp_path / "synth"), "--preset", "tiny", "--format", "huggingface"])
     assert result.exit_code == 0, result.output

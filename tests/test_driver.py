@@ -12,7 +12,8 @@ import yaml
 from mlflow import MlflowClient
 
 from runner.config.loading import load_experiment
-from runner.plan.prepare import prepare_sweep, run_sweep
+from runner.driver import run_sweep
+from runner.plan.prepare import prepare_sweep
 
 STEERING = {"layers": [1, 2], "features": [3, 40], "scales": [0, 30], "seeds": [0]}
 

@@ -8,8 +8,9 @@ import pytest
 import yaml
 
 from runner.config.loading import load_experiment
+from runner.driver import run_sweep
 from runner.errors import ConfigError
-from runner.plan.prepare import prepare_sweep, run_sweep
+from runner.plan.prepare import prepare_sweep
 
 FAKE_SECRETS = {
     "KAGGLE_USERNAME": "kaggle-user-5f1e9c",

@@ -37,6 +37,7 @@ from ray import exceptions as ray_errors
 
 from runner.config.schema import ClusterConfig
 from runner.errors import RunnerError, first_line
+from runner.execution.executor import FailureCallback, ResultCallback
 from runner.plan.points import Job
 from runner.results import Result
 from runner.sae.sources import SAEFile
@@ -361,12 +362,8 @@ class _Policy:
     worker_resources: Mapping[str, float]
 
 
-ResultCallback = Callable[[Job, list[Result]], None]
-FailureCallback = Callable[[Job, str, int], None]
-
-
 class RayExecutor:
-    """Runs a sweep's jobs on `cluster.workers` Ray actors, one per host (a `runner.plan.prepare.JobExecutor`).
+    """Runs a sweep's jobs on `cluster.workers` Ray actors, one per host (a `runner.execution.executor.JobExecutor`).
 
     Without `cluster.address` (and no `RAY_ADDRESS` in the environment, as `ray job submit` sets) it starts a
     local Ray for the run and shuts it down afterwards; otherwise it joins that cluster and only disconnects.

@@ -35,11 +35,10 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from runner.config.schema import ClusterConfig
+from runner.execution.executor import FailureCallback, ResultCallback
 from runner.execution.ray_hosts import (
     INFRASTRUCTURE_ERRORS,
-    FailureCallback,
     JobFaults,
-    ResultCallback,
     Task,
     check_jax_platform,
     check_ray_address_reachable,
@@ -231,7 +230,7 @@ class _Gang:
 
 
 class SliceExecutor:
-    """Runs a sweep's jobs on `cluster.workers` slice replicas (a `runner.plan.prepare.JobExecutor`).
+    """Runs a sweep's jobs on `cluster.workers` slice replicas (a `runner.execution.executor.JobExecutor`).
 
     Args:
       sweep_plan: The checked sweep (`runner.plan.prepare.SweepPlan`). Synthetic SAEs are written here, on the driver,

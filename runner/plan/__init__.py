@@ -1,7 +1,9 @@
 """The only planner: config -> checked points -> jobs, with the memory a batch needs.
 
-`prepare` resolves and checks everything a sweep needs (checkpoint layout, SAE files, ranges, prompt lengths)
-before anything runs; `points` is the pure expansion and packing. No model weights are loaded here.
+`prepare.plan_sweep` builds a sweep's plan from what is known (`facts`): everything, resolved, for `runner run`
+(`prepare_sweep`, which also refuses what cannot run: checkpoint layout, SAE files, ranges, prompt lengths,
+before anything runs), or what is known without a download for `runner validate` (`outline`). `points` is the
+pure expansion and packing, `memory` the estimates. No model weights are loaded here.
 May import: `runner.config`, `runner.model` (architecture, checkpoint metadata, tokenizer), `runner.sae` (files),
 `runner.sae_eval.text_sets`, `runner.errors`.
 """

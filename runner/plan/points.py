@@ -11,7 +11,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from runner.config.schema import ExperimentConfig, ModelConfig
 from runner.errors import PlanError
@@ -20,6 +20,8 @@ from runner.errors import PlanError
 _NOT_IN_KEY = frozenset({"neuronpedia_url"})
 #: Fields that do not change an unsteered (baseline) generation.
 _NOT_IN_GENERATION_KEY = frozenset({"neuronpedia_url", "layer", "feature", "sae_id", "positions"})
+#: MLflow params named otherwise than the point field they hold.
+_PARAM_FIELD = {"model": "model_id", "l0_target": "l0"}
 
 
 def _digest(data: Any) -> str:
@@ -47,6 +49,10 @@ class SteeringPoint:
     model_id: str
     sae_id: str
     neuronpedia_url: str | None = None
+
+    #: The MLflow params of a point, in the order they are logged and `runner export` writes them.
+    PARAM_NAMES: ClassVar[tuple[str, ...]] = ("model", "sae_id", "layer", "feature", "scale", "seed", "temperature",
+                                              "top_k", "top_p", "mode", "positions", "prompt_index", "max_new_tokens")
 
     def __post_init__(self) -> None:
         # 10 and 10.0 must give the same key.
@@ -76,23 +82,8 @@ class SteeringPoint:
         return _digest({"baseline": fields})
 
     def params(self) -> dict[str, str]:
-        """Returns the MLflow params of this point (all strings; None as "None")."""
-        values = {
-            "model": self.model_id,
-            "sae_id": self.sae_id,
-            "layer": self.layer,
-            "feature": self.feature,
-            "scale": self.scale,
-            "seed": self.seed,
-            "temperature": self.temperature,
-            "top_k": self.top_k,
-            "top_p": self.top_p,
-            "mode": self.mode,
-            "positions": self.positions,
-            "prompt_index": self.prompt_index,
-            "max_new_tokens": self.max_new_tokens,
-        }
-        return {key: str(value) for key, value in values.items()}
+        """Returns the MLflow params of this point (all strings; None as "None"), in `PARAM_NAMES` order."""
+        return _params(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,29 +114,27 @@ class SAEEvalPoint:
     context_length: int
     num_sequences: int
 
+    #: The MLflow params of a point, in the order they are logged and `runner export` writes them.
+    PARAM_NAMES: ClassVar[tuple[str, ...]] = ("model", "sae_id", "layer", "site", "width", "l0_target", "text",
+                                              "text_digest", "context_length", "num_sequences")
+
     @functools.cached_property
     def point_key(self) -> str:
         """16 hex digits identifying the result: a hash of every field."""
         return _digest({"sae_eval": dataclasses.asdict(self)})
 
     def params(self) -> dict[str, str]:
-        """Returns the MLflow params of this point (all strings)."""
-        values = {
-            "model": self.model_id,
-            "sae_id": self.sae_id,
-            "layer": self.layer,
-            "site": self.site,
-            "width": self.width,
-            "l0_target": self.l0,
-            "text": self.text,
-            "text_digest": self.text_digest,
-            "context_length": self.context_length,
-            "num_sequences": self.num_sequences,
-        }
-        return {key: str(value) for key, value in values.items()}
+        """Returns the MLflow params of this point (all strings), in `PARAM_NAMES` order."""
+        return _params(self)
 
 
 Point = SteeringPoint | SAEEvalPoint
+
+
+def _params(point: Point) -> dict[str, str]:
+    """The point's `PARAM_NAMES` fields as MLflow params (`str` of each value), in that order."""
+    fields = dataclasses.asdict(point)
+    return {name: str(fields[_PARAM_FIELD.get(name, name)]) for name in point.PARAM_NAMES}
 
 
 @dataclasses.dataclass(frozen=True)

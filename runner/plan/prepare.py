@@ -1,49 +1,43 @@
-"""The driver of a steering sweep: config -> checked plan -> jobs -> worker -> results -> MLflow.
+"""The planner: config -> points -> jobs, with the SAEs and the memory of a batch, from what is known.
 
-`prepare_sweep` does every check that can fail on user input (checkpoint layout, SAE files, layer and feature
-ranges, prompt lengths) before anything is written to MLflow; `run_sweep` then opens the sweep's parent run,
-skips points that already finished (resume), runs the rest in jobs, and logs each point as it completes.
+`plan_sweep` is the one planner. `prepare_sweep` (`runner run`) gives it everything, resolved (`ResolvedFacts`),
+and refuses, before anything runs or is written to MLflow, what cannot run: layers, features or prompts out of
+the model's or SAEs' range. `outline` (`runner validate`) gives it what is known without a download
+(`OfflineFacts`) and describes the sweep (`SweepOutline`).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import dataclasses
 import math
-import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
 from runner.config.schema import ExperimentConfig
-from runner.errors import PlanError, SAEError, TrackingUnavailable
-from runner.model import tokenizer as tokenizer_lib
+from runner.errors import PlanError
 from runner.model.architecture import Gemma2Architecture
-from runner.model.loading import read_architecture, resolve_model_location
 from runner.nn.sites import site_width
+from runner.plan import memory
 from runner.plan import points as plan
-from runner.plan.points import Job, Point
-from runner.results import Result
-from runner.sae.jumprelu import read_params_npz
-from runner.sae.sources import SAEFile, resolve_sae_file, resolve_sae_files, steering_width_and_l0, width_latents
-from runner.sae_eval import text_sets
+from runner.plan.facts import L0, OfflineFacts, ResolvedFacts, SweepFacts
+from runner.plan.memory import BatchMemory
+from runner.plan.points import Job, Point, SteeringPoint
+from runner.sae.sources import SAEFile, steering_width_and_l0
 from runner.sae_eval.text_sets import EvalTokens
-
-if TYPE_CHECKING:
-    from runner.tracking.spool import Spool
-    from runner.tracking.store import SweepTracker
 
 #: Largest batch chosen automatically when `sampling.batch_size` is `auto`.
 MAX_AUTO_BATCH = 64
 #: Most SAEs in one evaluation job when `sae_eval.saes_per_job` is `auto`.
 MAX_AUTO_SAES_PER_JOB = 8
+#: The evaluation text of an offline plan, which does not read it.
+UNREAD_TEXT = "not read"
 
 
 @dataclasses.dataclass(frozen=True)
 class SweepPlan:
-    """Everything a sweep needs, checked: the points, their jobs, and the resolved files.
+    """Everything a sweep needs: the points, their jobs, the SAEs and the memory estimate (checked and resolved
+    when made by `prepare_sweep`; from what is known offline when made for `outline`).
 
     Attributes:
       config: The experiment.
@@ -51,11 +45,12 @@ class SweepPlan:
       points: Every point, in sweep order.
       jobs: The points packed into jobs.
       batch_size: Rows of each compiled batch (steering: generations; SAE evaluation: sequences).
-      architecture: The model's architecture (from checkpoint metadata).
-      sae_files: Every SAE of the sweep, by SAE id.
-      d_sae: Latent count of each SAE, by SAE id.
-      prompt_token_counts: Tokens of each prompt (BOS included; steering only).
-      eval_tokens: The evaluation set (SAE evaluation only).
+      architecture: The model's architecture (from checkpoint metadata; offline: the published one, or None).
+      sae_files: Every SAE of the sweep, by SAE id (offline: placeholders).
+      d_sae: Latent count of each SAE, by SAE id (offline: those its width label names).
+      memory: Estimated bytes of a worker's batch; None when the architecture is unknown.
+      prompt_token_counts: Tokens of each prompt (BOS included; steering only; offline: estimated).
+      eval_tokens: The evaluation set (SAE evaluation only; offline: None).
       saes_per_job: SAEs evaluated together (SAE evaluation only).
     """
 
@@ -64,9 +59,10 @@ class SweepPlan:
     points: tuple[Point, ...]
     jobs: tuple[Job, ...]
     batch_size: int
-    architecture: Gemma2Architecture
+    architecture: Gemma2Architecture | None
     sae_files: dict[str, SAEFile]
     d_sae: dict[str, int]
+    memory: BatchMemory | None = None
     prompt_token_counts: tuple[int, ...] = ()
     eval_tokens: EvalTokens | None = None
     saes_per_job: int = 1
@@ -94,97 +90,45 @@ class SweepPlan:
         return max((point_bucket(len(chunk), self.batch_size) for chunk in chunks), default=self.batch_size)
 
 
-@dataclasses.dataclass(frozen=True)
-class SweepSummary:
-    """How a sweep ended.
-
-    Attributes:
-      seconds: Wall time of `run_sweep`.
-      tracking_seconds: Time spent logging to MLflow (opening the sweep, the tracking thread's work, closing it),
-        mostly while the workers computed.
-      tracking_wait_seconds: The part of `seconds` the sweep spent waiting on MLflow alone: the opening not
-        hidden behind the workers' start-up, the results still to log after the last job, the closing not
-        hidden behind the workers' shut-down.
-    """
-
-    sweep_id: str
-    parent_run_id: str
-    experiment_id: str | None
-    points_total: int
-    points_skipped: int
-    points_finished: int
-    points_failed: int
-    generated_tokens: int
-    seconds: float
-    tracking_seconds: float
-    compilations: int
-    tracking_wait_seconds: float = 0.0
-    points_from_spool: int = 0
-    faults: dict[str, int] = dataclasses.field(default_factory=dict)
-
-
 def prepare_sweep(config: ExperimentConfig, cache_dir: Path) -> SweepPlan:
     """Resolves and checks everything the sweep needs; raises a one-line `RunnerError` on bad input."""
-    location = resolve_model_location(config.model, cache_dir)
-    arch = read_architecture(location)
-    tokenizer = tokenizer_lib.load_tokenizer(location.tokenizer_path)
+    facts = ResolvedFacts.read(config, cache_dir)
+    _check_model_fits(config, facts.architecture)  # before any SAE is resolved (which may download)
+    sweep_plan = plan_sweep(config, facts)
+    _check_steering_fits(sweep_plan)
+    return sweep_plan
+
+
+def plan_sweep(config: ExperimentConfig, facts: SweepFacts) -> SweepPlan:
+    """The sweep's points, jobs, SAEs and memory estimate, from what `facts` know (see `runner.plan.facts`)."""
     if config.kind == "sae_eval":
-        return _prepare_sae_eval(config, arch, tokenizer)
-    return _prepare_steering(config, arch, tokenizer)
+        return _plan_sae_eval(config, facts)
+    return _plan_steering(config, facts)
 
 
-def _check_layers(layers: Sequence[int], arch: Gemma2Architecture, field: str) -> None:
-    bad_layers = [layer for layer in layers if layer >= arch.num_layers]
-    if bad_layers:
-        raise PlanError(
-            f"{field}: {bad_layers} out of range (allowed: 0..{arch.num_layers - 1}, "
-            f"the model has {arch.num_layers} blocks)"
-        )
-
-
-def _latent_count(config: ExperimentConfig, sae_file: SAEFile, arch: Gemma2Architecture) -> int:
-    """The SAE's width, read from its file (synthetic: the width it will be written with)."""
-    if sae_file.path is None:
-        return int(sae_file.width)
-    d_sae = read_params_npz(sae_file.path, expected_d_in=site_width(arch, sae_file.site))["W_enc"].shape[1]
-    if config.sae.source == "huggingface" and d_sae != width_latents(sae_file.width):
-        raise SAEError(f"{sae_file.path}: holds {d_sae} latents but width {sae_file.width} has "
-                       f"{width_latents(sae_file.width)}")
-    return d_sae
-
-
-def _prepare_steering(config: ExperimentConfig, arch: Gemma2Architecture, tokenizer: Any) -> SweepPlan:
-    steering = config.steering
-    _check_layers(steering.layers, arch, "steering.layers")
-    model_name = plan.model_id(config.model)
-    by_layer = resolve_sae_files(
-        config.sae, steering.layers, model_id=model_name, embedding_dim=arch.embedding_dim
-    )
-    d_sae = {}
-    for layer, sae_file in by_layer.items():
-        d_sae[sae_file.sae_id] = _latent_count(config, sae_file, arch)
-        bad_features = [feature for feature in steering.features if feature >= d_sae[sae_file.sae_id]]
-        if bad_features:
-            raise PlanError(
-                f"steering.features: {bad_features} out of range for the layer-{layer} SAE "
-                f"(allowed: 0..{d_sae[sae_file.sae_id] - 1})"
-            )
-
-    counts = tuple(len(tokenizer_lib.encode_prompt(tokenizer, prompt)) for prompt in config.prompts)
-    limit = arch.context_length - config.sampling.max_new_tokens
-    for index, count in enumerate(counts):
-        if count > limit:
-            raise PlanError(
-                f"prompts.{index}: {count} tokens plus sampling.max_new_tokens={config.sampling.max_new_tokens} "
-                f"exceed the model's context of {arch.context_length} tokens"
-            )
-
+def _plan_steering(config: ExperimentConfig, facts: SweepFacts) -> SweepPlan:
+    arch = facts.architecture
+    layers = config.steering.layers
+    width, l0 = _steering_sae_labels(config, arch)
+    by_layer = {layer: facts.sae_file(layer, width=width, l0=l0, num_layers=len(layers)) for layer in layers}
+    d_sae = _latent_counts(facts, by_layer.values())
+    counts = facts.prompt_token_counts(config.prompts)
     points = plan.expand_points(
         config,
         {layer: sae_file.sae_id for layer, sae_file in by_layer.items()},
         lambda layer, feature: by_layer[layer].neuronpedia_url(feature),
     )
     batch_size = job_size(config, points)
+    estimate = None
+    if arch is not None:
+        from runner.steering.sampler import prompt_bucket
+
+        parameter_bytes, activation_bytes = memory.value_bytes(config.model, facts.is_synthetic)
+        estimate = memory.estimate_batch_memory(
+            arch, prompt_len=prompt_bucket(max(counts)), max_new_tokens=config.sampling.max_new_tokens,
+            parameter_bytes=parameter_bytes, activation_bytes=activation_bytes,
+            sae_widths=[d_sae[by_layer[layer].sae_id] for layer in layers],
+        )
     return SweepPlan(
         config=config,
         sweep_id=plan.sweep_id(config),
@@ -194,52 +138,39 @@ def _prepare_steering(config: ExperimentConfig, arch: Gemma2Architecture, tokeni
         architecture=arch,
         sae_files={sae_file.sae_id: sae_file for sae_file in by_layer.values()},
         d_sae=d_sae,
+        memory=estimate,
         prompt_token_counts=counts,
     )
 
 
-def evaluated_layers(config: ExperimentConfig, num_layers: int) -> list[int]:
-    """`sae_eval.layers` with `all` resolved to every block of the model."""
-    layers = config.sae_eval.layers
-    return list(range(num_layers)) if layers == "all" else list(layers)
-
-
-def saes_per_job(config: ExperimentConfig, num_points: int) -> int:
-    """`sae_eval.saes_per_job`, or with `auto` the points shared evenly over the workers, at most
-    `MAX_AUTO_SAES_PER_JOB` (a job is also what a resumed sweep reruns after a crash)."""
-    requested = config.sae_eval.saes_per_job
-    if requested != "auto":
-        return requested
-    return max(1, min(MAX_AUTO_SAES_PER_JOB, math.ceil(num_points / config.cluster.workers)))
-
-
-def _prepare_sae_eval(config: ExperimentConfig, arch: Gemma2Architecture, tokenizer: Any) -> SweepPlan:
+def _plan_sae_eval(config: ExperimentConfig, facts: SweepFacts) -> SweepPlan:
     grid = config.sae_eval
-    layers = evaluated_layers(config, arch.num_layers)
-    _check_layers(layers, arch, "sae_eval.layers")
-    if grid.context_length > arch.context_length:
-        raise PlanError(f"sae_eval.context_length: {grid.context_length} exceeds the model's context of "
-                        f"{arch.context_length} tokens")
-    model_name = plan.model_id(config.model)
-    files: dict[tuple[int, str, str], SAEFile] = {}
-    for layer in layers:
-        for width in grid.widths:
-            for l0 in grid.l0s:
-                files[(layer, width, str(l0))] = resolve_sae_file(
-                    config.sae, layer, width=width, l0=l0, model_id=model_name, num_layers=len(layers)
-                )
-    d_sae = {sae_file.sae_id: _latent_count(config, sae_file, arch) for sae_file in files.values()}
-    eval_tokens = text_sets.load_eval_tokens(
-        grid.text, tokenizer, context_length=grid.context_length, num_sequences=grid.num_sequences
-    )
+    arch = facts.architecture
+    layers = evaluated_layers(config, arch)
+    files = {
+        (layer, width, str(l0)): facts.sae_file(layer, width=width, l0=l0, num_layers=len(layers))
+        for layer in layers
+        for width in grid.widths
+        for l0 in grid.l0s
+    }
+    d_sae = _latent_counts(facts, files.values())
+    eval_tokens = facts.eval_tokens(grid)
     points = plan.expand_sae_eval_points(
         config,
         layers,
         {key: sae_file.sae_id for key, sae_file in files.items()},
-        text=eval_tokens.description,
-        text_digest=eval_tokens.digest,
+        text=eval_tokens.description if eval_tokens is not None else UNREAD_TEXT,
+        text_digest=eval_tokens.digest if eval_tokens is not None else UNREAD_TEXT,
     )
     per_job = saes_per_job(config, len(points))
+    estimate = None
+    if arch is not None:
+        parameter_bytes, activation_bytes = memory.value_bytes(config.model, facts.is_synthetic)
+        estimate = memory.estimate_eval_memory(
+            arch, context_length=grid.context_length, parameter_bytes=parameter_bytes,
+            activation_bytes=activation_bytes, sae_widths=[max(d_sae.values())] * per_job,
+            site_width=site_width(arch, config.sae.site), captures=2 * per_job,
+        )
     return SweepPlan(
         config=config,
         sweep_id=plan.sweep_id(config),
@@ -249,12 +180,38 @@ def _prepare_sae_eval(config: ExperimentConfig, arch: Gemma2Architecture, tokeni
         architecture=arch,
         sae_files={sae_file.sae_id: sae_file for sae_file in files.values()},
         d_sae=d_sae,
+        memory=estimate,
         eval_tokens=eval_tokens,
         saes_per_job=per_job,
     )
 
 
-def job_size(config: ExperimentConfig, points: Sequence[plan.SteeringPoint]) -> int:
+def _latent_counts(facts: SweepFacts, sae_files: Iterable[SAEFile]) -> dict[str, int]:
+    """Latents of each SAE whose width is known, by SAE id."""
+    counts = {sae_file.sae_id: facts.latents(sae_file) for sae_file in sae_files}
+    return {sae_id: count for sae_id, count in counts.items() if count is not None}
+
+
+def _steering_sae_labels(config: ExperimentConfig, arch: Gemma2Architecture | None) -> tuple[str | None, L0]:
+    """The width label and L0 of a steering sweep's SAEs: the config's, or for synthetic SAEs the latent count
+    they are written with (`synthetic_sae_width`; None while the model's width is unknown) and their target L0."""
+    if arch is not None:
+        return steering_width_and_l0(config.sae, arch.embedding_dim)
+    if config.sae.source == "synthetic":
+        return None, config.sae.target_l0  # written at 4 x the model's width unless set: unknown yet
+    return steering_width_and_l0(config.sae, embedding_dim=0)
+
+
+def evaluated_layers(config: ExperimentConfig, arch: Gemma2Architecture | None) -> list[int]:
+    """`sae_eval.layers`, with `all` resolved to every block of the model (none while its architecture is
+    unknown)."""
+    layers = config.sae_eval.layers
+    if layers != "all":
+        return list(layers)
+    return list(range(arch.num_layers)) if arch is not None else []
+
+
+def job_size(config: ExperimentConfig, points: Sequence[SteeringPoint]) -> int:
     """Distinct generations per job: `sampling.batch_size`, or with `auto` the generations shared evenly over
     as few jobs as hold at most `MAX_AUTO_BATCH` each, their count a multiple of the workers (so no job runs a
     mostly empty batch). A worker may then run a job in smaller batches that fit its device."""
@@ -269,9 +226,62 @@ def job_size(config: ExperimentConfig, points: Sequence[plan.SteeringPoint]) -> 
     return max(1, math.ceil(generations / jobs))
 
 
+def saes_per_job(config: ExperimentConfig, num_points: int) -> int:
+    """`sae_eval.saes_per_job`, or with `auto` the points shared evenly over the workers, at most
+    `MAX_AUTO_SAES_PER_JOB` (a job is also what a resumed sweep reruns after a crash)."""
+    requested = config.sae_eval.saes_per_job
+    if requested != "auto":
+        return requested
+    return max(1, min(MAX_AUTO_SAES_PER_JOB, math.ceil(num_points / config.cluster.workers)))
+
+
+def _check_model_fits(config: ExperimentConfig, arch: Gemma2Architecture) -> None:
+    """Refuses layers the model does not have and an evaluation context longer than the model's."""
+    if config.kind == "steering":
+        _check_layers(config.steering.layers, arch, "steering.layers")
+        return
+    grid = config.sae_eval
+    _check_layers(evaluated_layers(config, arch), arch, "sae_eval.layers")
+    if grid.context_length > arch.context_length:
+        raise PlanError(f"sae_eval.context_length: {grid.context_length} exceeds the model's context of "
+                        f"{arch.context_length} tokens")
+
+
+def _check_layers(layers: Sequence[int], arch: Gemma2Architecture, field: str) -> None:
+    bad_layers = [layer for layer in layers if layer >= arch.num_layers]
+    if bad_layers:
+        raise PlanError(
+            f"{field}: {bad_layers} out of range (allowed: 0..{arch.num_layers - 1}, "
+            f"the model has {arch.num_layers} blocks)"
+        )
+
+
+def _check_steering_fits(sweep_plan: SweepPlan) -> None:
+    """Refuses features beyond an SAE's latents and prompts that leave no room in the context for the
+    generation."""
+    config = sweep_plan.config
+    if config.kind != "steering":
+        return
+    for sae_file in sweep_plan.sae_files.values():
+        d_sae = sweep_plan.d_sae[sae_file.sae_id]
+        bad_features = [feature for feature in config.steering.features if feature >= d_sae]
+        if bad_features:
+            raise PlanError(
+                f"steering.features: {bad_features} out of range for the layer-{sae_file.layer} SAE "
+                f"(allowed: 0..{d_sae - 1})"
+            )
+    limit = sweep_plan.architecture.context_length - config.sampling.max_new_tokens
+    for index, count in enumerate(sweep_plan.prompt_token_counts):
+        if count > limit:
+            raise PlanError(
+                f"prompts.{index}: {count} tokens plus sampling.max_new_tokens={config.sampling.max_new_tokens} "
+                f"exceed the model's context of {sweep_plan.architecture.context_length} tokens"
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class SweepOutline:
-    """A sweep's size and what each worker needs, worked out without downloading or loading a model.
+    """A sweep's size and what each worker needs, as `runner validate` prints it.
 
     Attributes:
       sweep_id: Identity of the sweep's results.
@@ -295,284 +305,41 @@ class SweepOutline:
 
 
 def outline(config: ExperimentConfig) -> SweepOutline:
-    """What `runner validate` reports (see `SweepOutline`). SAE ids are placeholders (resolving them may download),
-    which gives the same points and jobs."""
-    from runner.model.loading import planning_architecture
-    from runner.plan import memory
-    from runner.steering.sampler import prompt_bucket
+    """What `runner validate` reports: the plan from what is known without downloading or loading a model
+    (`OfflineFacts`: SAE ids are placeholders, which gives the same points and jobs)."""
+    return outline_of(plan_sweep(config, OfflineFacts(config)))
 
-    arch = planning_architecture(config.model)
-    parameter_bytes = 4 if config.model.dtype == "float32" or (
-        config.model.dtype == "auto" and config.model.source == "synthetic") else 2
-    activation_bytes = 4 if config.model.upcast_activations else parameter_bytes
+
+def outline_of(sweep_plan: SweepPlan) -> SweepOutline:
+    """The outline of a plan (see `SweepOutline`)."""
+    config = sweep_plan.config
     if config.kind == "steering":
         steering = config.steering
-        points = plan.expand_points(config, {layer: f"layer-{layer}-sae" for layer in steering.layers})
-        size = job_size(config, points)
-        jobs = len(plan.pack_jobs(points, size))
-        generations = len({point.generation_key for point in points})
+        generations = len({point.generation_key for point in sweep_plan.points})
+        size = sweep_plan.batch_size
         grid = (f"{len(config.prompts)} prompts x {len(steering.layers)} layers x {len(steering.features)} features "
                 f"x {len(steering.scales)} scales x {len(steering.seeds)} seeds; {generations} generations (scale-0 "
                 "baselines shared)")
         tokens = generations * config.sampling.max_new_tokens
-        estimate = None
-        if arch is not None:
-            # About 3 bytes of English per token: a conservative prompt length before the tokenizer is at hand.
-            longest = max(math.ceil(len(prompt.encode("utf-8")) / 3) + 1 for prompt in config.prompts)
-            width = _sae_latents(config, steering_width_and_l0(config.sae, arch.embedding_dim)[0], arch)
-            estimate = memory.estimate_batch_memory(
-                arch, prompt_len=prompt_bucket(longest), max_new_tokens=config.sampling.max_new_tokens,
-                parameter_bytes=parameter_bytes, activation_bytes=activation_bytes,
-                sae_widths=[width] * len(steering.layers),
-            )
-            sae_bytes = len(steering.layers) * 2 * arch.embedding_dim * width * 4
     else:
         grid_config = config.sae_eval
-        layers = evaluated_layers(config, arch.num_layers) if arch is not None else grid_config.layers
-        num_layers = len(layers) if layers != "all" else None
-        count = (num_layers or 0) * len(grid_config.widths) * len(grid_config.l0s)
-        size = saes_per_job(config, count) if count else 1
-        jobs = math.ceil(count / size)
-        points = [None] * count
-        layer_words = f"{num_layers} layers" if num_layers is not None else "every layer (count known after download)"
+        size = sweep_plan.saes_per_job
+        known = grid_config.layers != "all" or sweep_plan.architecture is not None
+        num_layers = len(evaluated_layers(config, sweep_plan.architecture))
+        layer_words = f"{num_layers} layers" if known else "every layer (count known after download)"
         grid = (f"{layer_words} x {len(grid_config.widths)} widths x {len(grid_config.l0s)} L0s of the "
                 f"{config.sae.site} site; {grid_config.num_sequences} sequences of {grid_config.context_length} "
                 "tokens per SAE")
-        tokens = count * grid_config.num_sequences * grid_config.context_length
-        estimate = None
-        if arch is not None:
-            widths = [_sae_latents(config, width, arch) for width in grid_config.widths]
-            width_site = site_width(arch, config.sae.site)
-            estimate = memory.estimate_eval_memory(
-                arch, context_length=grid_config.context_length, parameter_bytes=parameter_bytes,
-                activation_bytes=activation_bytes, sae_widths=[max(widths)] * size, site_width=width_site,
-                captures=2 * size,
-            )
-            sae_bytes = size * 2 * width_site * max(widths) * 4
-    batch = size if config.kind == "steering" else config.sae_eval.batch_size
+        tokens = len(sweep_plan.points) * grid_config.num_sequences * grid_config.context_length
+    estimate, batch = sweep_plan.memory, sweep_plan.batch_size
     return SweepOutline(
-        sweep_id=plan.sweep_id(config),
-        points=len(points),
-        jobs=jobs,
+        sweep_id=sweep_plan.sweep_id,
+        points=len(sweep_plan.points),
+        jobs=len(sweep_plan.jobs),
         job_size=size,
         grid=grid,
         tokens=tokens,
         memory_bytes=estimate.total(batch) if estimate is not None else None,
-        memory_parts=(estimate.weights - sae_bytes, sae_bytes, batch * estimate.per_row) if estimate else None,
-    )
-
-
-def _sae_latents(config: ExperimentConfig, width: str, arch: Gemma2Architecture) -> int:
-    """Latents of an SAE of the config: a width label's count, or a synthetic steering SAE's width."""
-    if config.sae.source == "synthetic" and config.kind == "steering":
-        return int(config.sae.width_features or 4 * arch.embedding_dim)
-    return width_latents(width)
-
-
-ProgressCallback = Callable[[int, int, int, int], None]
-ResultCallback = Callable[[Job, list[Result]], None]
-FailureCallback = Callable[[Job, str, int], None]
-
-
-class JobExecutor(Protocol):
-    """Runs jobs somewhere and reports each one back on the calling thread."""
-
-    def run(self, jobs: Sequence[Job], on_result: ResultCallback, on_failure: FailureCallback) -> None:
-        """Runs every job; calls `on_result(job, results)` or `on_failure(job, error_text, attempt)` per job."""
-
-    @property
-    def compilations(self) -> int:
-        """Programs compiled by the executor's workers so far."""
-
-    def fault_counts(self) -> dict[str, int]:
-        """`preemptions`, `worker_crashes` and `job_retries` of the last run."""
-
-    def start(self) -> None:
-        """Brings the workers up (they load the model); `run` does it too. Does nothing when already started."""
-
-    def close(self) -> None:
-        """Releases the workers; does nothing when they are not up."""
-
-
-class LocalExecutor:
-    """Runs jobs in this process on one worker of the sweep's kind (built on first use, or `worker`: one already
-    built for the same model, SAEs and shapes, e.g. from an earlier sweep); a job's error fails its points."""
-
-    def __init__(self, sweep_plan: SweepPlan, cache_dir: Path, worker: Any = None):
-        self._plan = sweep_plan
-        self._cache_dir = cache_dir
-        self._worker: Any = worker
-
-    @property
-    def worker(self) -> Any:
-        """The worker, once built."""
-        return self._worker
-
-    @property
-    def compilations(self) -> int:
-        """Programs compiled by the local worker so far."""
-        return self._worker.compilations if self._worker is not None else 0
-
-    def fault_counts(self) -> dict[str, int]:
-        """No host to lose, and no retries: a job's error fails its points at once."""
-        return {"preemptions": 0, "worker_crashes": 0, "job_retries": 0}
-
-    def start(self) -> None:
-        """Nothing to start ahead: the worker is built by the first `run` that has jobs (a resumed sweep with
-        nothing left to do loads no model)."""
-
-    def close(self) -> None:
-        """Nothing to release: the worker is this process."""
-
-    def run(self, jobs: Sequence[Job], on_result: ResultCallback, on_failure: FailureCallback) -> None:
-        """Runs the jobs one after another."""
-        from runner.execution.workers import (
-            worker_class_for,  # JAX model code is imported only when a sweep really runs.
-        )
-
-        if self._worker is None and jobs:
-            worker_class = worker_class_for(self._plan.config.kind)
-            self._worker = worker_class(**self._plan.worker_args(), cache_dir=self._cache_dir)
-        for job in jobs:
-            try:
-                results = self._worker.run_job(job)
-            except Exception as error:  # noqa: BLE001 - the job's own error: its points fail, the sweep goes on
-                on_failure(job, f"{type(error).__name__}: {error}", 1)
-            else:
-                on_result(job, results)
-
-
-def spool_path(output_dir: Path, sweep_id: str) -> Path:
-    """Where a sweep's results wait while the tracking server is unreachable."""
-    return Path(output_dir) / ".runner" / "spool" / f"{sweep_id}.jsonl"
-
-
-def run_sweep(
-    sweep_plan: SweepPlan,
-    *,
-    cache_dir: Path,
-    executor: JobExecutor | None = None,
-    progress: ProgressCallback | None = None,
-    output_dir: Path | None = None,
-) -> SweepSummary:
-    """Runs the planned sweep and logs every point to MLflow (this process is the only MLflow writer).
-
-    Points whose child run already FINISHED are skipped, so re-running a sweep resumes it; results spooled by an
-    earlier run whose tracking server went away (`output_dir/.runner/spool/`) are logged first, without being
-    computed again. Results are logged by a tracking thread while the executor goes on (`TrackingWriter`).
-    `executor` defaults to a `LocalExecutor`. `progress` is called after every logged job with (points done,
-    points to run, failures, tokens).
-
-    Raises:
-      TrackingUnavailable: The tracking server stayed unreachable for `tracking.retry_timeout_s`; the finished
-        results are in the spool for the next run.
-    """
-    config = sweep_plan.config
-    executor = executor if executor is not None else LocalExecutor(sweep_plan, cache_dir)
-    # MLflow takes a second or two to import and a new database as long to create: both happen on the tracking
-    # set-up thread (`open_and_catch_up`) while Ray and the workers start on this one.
-    tracker: SweepTracker | None = None
-    spool: Spool | None = None
-    started = time.perf_counter()
-    counts = {"finished": 0, "failed": 0, "tokens": 0, "to_run": 0}
-    counts_lock = threading.Lock()
-
-    def on_logged(finished: int, failed: int, tokens: int) -> None:
-        with counts_lock:
-            counts["finished"] += finished
-            counts["failed"] += failed
-            counts["tokens"] += tokens
-            done, to_run = counts["finished"] + counts["failed"], counts["to_run"]
-        if progress is not None:
-            progress(done, to_run, counts["failed"], counts["tokens"])
-
-    by_key = {point.point_key: point for point in sweep_plan.points}
-
-    def open_and_catch_up() -> tuple[str, list[Result], set[str], float]:
-        """Connects to the tracking store, opens the sweep, finds its finished points and logs what an earlier run
-        left in the spool."""
-        nonlocal tracker, spool
-        from runner.tracking.spool import Spool
-        from runner.tracking.store import SweepTracker
-
-        opened = time.perf_counter()
-        spool = Spool(spool_path(output_dir if output_dir is not None else Path.cwd(), sweep_plan.sweep_id))
-        tracker = SweepTracker(config.tracking.uri, config.tracking.experiment)
-        parent = tracker.open_sweep(config, sweep_plan.sweep_id, len(sweep_plan.points))
-        done = tracker.finished_point_keys()
-        spooled = [r for r in spool.read() if r.point_key in by_key and r.point_key not in done]
-        for result in spooled:
-            tracker.log_point(by_key[result.point_key], result)
-        spool.clear()
-        seconds = time.perf_counter() - opened
-        tracker.warm_up_plots()
-        return parent, spooled, done | {result.point_key for result in spooled}, seconds
-
-    def finish() -> float:
-        finishing = time.perf_counter()
-        tracker.finish()
-        return time.perf_counter() - finishing
-
-    background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="runner-tracking-setup")
-    opening = background.submit(open_and_catch_up)
-    try:
-        executor.start()  # Ray and the workers come up while the tracker opens (Ray wants the main thread)
-        waiting = time.perf_counter()
-        parent_run_id, spooled, done_keys, setup_seconds = opening.result()
-        tracking_wait = time.perf_counter() - waiting
-        from runner.tracking.writer import RetryPolicy, TrackingWriter  # imported by the set-up thread by now
-
-        remaining = [point for point in sweep_plan.points if point.point_key not in done_keys]
-        counts["to_run"] = len(remaining)
-        patience = config.tracking.retry_timeout_s
-        writer = TrackingWriter(
-            tracker, spool, RetryPolicy(max_delay_s=min(30.0, patience / 10), give_up_after_s=patience), on_logged
-        )
-        try:
-            executor.run(
-                sweep_plan.pack(remaining),
-                lambda job, results: writer.put_results(job.points, results),
-                lambda job, error, attempt: writer.put_failure(job.points, error, attempt),
-            )
-        except TrackingUnavailable:
-            writer.close(abandon=True)  # raises it again, saying where the unlogged results are kept
-            raise
-        except BaseException:
-            with contextlib.suppress(TrackingUnavailable):
-                writer.close(abandon=True)
-            raise
-        waiting = time.perf_counter()
-        writer.close()  # the results still queued when the last job came back
-        faults = executor.fault_counts()
-        tracker.log_sweep_metrics(faults)
-        tracking_wait += time.perf_counter() - waiting
-        finishing = background.submit(finish)  # the table and plots, while the workers and Ray shut down
-        executor.close()
-        waiting = time.perf_counter()
-        close_seconds = finishing.result()
-        tracking_wait += time.perf_counter() - waiting
-    except BaseException as error:
-        with contextlib.suppress(BaseException):
-            opening.result()  # an interrupt may come while the sweep is being opened: close what was opened
-        if tracker is not None:
-            tracker.abort(error)
-        raise
-    finally:
-        executor.close()
-        background.shutdown(wait=True)
-    return SweepSummary(
-        sweep_id=sweep_plan.sweep_id,
-        parent_run_id=parent_run_id,
-        experiment_id=tracker.experiment_id,
-        points_total=len(sweep_plan.points),
-        points_skipped=len(sweep_plan.points) - len(remaining) - len(spooled),
-        points_finished=counts["finished"] + len(spooled),
-        points_failed=counts["failed"],
-        generated_tokens=counts["tokens"],
-        seconds=time.perf_counter() - started,
-        tracking_seconds=setup_seconds + writer.busy_seconds + close_seconds,
-        tracking_wait_seconds=tracking_wait,
-        compilations=executor.compilations,
-        points_from_spool=len(spooled),
-        faults=faults,
+        memory_parts=(estimate.weights - estimate.sae_weights, estimate.sae_weights, batch * estimate.per_row)
+        if estimate is not None else None,
     )

@@ -26,14 +26,9 @@ if TYPE_CHECKING:
 ExportFormat = Literal["csv", "parquet"]
 EXPORT_FORMATS: tuple[str, ...] = ("csv", "parquet")
 
-#: Params in the order `SteeringPoint.params` / `SAEEvalPoint.params` log them; they lead the table, metrics
-#: follow (after the prompt and text of a steering point).
-_PARAM_ORDER = {
-    "steering": ("model", "sae_id", "layer", "feature", "scale", "seed", "temperature", "top_k", "top_p", "mode",
-                 "positions", "prompt_index", "max_new_tokens"),
-    "sae_eval": ("model", "sae_id", "layer", "site", "width", "l0_target", "text", "text_digest", "context_length",
-                 "num_sequences"),
-}
+#: Params in the order points log them; they lead the table, metrics follow (after the prompt and text of a
+#: steering point).
+_PARAM_ORDER = {"steering": plan.SteeringPoint.PARAM_NAMES, "sae_eval": plan.SAEEvalPoint.PARAM_NAMES}
 _SORT_BY = {"steering": ["prompt_index", "layer", "feature", "scale", "seed"],
             "sae_eval": ["layer", "site", "width", "l0_target"]}
 

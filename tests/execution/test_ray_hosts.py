@@ -33,6 +33,7 @@ from typer.testing import CliRunner
 from runner.cli import app
 from runner.config.loading import load_experiment
 from runner.config.schema import ClusterConfig
+from runner.driver import SweepSummary, run_sweep
 from runner.execution.ray_hosts import (
     HostWorker,
     RayExecutor,
@@ -43,7 +44,7 @@ from runner.execution.ray_hosts import (
 from runner.execution.slices import SliceExecutor
 from runner.execution.workers import SteeringWorker
 from runner.plan.points import Job
-from runner.plan.prepare import SweepPlan, SweepSummary, prepare_sweep, run_sweep
+from runner.plan.prepare import SweepPlan, prepare_sweep
 from runner.results import PointResult
 from tests.mlflow_server import DIRECT, MlflowServer, free_port, kill_process_group, rest
 

@@ -6,7 +6,7 @@ import pytest
 
 from runner.config.schema import ExperimentConfig
 from runner.errors import PlanError
-from runner.plan.points import SteeringPoint, expand_points, model_id, pack_jobs, sweep_id
+from runner.plan.points import SAEEvalPoint, SteeringPoint, expand_points, model_id, pack_jobs, sweep_id
 
 SAE_IDS = {20: "gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71", 21: "sae-21"}
 
@@ -82,6 +82,18 @@ def test_params_are_strings_for_mlflow():
         "prompt_index": "0", "max_new_tokens": "8",
     }
 
+
+
+def test_params_are_logged_in_the_order_of_the_param_names_runner_export_follows():
+    steering = expand_points(make_config(), SAE_IDS)[0]
+    assert tuple(steering.params()) == SteeringPoint.PARAM_NAMES
+    evaluation = SAEEvalPoint(layer=3, site="mlp", width="16k", l0="canonical", sae_id="sae-3", model_id="m",
+                              text="bundled:eval_text.txt", text_digest="ab12", context_length=64, num_sequences=2)
+    assert evaluation.params() == {
+        "model": "m", "sae_id": "sae-3", "layer": "3", "site": "mlp", "width": "16k", "l0_target": "canonical",
+        "text": "bundled:eval_text.txt", "text_digest": "ab12", "context_length": "64", "num_sequences": "2",
+    }
+    assert tuple(evaluation.params()) == SAEEvalPoint.PARAM_NAMES
 
 def test_sweep_id_ignores_tracking_and_cluster_but_not_results():
     base = sweep_id(make_config())

@@ -20,9 +20,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE, RESOURCE_EXHAUSTED
 
 from runner.config.loading import load_experiment
+from runner.driver import run_sweep, spool_path
 from runner.errors import TrackingUnavailable
+from runner.execution.local import LocalExecutor
 from runner.plan.points import SteeringPoint
-from runner.plan.prepare import LocalExecutor, prepare_sweep, run_sweep, spool_path
+from runner.plan.prepare import prepare_sweep
 from runner.results import PointResult
 from runner.tracking.spool import Spool
 from runner.tracking.writer import RetryPolicy, TrackingWriter, is_transient
