@@ -203,6 +203,8 @@ class Task:
     lost_on_nodes: list[str | None] = dataclasses.field(default_factory=list)
 
 
+#: What `FaultPolicy.handle` did with a task: back to the front of the queue, to the back with an attempt used,
+#: or failed for good.
 Decision = Literal["requeued", "retried", "failed"]
 
 
@@ -249,9 +251,12 @@ class FaultPolicy:
                 return "failed"
             case PreemptedHost(message=message, node_id=node_id) | CrashedWorker(message=message, node_id=node_id):
                 return self._worker_lost(task, worker, node_id, message)
-            case OutOfMemory(message=message, node_id=node_id, worker_died=True):
-                return self._worker_lost(task, worker, node_id, message)
-            case JobError(message=message) | OutOfMemory(message=message):
+            case OutOfMemory(message=message, node_id=node_id, worker_died=worker_died):
+                # No remedy of its own yet: handled as a crash of its worker, or as the job's error.
+                if worker_died:
+                    return self._worker_lost(task, worker, node_id, message)
+                return self._job_raised(task, message)
+            case JobError(message=message):
                 return self._job_raised(task, message)
             case _:
                 assert_never(fault)

@@ -70,8 +70,8 @@ class _Slot:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Policy:
-    """How the controller retries, waits and gives up."""
+class _Limits:
+    """How often a job may fail, how long the controller waits for workers and how often it probes them."""
 
     max_job_retries: int
     max_worker_crashes: int
@@ -119,7 +119,7 @@ class RayExecutor:
         self._cluster = cluster_config
         self._worker_class = worker_class
         self._max_restarts = max_restarts
-        self._policy = _Policy(
+        self._limits = _Limits(
             max_job_retries=cluster_config.max_job_retries,
             max_worker_crashes=cluster_config.max_worker_crashes,
             worker_wait_s=worker_wait_s,
@@ -189,7 +189,7 @@ class RayExecutor:
             return
         self.start()
         controller = _Controller(
-            self._slots, self._policy, on_result, on_failure,
+            self._slots, self._limits, on_result, on_failure,
             on_worker_ready=self._workers_seen.append,
         )
         try:
@@ -250,14 +250,14 @@ class _Controller:
     def __init__(
         self,
         slots: list[_Slot],
-        policy: _Policy,
+        limits: _Limits,
         on_result: ResultCallback,
         on_failure: FailureCallback,
         *,
         on_worker_ready: Callable[[WorkerInfo], None],
     ):
         self._slots = slots
-        self._policy = policy
+        self._limits = limits
         self._on_result = on_result
         self._on_failure = on_failure
         self._on_worker_ready = on_worker_ready
@@ -265,7 +265,7 @@ class _Controller:
         self._in_flight: dict[ray.ObjectRef, tuple[_Slot, Task | None]] = {}  # -> (worker, its task; None: probe)
         self._last_worker_alive = time.monotonic()
         self._last_wait_warning = time.monotonic()
-        self.faults = FaultPolicy(policy.max_job_retries, policy.max_worker_crashes, self._queue, on_failure)
+        self.faults = FaultPolicy(limits.max_job_retries, limits.max_worker_crashes, self._queue, on_failure)
 
     def run(self, tasks: list[Task]) -> None:
         """Runs until every task has reported a result or a failure."""
@@ -278,7 +278,7 @@ class _Controller:
             if self._gave_up_for_lack_of_workers():
                 return
             if not self._in_flight:
-                time.sleep(self._policy.probe_interval_s / 4)
+                time.sleep(self._limits.probe_interval_s / 4)
                 continue
             ready, _ = ray.wait(list(self._in_flight), num_returns=1, timeout=1.0)
             for ref in ready:
@@ -321,7 +321,7 @@ class _Controller:
 
     def _probe_later(self, slot: _Slot) -> None:
         slot.state = "waiting"
-        slot.next_probe_at = time.monotonic() + self._policy.probe_interval_s
+        slot.next_probe_at = time.monotonic() + self._limits.probe_interval_s
 
     def _drop(self, slot: _Slot) -> None:
         slot.state = "dead"
@@ -366,14 +366,14 @@ class _Controller:
         dead = [slot for slot in self._slots if slot.state == "dead"]
         if len(dead) == len(self._slots):
             reason = f"no Ray worker left (all {len(dead)} died); last error: {dead[-1].last_error}"
-        elif now - self._last_worker_alive > self._policy.worker_wait_s:
+        elif now - self._last_worker_alive > self._limits.worker_wait_s:
             last_error = next((slot.last_error for slot in self._slots if slot.last_error), "none (still pending)")
-            reason = (f"no Ray worker came up in {self._policy.worker_wait_s:.0f} s (each needs "
-                      f"{dict(self._policy.worker_resources)}); last error: {last_error}")
+            reason = (f"no Ray worker came up in {self._limits.worker_wait_s:.0f} s (each needs "
+                      f"{dict(self._limits.worker_resources)}); last error: {last_error}")
         else:
             if now - self._last_wait_warning > 30:
                 self._last_wait_warning = now
-                _log.warning("waiting for a Ray worker (each needs %s)", dict(self._policy.worker_resources))
+                _log.warning("waiting for a Ray worker (each needs %s)", dict(self._limits.worker_resources))
             return False
         while self._queue:
             task = self._queue.popleft()
