@@ -131,7 +131,8 @@ def run(
     import dataclasses
     import json
 
-    from runner.execution.ray_hosts import RayExecutor, keep_driver_jax_on_cpu
+    from runner.execution.ray_hosts import RayExecutor
+    from runner.execution.ray_setup import keep_driver_jax_on_cpu
     from runner.execution.slices import SliceExecutor
 
     keep_driver_jax_on_cpu()  # before anything imports JAX: the driver must never take a host's accelerator

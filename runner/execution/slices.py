@@ -7,8 +7,8 @@ mesh over all the slice's devices. Every job goes to every member; the results c
 
 A gang lives and dies as one: when a member fails, the others are blocked in a collective (or fail within a
 second), so the controller kills the whole gang and builds a new one (a new coordinator; `jax.distributed` cannot
-be initialised twice in a process). The job is requeued as after a lost host (a preemption when a node died,
-else a worker crash), or, when it raised by itself, retried a bounded number of times.
+be initialised twice in a process). What the failed member raised is classified like a host's failure
+(`runner.execution.faults`): the job is requeued after a lost host or worker, retried after its own error.
 
 Order of things on a member (each rule learnt the hard way): nothing touches JAX before `start`; `initialize`
 comes first, then one collective so every member has its communicators (gloo gives a late one only 30 s); the
@@ -27,33 +27,33 @@ import socket
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import ray
 from ray import exceptions as ray_errors
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.actor import ActorHandle
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from runner.config.schema import ClusterConfig
 from runner.execution.executor import FailureCallback, ResultCallback
-from runner.execution.ray_hosts import (
-    INFRASTRUCTURE_ERRORS,
-    JobFaults,
-    Task,
-    check_jax_platform,
+from runner.execution.faults import FaultPolicy, Task, classify, describe_ray_error, fault_counts, with_fault_tags
+from runner.execution.host_actor import WorkerInfo, check_jax_platform, remove_stale_tpu_lockfile
+from runner.execution.ray_setup import (
     check_ray_address_reachable,
     connect_ray,
-    describe_cause,
-    describe_ray_error,
-    fault_counts,
-    fault_kinds,
     keep_driver_jax_on_cpu,
     ray_actor_options,
-    remove_stale_tpu_lockfile,
-    with_fault_tags,
 )
 from runner.plan.points import Job
 from runner.results import Result
+
+if TYPE_CHECKING:
+    from ray.util.tpu import SlicePlacementGroup
+
+    from runner.config.schema import ExperimentConfig
+    from runner.execution.workers import Worker
+    from runner.plan.prepare import SweepPlan
 
 _log = logging.getLogger(__name__)
 
@@ -61,6 +61,16 @@ _log = logging.getLogger(__name__)
 GANG_TIMEOUT_S = 300
 #: A gang that fails to start this many times in a row is given up.
 MAX_GANG_START_FAILURES = 3
+
+GangState = Literal["down", "starting", "idle", "busy", "dead"]
+
+
+class SliceMemberInfo(WorkerInfo):
+    """Where a member of a slice replica runs: a worker's info with its place in the gang."""
+
+    rank: int
+    process_index: int
+    local_device_count: int
 
 
 class SliceHostWorker:
@@ -80,7 +90,7 @@ class SliceHostWorker:
         self.rank, self.world = rank, world
         self.name = f"{name}/host-{rank}@{socket.gethostname()}"
         self._worker_args, self._cache_dir, self._platform = dict(worker_args), Path(cache_dir), platform
-        self._worker: Any = None
+        self._worker: Worker | None = None
 
     def coordinator_address(self) -> str:
         """`ip:port` where this member can host the JAX coordinator (asked of rank 0)."""
@@ -89,7 +99,7 @@ class SliceHostWorker:
             port = sock.getsockname()[1]
         return f"{ray.util.get_node_ip_address()}:{port}"
 
-    def start(self, coordinator: str) -> dict[str, Any]:
+    def start(self, coordinator: str) -> SliceMemberInfo:
         """Joins the gang, loads the model on the global mesh and builds the worker; returns where it runs."""
         import jax
         from jax.experimental import multihost_utils
@@ -110,21 +120,21 @@ class SliceHostWorker:
         multihost_utils.sync_global_devices("runner: gang up")
         platform, devices = check_jax_platform(self._platform, self.name)
         enable_compilation_cache(self._cache_dir)
-        config = self._worker_args["config"]
+        config: ExperimentConfig = self._worker_args["config"]
         self._worker = worker_class_for(config.kind)(
             **self._worker_args, cache_dir=self._cache_dir, worker_name=self.name, mesh=make_host_mesh()
         )
-        return {
-            "name": self.name,
-            "rank": self.rank,
-            "process_index": jax.process_index(),
-            "hostname": socket.gethostname(),
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "pid": os.getpid(),
-            "platform": platform,
-            "device_count": devices,
-            "local_device_count": jax.local_device_count(),
-        }
+        return SliceMemberInfo(
+            name=self.name,
+            rank=self.rank,
+            process_index=jax.process_index(),
+            hostname=socket.gethostname(),
+            node_id=ray.get_runtime_context().get_node_id(),
+            pid=os.getpid(),
+            platform=platform,
+            device_count=devices,
+            local_device_count=jax.local_device_count(),
+        )
 
     def run_job(self, job: Job, attempt: int) -> list[Result]:
         """Runs `job` with the other members; process 0 returns the results, the others nothing."""
@@ -153,18 +163,18 @@ class _Gang:
 
     def __init__(self, name: str, cluster: ClusterConfig, worker_args: Mapping[str, Any], cache_dir: Path):
         self.name, self._cluster, self._worker_args, self._cache_dir = name, cluster, worker_args, cache_dir
-        self.members: list[Any] = []
-        self.infos: list[dict[str, Any]] = []
-        self.state = "down"  # down -> starting -> idle <-> busy; dead
-        self.refs: list[Any] = []  # one per member, in rank order, for what the gang is doing now
-        self.pending: set[Any] = set()  # those not returned yet
+        self.members: list[ActorHandle[SliceHostWorker]] = []
+        self.infos: list[SliceMemberInfo] = []
+        self.state: GangState = "down"  # down -> starting -> idle <-> busy; dead
+        self.refs: list[ray.ObjectRef] = []  # one per member, in rank order, for what the gang is doing now
+        self.pending: set[ray.ObjectRef] = set()  # those not returned yet
         self.task: Task | None = None
-        self.results: dict[Any, list[Result]] = {}
+        self.results: dict[ray.ObjectRef, list[Result] | SliceMemberInfo] = {}
         self.start_failures = 0
         self.last_error = ""
         self._group, self._slice = self._reserve()
 
-    def _reserve(self) -> tuple[Any, Any]:
+    def _reserve(self) -> tuple[PlacementGroup, SlicePlacementGroup | None]:
         if self._cluster.slice_topology is not None:
             import ray.util.tpu as ray_tpu
 
@@ -226,20 +236,20 @@ class _Gang:
 
     def node_ids(self) -> list[str | None]:
         """The Ray nodes the members ran on (from their last start)."""
-        return [info.get("node_id") for info in self.infos] or [None]
+        return [info["node_id"] for info in self.infos] or [None]
 
 
 class SliceExecutor:
     """Runs a sweep's jobs on `cluster.workers` slice replicas (a `runner.execution.executor.JobExecutor`).
 
     Args:
-      sweep_plan: The checked sweep (`runner.plan.prepare.SweepPlan`). Synthetic SAEs are written here, on the driver,
-        before any gang starts (see the module docstring).
+      sweep_plan: The checked sweep. Synthetic SAEs are written here, on the driver, before any gang starts (see
+        the module docstring).
       cache_dir: Where synthetic models and SAEs are written.
       cluster_config: Replicas, hosts per replica, their resources and placement, platform, address, retries.
     """
 
-    def __init__(self, sweep_plan: Any, cache_dir: Path, cluster_config: ClusterConfig):
+    def __init__(self, sweep_plan: SweepPlan, cache_dir: Path, cluster_config: ClusterConfig):
         if cluster_config.address:
             check_ray_address_reachable(cluster_config.address)
         keep_driver_jax_on_cpu()
@@ -249,10 +259,10 @@ class SliceExecutor:
         self._compilations = 0
         self._events: list[dict[str, str]] = []
         self._job_retries = 0
-        self._faults: JobFaults | None = None
+        self._faults: FaultPolicy | None = None
         self._gangs: list[_Gang] | None = None
         self._owns_ray = False
-        self.workers_seen: list[dict[str, Any]] = []
+        self.workers_seen: list[SliceMemberInfo] = []
 
     @property
     def compilations(self) -> int:
@@ -293,7 +303,7 @@ class SliceExecutor:
             return
         self.start()
         queue: collections.deque[Task] = collections.deque(Task(job) for job in jobs)
-        self._faults = JobFaults(self._cluster.max_job_retries, self._cluster.max_worker_crashes, queue, on_failure)
+        self._faults = FaultPolicy(self._cluster.max_job_retries, self._cluster.max_worker_crashes, queue, on_failure)
         try:
             self._loop(self._gangs, queue, on_result, on_failure)
             self._compilations = sum(
@@ -339,7 +349,7 @@ class SliceExecutor:
                 gang.pending.discard(ref)
                 self._member_returned(gang, ref, on_result)
 
-    def _member_returned(self, gang: _Gang, ref: Any, on_result: ResultCallback) -> None:
+    def _member_returned(self, gang: _Gang, ref: ray.ObjectRef, on_result: ResultCallback) -> None:
         try:
             value = ray.get(ref)
         except Exception as error:  # noqa: BLE001 - any member's failure ends the gang
@@ -350,12 +360,14 @@ class SliceExecutor:
             return
         values = [gang.results[r] for r in gang.refs]
         if gang.state == "starting":
-            gang.infos, gang.state, gang.start_failures, gang.refs = values, "idle", 0, []
-            self.workers_seen.extend(values)
+            infos = cast(list[SliceMemberInfo], values)
+            gang.infos, gang.state, gang.start_failures, gang.refs = infos, "idle", 0, []
+            self.workers_seen.extend(infos)
             _log.info("slice replica %s ready on %d hosts", gang.name, len(values))
             return
         task, gang.task, gang.state, gang.refs = gang.task, None, "idle", []
-        on_result(task.job, with_fault_tags(values[0], task.lost_on_nodes))  # rank 0 is process 0: it reports
+        results = cast(list[Result], values[0])  # rank 0 is process 0: it reports
+        on_result(task.job, with_fault_tags(results, task.lost_on_nodes))
 
     def _gang_failed(self, gang: _Gang, error: BaseException) -> None:
         was_starting, task = gang.state == "starting", gang.task
@@ -364,13 +376,7 @@ class SliceExecutor:
         gang.kill()
         _log.warning("slice replica %s failed: %s", gang.name, gang.last_error)
         if task is not None:
-            if isinstance(error, ray_errors.RayTaskError) and not isinstance(error, INFRASTRUCTURE_ERRORS):
-                self._faults.job_raised(task, describe_cause(error))
-            else:
-                # A replica is preempted when any of its hosts is: charge the loss to a dead node if there is one.
-                kinds = fault_kinds(node_ids)
-                dead = [node for node, kind in zip(node_ids, kinds, strict=True) if kind == "preemption"]
-                self._faults.worker_lost(task, gang.name, dead[0] if dead else node_ids[0], gang.last_error)
+            self._faults.handle(task, classify(error, node_ids), gang.name)
         if was_starting:
             gang.start_failures += 1
             if gang.start_failures >= MAX_GANG_START_FAILURES:
@@ -382,7 +388,7 @@ class SliceExecutor:
             gang.last_error, gang.state = f"cannot rebuild: {restart_error}", "dead"
 
 
-def _with_synthetic_saes_written(sweep_plan: Any, cache_dir: Path) -> dict[str, Any]:
+def _with_synthetic_saes_written(sweep_plan: SweepPlan, cache_dir: Path) -> dict[str, Any]:
     """The plan's worker arguments with every synthetic SAE written (on this, the driver's, CPU) and its path set.
 
     Members of a gang cannot write them: the calibration is a forward pass, which would have to be collective.

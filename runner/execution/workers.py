@@ -3,7 +3,8 @@
 A worker owns one host (all of its local accelerators, or the CPU in tests). `SteeringWorker` keeps one compiled
 `SteeringSampler` per (batch size, prompt bucket, max_new_tokens), so a sweep compiles once per shape;
 `SAEEvalWorker` evaluates a job's SAEs over the sweep's evaluation tokens, sharing the clean forward passes. The
-Ray actor in `runner.execution.ray_hosts` wraps these classes; a local run uses them directly.
+Ray actors (`runner.execution.host_actor`, `runner.execution.slices`) wrap these classes; a local run uses them
+directly.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import cachetools
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -26,6 +28,7 @@ from jax.sharding import Mesh
 from penzai import pz
 
 from runner import lm_stats as metrics
+from runner.config.schema import ExperimentConfig
 from runner.errors import PlanError
 from runner.model import tokenizer as tokenizer_lib
 from runner.model.loading import LoadedModel, load_model, make_host_mesh
@@ -40,6 +43,7 @@ from runner.results import PointResult, SAEEvalPointResult
 from runner.sae.jumprelu import LoadedSAE, load_sae
 from runner.sae.sources import SAEFile, write_synthetic_saes
 from runner.sae_eval import evaluate as sae_eval
+from runner.sae_eval.text_sets import EvalTokens
 from runner.steering import metrics as steering_metrics
 from runner.steering.sampler import SamplingBatch, SteeringSampler, left_pad, prompt_bucket
 
@@ -87,7 +91,7 @@ def count_compilations() -> Iterator[list[int]]:
         jax.monitoring.unregister_event_duration_listener(listener)
 
 
-def load_host_model(config: Any, cache_dir: Path, mesh: Mesh | None | str = "auto") -> LoadedModel:
+def load_host_model(config: ExperimentConfig, cache_dir: Path, mesh: Mesh | None | str = "auto") -> LoadedModel:
     """The configured model: with `mesh="auto"`, sharded over every device JAX sees when there are several (this
     host's, or under `jax.distributed` the whole slice's); else on `mesh`, or unsharded for None."""
     if mesh == "auto":
@@ -96,7 +100,7 @@ def load_host_model(config: Any, cache_dir: Path, mesh: Mesh | None | str = "aut
 
 
 def write_pending_synthetic_saes(
-    loaded: LoadedModel, config: Any, sae_files: Mapping[str, SAEFile], cache_dir: Path
+    loaded: LoadedModel, config: ExperimentConfig, sae_files: Mapping[str, SAEFile], cache_dir: Path
 ) -> dict[str, SAEFile]:
     """The files with every synthetic SAE (no path yet) written for this model under `cache_dir`."""
     files = dict(sae_files)
@@ -115,7 +119,9 @@ def write_pending_synthetic_saes(
     return files
 
 
-def load_saes(loaded: LoadedModel, config: Any, sae_files: Iterable[SAEFile], cache_dir: Path) -> dict[str, LoadedSAE]:
+def load_saes(
+    loaded: LoadedModel, config: ExperimentConfig, sae_files: Iterable[SAEFile], cache_dir: Path
+) -> dict[str, LoadedSAE]:
     """Loads SAE files by id; synthetic ones (no path yet) are first written for this model under `cache_dir`."""
     files = write_pending_synthetic_saes(loaded, config, {file.sae_id: file for file in sae_files}, cache_dir)
     architecture = loaded.architecture
@@ -174,7 +180,7 @@ class SteeringWorker:
     """Runs steering jobs on this host's model.
 
     Args:
-      config: The experiment (`runner.config.schema.ExperimentConfig`, with `steering`).
+      config: The experiment (with `steering`).
       sae_files: The SAE file of every steered layer, by SAE id, as resolved by the driver.
       batch_size: Points per job. With `sampling.batch_size: auto` the worker compiles for the largest batch
         up to this that fits its device memory (a bigger job then runs as several calls of one program); an
@@ -187,7 +193,7 @@ class SteeringWorker:
 
     def __init__(
         self,
-        config: Any,
+        config: ExperimentConfig,
         sae_files: Mapping[str, SAEFile],
         *,
         batch_size: int,
@@ -343,7 +349,7 @@ class SteeringWorker:
             self._lens_tags[token_ids] = json.dumps(pieces, ensure_ascii=False)
         return self._lens_tags[token_ids]
 
-    def _padded(self, items: list) -> list:
+    def _padded(self, items: list[SteeringPoint]) -> list[SteeringPoint]:
         return items + [items[-1]] * (self.batch_size - len(items))
 
     def _prompt_tokens(self, points: Sequence[SteeringPoint]) -> list[list[int]]:
@@ -357,21 +363,21 @@ class SAEEvalWorker:
     used first out), so a worker that sees an SAE again does not read it again.
 
     Args:
-      config: The experiment (`runner.config.schema.ExperimentConfig`, with `sae_eval`).
+      config: The experiment (with `sae_eval`).
       sae_files: Every SAE of the sweep, by SAE id, as resolved by the driver.
       batch_size: Sequences per forward pass (`sae_eval.batch_size`).
       cache_dir: Where synthetic models and SAEs are written.
       worker_name: Recorded with each result.
-      eval_tokens: The evaluation set (`runner.sae_eval.text_sets.EvalTokens`).
+      eval_tokens: The evaluation set.
       mesh: Where the model lives (`load_host_model`); a slice replica passes its global mesh.
     """
 
     def __init__(
         self,
-        config: Any,
+        config: ExperimentConfig,
         sae_files: Mapping[str, SAEFile],
         *,
-        eval_tokens: Any,
+        eval_tokens: EvalTokens,
         batch_size: int,
         cache_dir: Path,
         worker_name: str = "local",
@@ -384,19 +390,15 @@ class SAEEvalWorker:
         self._cache_dir = cache_dir
         self._files = dict(sae_files)
         self.loaded: LoadedModel = load_host_model(config, cache_dir, mesh)
-        self._saes: collections.OrderedDict[str, LoadedSAE] = collections.OrderedDict()
-        self._cache_budget = int(memory.device_memory_bytes() * SAE_CACHE_FRACTION)
+        self._saes = sae_cache(int(memory.device_memory_bytes() * SAE_CACHE_FRACTION))
         self.compilations = 0
 
     def _sae(self, sae_id: str) -> LoadedSAE:
         """The SAE of an id, loaded on first use and kept while the cache budget allows."""
-        if sae_id in self._saes:
-            self._saes.move_to_end(sae_id)
-            return self._saes[sae_id]
-        loaded = load_saes(self.loaded, self.config, [self._files[sae_id]], self._cache_dir)[sae_id]
-        self._saes[sae_id] = loaded
-        while len(self._saes) > 1 and sum(_sae_bytes(sae) for sae in self._saes.values()) > self._cache_budget:
-            self._saes.popitem(last=False)
+        loaded = self._saes.get(sae_id)
+        if loaded is None:
+            loaded = load_saes(self.loaded, self.config, [self._files[sae_id]], self._cache_dir)[sae_id]
+            self._saes[sae_id] = loaded
         return loaded
 
     def run_job(self, job: Job, attempt: int = 1) -> list[SAEEvalPointResult]:
@@ -426,10 +428,20 @@ class SAEEvalWorker:
         ]
 
 
+def sae_cache(budget_bytes: int) -> cachetools.LRUCache[str, LoadedSAE]:
+    """Loaded SAEs by id, least recently used first out once they fill `budget_bytes`; the last one always stays."""
+    maxsize = max(budget_bytes, 1)
+    # An SAE larger than the whole budget counts as the budget: it pushes every other one out and stays alone.
+    return cachetools.LRUCache(maxsize, getsizeof=lambda loaded: min(_sae_bytes(loaded), maxsize))
+
+
 def _sae_bytes(loaded: LoadedSAE) -> int:
     return sum(leaf.nbytes for leaf in jax.tree.leaves(loaded.sae))
 
 
-def worker_class_for(kind: str) -> type:
+Worker = SteeringWorker | SAEEvalWorker
+
+
+def worker_class_for(kind: str) -> type[Worker]:
     """The worker class of a sweep kind (`ExperimentConfig.kind`)."""
     return {"steering": SteeringWorker, "sae_eval": SAEEvalWorker}[kind]

@@ -32,15 +32,8 @@ from typer.testing import CliRunner
 
 from runner.cli import app
 from runner.config.loading import load_experiment
-from runner.config.schema import ClusterConfig
 from runner.driver import SweepSummary, run_sweep
-from runner.execution.ray_hosts import (
-    HostWorker,
-    RayExecutor,
-    WorkerPlatformError,
-    ray_actor_options,
-    remove_stale_tpu_lockfile,
-)
+from runner.execution.ray_hosts import RayExecutor
 from runner.execution.slices import SliceExecutor
 from runner.execution.workers import SteeringWorker
 from runner.plan.points import Job
@@ -213,45 +206,6 @@ def failing_sweep(ray_cluster, tmp_path_factory, cache_dir) -> tuple[SweepPlan, 
     })
     executor = RayExecutor(sweep_plan, cache_dir, sweep_plan.config.cluster, worker_class=worker_class)
     return sweep_plan, run_sweep(sweep_plan, cache_dir=cache_dir, executor=executor)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Units: actor options, platform check, TPU lockfile
-
-
-def test_worker_actors_request_the_whole_host_and_leave_retries_to_the_controller() -> None:
-    options = ray_actor_options(ClusterConfig(resources={"CPU": 8, "TPU": 4}), max_restarts=-1)
-    assert (options["num_cpus"], options["num_gpus"], options["resources"]) == (8, 0, {"TPU": 4})
-    assert (options["max_restarts"], options["max_task_retries"]) == (-1, 0)
-    assert options["runtime_env"]["env_vars"] == {"JAX_PLATFORMS": "tpu"}, "auto: TPU requested -> tpu"
-
-    gpu = ray_actor_options(ClusterConfig(resources={"GPU": 8}), max_restarts=3)
-    assert (gpu["num_gpus"], gpu["num_cpus"], "resources" in gpu) == (8, 0, False)
-    assert gpu["runtime_env"]["env_vars"] == {"JAX_PLATFORMS": "cuda"}
-    cpu = ray_actor_options(ClusterConfig(resources={"TPU": 4}, platform="cpu"), max_restarts=3)
-    assert cpu["runtime_env"]["env_vars"] == {"JAX_PLATFORMS": "cpu"}, "an explicit platform wins"
-
-
-def test_a_worker_refuses_to_run_on_a_platform_jax_did_not_give_it(tmp_path, cache_dir) -> None:
-    sweep_plan = plan_sweep(tmp_path, cache_dir, SAME_BUCKET_PROMPTS[:1], GRID, {})
-    with pytest.raises(WorkerPlatformError, match=r"expected JAX platform 'gpu' but JAX runs on 'cpu'"):
-        HostWorker(sweep_plan.worker_args(), cache_dir=cache_dir, platform="gpu",
-                   name="worker-0")
-
-
-def test_a_stale_tpu_lockfile_is_removed_only_when_no_process_holds_it(tmp_path) -> None:
-    lockfile = tmp_path / "libtpu_lockfile"
-    lockfile.write_text("")
-    holder = subprocess.Popen([sys.executable, "-c", f"f = open({str(lockfile)!r}); print('open', flush=True); "
-                               "import time; time.sleep(60)"], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "open"
-        assert not remove_stale_tpu_lockfile(lockfile) and lockfile.exists(), "a live holder keeps its lock"
-    finally:
-        holder.kill()
-        holder.wait()
-    assert remove_stale_tpu_lockfile(lockfile) and not lockfile.exists()
-    assert not remove_stale_tpu_lockfile(lockfile), "nothing to remove"
 
 
 # ---------------------------------------------------------------------------------------------------------------

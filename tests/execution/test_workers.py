@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import jax
 import pytest
 
 from runner.config.schema import ExperimentConfig
-from runner.execution.workers import SteeringWorker
+from runner.execution.workers import SteeringWorker, sae_cache
 from runner.plan.prepare import prepare_sweep
+from runner.sae.jumprelu import load_sae
 
 SWEEP = {
     "name": "worker-test",
@@ -49,3 +51,25 @@ def test_a_second_worker_of_the_sweep_reuses_the_traced_programs(sweep_plan, tmp
     assert [(r.point_key, r.token_ids, r.metrics) for r in second_results] == [
         (r.point_key, r.token_ids, r.metrics) for r in first_results
     ]
+
+
+def test_the_sae_cache_keeps_the_most_recent_saes_that_fit_and_always_the_last(tiny_sae_paths) -> None:
+    saes = {layer: load_sae(path, sae_id=f"tiny/{layer}", layer=layer) for layer, path in tiny_sae_paths.items()}
+    size = sum(leaf.nbytes for leaf in jax.tree.leaves(saes[0].sae))
+    assert all(sum(leaf.nbytes for leaf in jax.tree.leaves(sae.sae)) == size for sae in saes.values())
+
+    cache = sae_cache(int(2.5 * size))
+    for layer in (0, 1):
+        cache[f"tiny/{layer}"] = saes[layer]
+    assert cache.get("tiny/0") is saes[0], "a read makes tiny/0 the most recent"
+    cache["tiny/2"] = saes[2]
+    assert sorted(cache) == ["tiny/0", "tiny/2"], "the least recently used goes first"
+
+    small = sae_cache(size // 2)
+    small["tiny/0"] = saes[0]
+    assert list(small) == ["tiny/0"], "an SAE larger than the budget still stays"
+    small["tiny/1"] = saes[1]
+    assert list(small) == ["tiny/1"], "... until the next one"
+    nothing = sae_cache(0)
+    nothing["tiny/0"], nothing["tiny/1"] = saes[0], saes[1]
+    assert list(nothing) == ["tiny/1"], "no budget at all: the last SAE stays"

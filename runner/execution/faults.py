@@ -1,0 +1,326 @@
+"""Failures as data: what Ray raised for a job, classified once into a fault type, and one policy acting on it.
+
+`classify` turns whatever a job's `ray.get` raised into one of:
+
+- `PreemptedHost`: the worker went away (actor died, node died, worker crashed, objects lost) and one of its Ray
+  nodes is no longer alive.
+- `CrashedWorker`: the worker went away but its node is still alive: the job itself may have killed it.
+- `OutOfMemory`: the job raised XLA's `RESOURCE_EXHAUSTED` or Ray's `OutOfMemoryError` (`worker_died=False`), or
+  Ray's memory monitor killed the worker (`worker_died=True`).
+- `RecurringError`: the job raised `RecurringJobError`: retrying cannot help.
+- `JobError`: anything else, the job's own error (a `RayTaskError`) or any other Ray error.
+
+`FaultPolicy` decides the job's fate for both executors: a lost worker (a preemption, a crash, a worker killed
+for memory) sends it back to the front of the queue without using an attempt (after `max_worker_crashes` crashes
+it fails); a job error (an out-of-memory error included) is retried at the back of the queue until its attempts
+run out; a recurring error fails it at once. What happens to the worker stays with each executor.
+
+Ray marks a node dead only after its health checks fail (seconds), so a loss judged right after it happened can
+look like a crash: the lost nodes are kept with the task and judged again when its results come back and at the
+end of the run (`fault_kinds`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import re
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, ClassVar, Literal, assert_never
+
+import ray
+from ray import exceptions as ray_errors
+
+from runner.plan.points import Job
+from runner.results import Result
+
+if TYPE_CHECKING:
+    from runner.execution.executor import FailureCallback
+
+_log = logging.getLogger(__name__)
+
+#: Errors that say the worker or its host went away, not that the job is wrong.
+LOST_WORKER_ERRORS: tuple[type[ray_errors.RayError], ...] = (
+    ray_errors.RayActorError,  # ActorDiedError, ActorUnavailableError
+    ray_errors.NodeDiedError,
+    ray_errors.WorkerCrashedError,
+    ray_errors.ObjectLostError,  # OwnerDiedError, ObjectReconstructionFailedError, ...
+    ray_errors.LocalRayletDiedError,
+)
+#: Tags of a point whose job lost its host to a preemption or its worker to a crash (absent: none).
+TAG_PREEMPTIONS = "runner.preemptions"
+TAG_WORKER_CRASHES = "runner.worker_crashes"
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class RecurringJobError(Exception):
+    """Raised by a worker's job when running it again would fail the same way: its points fail without retries."""
+
+
+# -------------------------------------------------------------------------------------------------------------
+# The fault types
+
+
+@dataclasses.dataclass(frozen=True)
+class PreemptedHost:
+    """The job's worker went away with its host (a Ray node of the worker is no longer alive)."""
+
+    kind: ClassVar[str] = "preemption"
+    message: str
+    node_id: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class CrashedWorker:
+    """The job's worker process died on a host that stayed up (maybe the job's doing: a crash in XLA, the OS)."""
+
+    kind: ClassVar[str] = "worker_crash"
+    message: str
+    node_id: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class OutOfMemory:
+    """The job ran out of memory: it raised (`worker_died=False`), or Ray killed its worker for it (`True`)."""
+
+    message: str
+    node_id: str | None
+    worker_died: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class JobError:
+    """The job failed by itself, or Ray failed it for a reason that is neither a lost worker nor memory."""
+
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RecurringError:
+    """The job failed in a way that will happen again on every retry (`RecurringJobError`)."""
+
+    message: str
+
+
+Fault = PreemptedHost | CrashedWorker | OutOfMemory | JobError | RecurringError
+#: Asks Ray which nodes are alive now (tests pass their own).
+AliveNodes = Callable[[], Collection[str]]
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Classifying
+
+
+def alive_ray_nodes() -> set[str]:
+    """Ids of the Ray nodes alive now (none when Ray does not answer: every loss then counts as a preemption)."""
+    try:
+        return {node["NodeID"] for node in ray.nodes() if node.get("Alive")}
+    except Exception:  # noqa: BLE001 - without an answer from Ray every loss counts as a preemption
+        return set()
+
+
+def classify(
+    error: BaseException,
+    node_ids: Sequence[str | None],
+    alive_nodes: AliveNodes = alive_ray_nodes,
+) -> Fault:
+    """The fault of a job whose `ray.get` raised `error`.
+
+    Args:
+      error: What `ray.get` raised (any exception: one that is not Ray's is the job's own).
+      node_ids: The Ray nodes of the job's worker (several for a slice replica; None: unknown). A replica is
+        preempted when any of its nodes is; the loss is charged to the first dead one.
+      alive_nodes: Asked only when the worker went away.
+    """
+    if isinstance(error, ray_errors.RayTaskError):
+        cause = error.cause if error.cause is not None else error
+        return _job_fault(cause, node_ids, f"{type(cause).__name__}: {cause}")
+    if not isinstance(error, ray_errors.RayError):
+        return _job_fault(error, node_ids, f"{type(error).__name__}: {error}")
+    message = describe_ray_error(error)
+    if isinstance(error, ray_errors.OutOfMemoryError):
+        return OutOfMemory(message, _charged_node(node_ids, alive_nodes()), worker_died=True)
+    if isinstance(error, LOST_WORKER_ERRORS):
+        alive = alive_nodes()
+        node_id = _charged_node(node_ids, alive)
+        return CrashedWorker(message, node_id) if node_id in alive else PreemptedHost(message, node_id)
+    return JobError(message)
+
+
+def _job_fault(cause: BaseException, node_ids: Sequence[str | None], message: str) -> Fault:
+    """The fault of an exception the job raised itself."""
+    if isinstance(cause, RecurringJobError):
+        return RecurringError(message)
+    if is_out_of_memory(cause):
+        return OutOfMemory(message, node_ids[0] if node_ids else None, worker_died=False)
+    return JobError(message)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether a job's exception says it ran out of memory: XLA's `RESOURCE_EXHAUSTED` or Ray's `OutOfMemoryError`."""
+    if isinstance(error, ray_errors.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and str(error).lstrip().startswith("RESOURCE_EXHAUSTED")
+
+
+def _charged_node(node_ids: Sequence[str | None], alive: Collection[str]) -> str | None:
+    """The first node of `node_ids` that is not alive, else the first one."""
+    nodes = list(node_ids) or [None]
+    return next((node for node in nodes if node not in alive), nodes[0])
+
+
+def fault_kinds(node_ids: Sequence[str | None], alive_nodes: AliveNodes = alive_ray_nodes) -> list[str]:
+    """The kind of each loss, judged now: `preemption` for a node no longer alive (or unknown), else
+    `worker_crash`."""
+    if not node_ids:
+        return []
+    alive = alive_nodes()
+    return [CrashedWorker.kind if node_id in alive else PreemptedHost.kind for node_id in node_ids]
+
+
+def worker_survived(fault: Fault) -> bool:
+    """Whether the job's worker is still there after the fault (it raised, rather than went away)."""
+    match fault:
+        case PreemptedHost() | CrashedWorker() | OutOfMemory(worker_died=True):
+            return False
+        case _:
+            return True
+
+
+# -------------------------------------------------------------------------------------------------------------
+# The policy
+
+
+@dataclasses.dataclass
+class Task:
+    """A job waiting or running: `attempt` counts the job's own failures; `lost_on_nodes` holds the Ray node of
+    each worker the job lost (a node that died meanwhile: a preemption; one still alive: a worker crash)."""
+
+    job: Job
+    attempt: int = 1
+    lost_on_nodes: list[str | None] = dataclasses.field(default_factory=list)
+
+
+#: What `FaultPolicy.handle` did with a task: back to the front of the queue, to the back with an attempt used,
+#: or failed for good.
+Decision = Literal["requeued", "retried", "failed"]
+
+
+class FaultPolicy:
+    """What happens to a job after a fault, for host and slice replicas alike.
+
+    - A lost worker (`PreemptedHost`, `CrashedWorker`, `OutOfMemory` that killed the worker): the job goes back
+      to the front of the queue without using an attempt. A preemption is requeued without limit; a worker that
+      died on a node that is still alive may have been killed by the job itself, so after `max_worker_crashes`
+      such losses the job fails.
+    - The job's own error (`JobError`, `OutOfMemory` it raised): retried `max_job_retries` more times at the back
+      of the queue, then its points fail.
+    - `RecurringError`: its points fail at once.
+
+    Args:
+      max_job_retries: Retries of a job that raised.
+      max_worker_crashes: Worker crashes a job may cause before it fails.
+      queue: The executor's queue of tasks.
+      on_failure: Reports a job that failed for good.
+      alive_nodes: The Ray nodes alive now (to count a job's crashes).
+    """
+
+    def __init__(
+        self,
+        max_job_retries: int,
+        max_worker_crashes: int,
+        queue: collections.deque[Task],
+        on_failure: FailureCallback,
+        alive_nodes: AliveNodes = alive_ray_nodes,
+    ):
+        self._max_job_retries = max_job_retries
+        self._max_worker_crashes = max_worker_crashes
+        self._queue = queue
+        self._on_failure = on_failure
+        self._alive_nodes = alive_nodes
+        self._events: list[dict[str, str]] = []
+        self.job_retries = 0
+
+    def handle(self, task: Task, fault: Fault, worker: str) -> Decision:
+        """Requeues, retries or fails `task` after `fault` on `worker`; returns which."""
+        match fault:
+            case RecurringError(message=message):
+                self._on_failure(task.job, message, task.attempt)
+                return "failed"
+            case PreemptedHost(message=message, node_id=node_id) | CrashedWorker(message=message, node_id=node_id):
+                return self._worker_lost(task, worker, node_id, message)
+            case OutOfMemory(message=message, node_id=node_id, worker_died=worker_died):
+                # No remedy of its own yet: handled as a crash of its worker, or as the job's error.
+                if worker_died:
+                    return self._worker_lost(task, worker, node_id, message)
+                return self._job_raised(task, message)
+            case JobError(message=message):
+                return self._job_raised(task, message)
+            case _:
+                assert_never(fault)
+
+    def _job_raised(self, task: Task, error: str) -> Decision:
+        if task.attempt > self._max_job_retries:
+            self._on_failure(task.job, error, task.attempt)
+            return "failed"
+        _log.warning("job %s failed on attempt %d, retrying: %s", task.job.job_id, task.attempt, error)
+        self.job_retries += 1
+        self._queue.append(Task(task.job, task.attempt + 1, task.lost_on_nodes))
+        return "retried"
+
+    def _worker_lost(self, task: Task, worker: str, node_id: str | None, error: str) -> Decision:
+        self._events.append({"job_id": task.job.job_id, "worker": worker, "node_id": node_id or "", "error": error})
+        _log.warning("lost worker %s while it ran job %s: %s", worker, task.job.job_id, error)
+        task.lost_on_nodes.append(node_id)
+        crashes = fault_kinds(task.lost_on_nodes, self._alive_nodes).count(CrashedWorker.kind)
+        if crashes >= self._max_worker_crashes:
+            self._on_failure(task.job, f"crashed its worker {crashes} times on hosts that stayed up "
+                             f"(cluster.max_worker_crashes={self._max_worker_crashes}); last: {error}", task.attempt)
+            return "failed"
+        self._queue.appendleft(task)
+        return "requeued"
+
+    def classified_events(self) -> list[dict[str, str]]:
+        """Every lost-worker event with its `kind`, judged now that Ray has had time to notice dead nodes."""
+        kinds = fault_kinds([event["node_id"] or None for event in self._events], self._alive_nodes)
+        return [{**event, "kind": kind} for event, kind in zip(self._events, kinds, strict=True)]
+
+
+def fault_counts(events: Sequence[Mapping[str, str]], job_retries: int) -> dict[str, int]:
+    """`preemptions`, `worker_crashes` and `job_retries` from classified lost-worker events."""
+    kinds = [event["kind"] for event in events]
+    return {"preemptions": kinds.count(PreemptedHost.kind), "worker_crashes": kinds.count(CrashedWorker.kind),
+            "job_retries": job_retries}
+
+
+def with_fault_tags(
+    results: list[Result],
+    lost_on_nodes: Sequence[str | None],
+    alive_nodes: AliveNodes = alive_ray_nodes,
+) -> list[Result]:
+    """Stamps `runner.preemptions` / `runner.worker_crashes` on the results of a job that lost workers."""
+    if not lost_on_nodes:
+        return results
+    kinds = fault_kinds(lost_on_nodes, alive_nodes)
+    tags = {TAG_PREEMPTIONS: str(kinds.count(PreemptedHost.kind)),
+            TAG_WORKER_CRASHES: str(kinds.count(CrashedWorker.kind))}
+    return [dataclasses.replace(result, tags={**result.tags, **tags}) for result in results]
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Ray errors in one line
+
+
+def strip_ansi(text: str) -> str:
+    """`text` without the terminal colour codes Ray puts in its error messages."""
+    return _ANSI.sub("", text)
+
+
+def describe_ray_error(error: BaseException) -> str:
+    """A Ray error in one line: for a worker whose `__init__` raised, the exception it raised."""
+    lines = [line.strip() for line in strip_ansi(str(error)).splitlines() if line.strip()]
+    if isinstance(error, ray_errors.RayActorError) and error.actor_init_failed and lines:
+        return f"worker failed to start: {lines[-1]}"
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
