@@ -1,63 +1,94 @@
-"""Metrics of SAE activations and steered generations.
+"""Language-model statistics that steering and SAE evaluation share: which tokens count, where tokens sit, and the
+per-position cross-entropy, KL divergence and entropy of next-token distributions.
 
-Conventions (see the project's Gemma Scope metrics sheet): special tokens (PAD 0, EOS 1, BOS 2) never enter an
-SAE metric; scalars are token-weighted means over the masked tokens (sums first, divided once).
+Definitions: `docs/metrics.md#masking-and-aggregation` (the special-token and loss masks, token positions) and
+`docs/metrics.md#vocabulary-sums` (logits, cross-entropy from a partition, the chunked KL and entropy sums).
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
 from runner.model.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from runner.sae.jumprelu import LATENT_AXIS
 
 SPECIAL_TOKEN_IDS = (PAD_ID, EOS_ID, BOS_ID)
+#: Vocabulary entries processed at once by the chunked vocabulary sums.
+DEFAULT_VOCAB_CHUNK = 32768
 
 
 def special_token_mask(tokens: np.ndarray) -> np.ndarray:
-    """True where a token is an ordinary token (not PAD, EOS or BOS)."""
+    """True where a token is an ordinary token (not PAD, EOS or BOS), on the host."""
     return ~np.isin(np.asarray(tokens), SPECIAL_TOKEN_IDS)
 
 
-def per_token_l0(features: pz.nx.NamedArray) -> pz.nx.NamedArray:
-    """Number of active latents at each position (`f > 0`; JumpReLU zeroes everything below threshold)."""
-    return (features > 0).astype(jnp.int32).untag(LATENT_AXIS).sum()
+def special_token_mask_on_device(tokens: jax.Array) -> jax.Array:
+    """`special_token_mask` of a device array (jittable)."""
+    return ~jnp.isin(tokens, jnp.asarray(SPECIAL_TOKEN_IDS))
 
 
-def mean_l0(features: pz.nx.NamedArray, tokens: np.ndarray) -> float:
-    """Token-weighted mean L0 over the ordinary tokens of `tokens` (same `{batch?, seq}` layout as features)."""
-    l0 = np.asarray(per_token_l0(features).unwrap(*_position_axes(features)), dtype=np.float64)
-    mask = special_token_mask(tokens).reshape(l0.shape)
-    return float((l0 * mask).sum() / max(mask.sum(), 1))
+def next_token_loss_mask(tokens: np.ndarray) -> np.ndarray:
+    """`[B, S-1]` positions whose next-token loss counts: `M[:, :-1] & (tokens[:, 1:] != PAD)`.
 
-
-def top_features(features: pz.nx.NamedArray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and values of the `k` most active latents at each position (`[..., k]`, positions first)."""
-    values = np.asarray(features.unwrap(*_position_axes(features), LATENT_AXIS))
-    order = np.argsort(-values, axis=-1, kind="stable")[..., :k]
-    return order, np.take_along_axis(values, order, axis=-1)
-
-
-def steering_point_metrics(
-    tokens: float, l0_total: float, activation_total: float, fires_total: float
-) -> dict[str, float]:
-    """Per-point metrics from the sampler's sums for the point (ratios omitted when no token was measured).
-
-    - `steer/l0`: mean SAE L0 at the steering layer over the generated tokens (EOS, BOS and padding excluded), on the
-      residual stream after steering.
-    - `steer/feature_activation`: the steered feature's mean activation over those tokens.
-    - `steer/feature_firing_rate`: fraction of those tokens on which the steered feature fires.
-    - `gen/measured_tokens`: how many tokens the means are over.
+    Predicting from BOS, EOS or padding never counts; predicting an EOS does.
     """
-    metrics = {"gen/measured_tokens": float(tokens)}
-    if tokens > 0:
-        metrics["steer/l0"] = float(l0_total) / tokens
-        metrics["steer/feature_activation"] = float(activation_total) / tokens
-        metrics["steer/feature_firing_rate"] = float(fires_total) / tokens
-    return metrics
+    tokens = np.asarray(tokens)
+    return special_token_mask(tokens)[:, :-1] & (tokens[:, 1:] != PAD_ID)
 
 
-def _position_axes(array: pz.nx.NamedArray) -> tuple[str, ...]:
-    return tuple(name for name in ("batch", "seq") if name in array.named_shape)
+def token_positions(tokens: jax.Array) -> jax.Array:
+    """`[..., S]` positions: -1 at padding, else the count of non-pad tokens before (Penzai's KV-cache rule)."""
+    tokens = jnp.asarray(tokens)
+    not_pad = tokens != PAD_ID
+    return jnp.where(not_pad, jnp.cumsum(not_pad, axis=-1) - 1, -1).astype(jnp.int32)
+
+
+def named_tokens(tokens: jax.Array) -> tuple[pz.nx.NamedArray, pz.nx.NamedArray]:
+    """`[B, S]` token ids as `{batch, seq}` named arrays of the tokens and of their `token_positions`."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    return (
+        pz.nx.wrap(tokens).tag("batch", "seq"),
+        pz.nx.wrap(token_positions(tokens)).tag("batch", "seq"),
+    )
+
+
+def _vocab_slices(vocab_size: int, chunk: int) -> list[slice]:
+    return [slice(start, min(start + chunk, vocab_size)) for start in range(0, vocab_size, chunk)]
+
+
+def logit_pair_statistics(
+    p_logits: jax.Array, q_logits: jax.Array, vocab_chunk: int = DEFAULT_VOCAB_CHUNK
+) -> dict[str, jax.Array]:
+    """Per-position divergences between two next-token distributions given by logits `[..., V]` (float32 math).
+
+    Returns `{log_partition_p, log_partition_q, kl_pq, kl_qp, entropy_p, entropy_q}`, each `[...]`, with
+    `kl_pq = KL(p || q) = sum_v p_v (log p_v - log q_v)` in nats. Sums over the vocabulary run chunk by chunk.
+    Identical logits give exactly 0 for both KLs.
+    """
+    lse_p = jax.nn.logsumexp(p_logits.astype(jnp.float32), axis=-1)
+    lse_q = jax.nn.logsumexp(q_logits.astype(jnp.float32), axis=-1)
+    kl_pq = kl_qp = entropy_p = entropy_q = jnp.zeros_like(lse_p)
+    for vocab in _vocab_slices(p_logits.shape[-1], vocab_chunk):
+        log_p = p_logits[..., vocab].astype(jnp.float32) - lse_p[..., None]
+        log_q = q_logits[..., vocab].astype(jnp.float32) - lse_q[..., None]
+        prob_p, prob_q = jnp.exp(log_p), jnp.exp(log_q)
+        kl_pq = kl_pq + jnp.sum(prob_p * (log_p - log_q), axis=-1)
+        kl_qp = kl_qp + jnp.sum(prob_q * (log_q - log_p), axis=-1)
+        entropy_p = entropy_p - jnp.sum(prob_p * log_p, axis=-1)
+        entropy_q = entropy_q - jnp.sum(prob_q * log_q, axis=-1)
+    return {
+        "log_partition_p": lse_p,
+        "log_partition_q": lse_q,
+        "kl_pq": kl_pq,
+        "kl_qp": kl_qp,
+        "entropy_p": entropy_p,
+        "entropy_q": entropy_q,
+    }
+
+
+def cross_entropy_from_partition(logits: jax.Array, log_partition: jax.Array, targets: jax.Array) -> jax.Array:
+    """`logsumexp(z) - z[target]` per position, from precomputed `log_partition = logsumexp(z)` (float32)."""
+    target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return log_partition - target_logits.astype(jnp.float32)

@@ -44,31 +44,26 @@ class PointResult:
 
 
 @dataclasses.dataclass(frozen=True)
-class SAEEvalPointResult:
-    """The outcome of one SAE evaluation point (`runner.sae_eval.evaluate.SAEEvalResult` without the site).
+class SAEMeasurement:
+    """What an SAE evaluation measured for one SAE (`runner.sae_eval.evaluate.evaluate_saes`).
 
     Attributes:
-      point_key: `SAEEvalPoint.point_key` of the point this result belongs to.
-      metrics: `sae/*`, `density/*` and `lm/*` metrics.
-      density: `[d_sae]` firing frequency of each latent.
-      density_histogram, density_histogram_edges: Counts and edges of `log10(density + 1e-10)`.
-      l0_histogram: `[d_sae + 1]` masked tokens by L0.
-      top_feature_rows: Per-token top latents of the first sequences (table rows).
-      tags: Short texts about the point (MLflow tags).
-      worker: Which worker produced it.
-      attempt: 1 for the first try, incremented on each retry.
+      metrics: Scalar metrics (`sae/*`, `density/*`, `lm/*`; names are MLflow metric keys).
+      density: `[d_sae]` firing frequency per latent (an artifact, not a metric).
+      density_histogram: `[bins]` counts of `log10(density + 1e-10)`.
+      density_histogram_edges: `[bins + 1]` bin edges on `[-10, 0]`.
+      l0_histogram: `[d_sae + 1]` masked-token counts by L0.
+      top_feature_rows: Table rows, one per masked position of the first sequences: `sequence`, `position`,
+        `token` (id), `token_text`, `feature_ids` and `feature_values` (latents with `f > 0`, largest first;
+        empty where L0 is 0).
     """
 
-    point_key: str
     metrics: Mapping[str, float]
     density: np.ndarray
     density_histogram: np.ndarray
     density_histogram_edges: np.ndarray
     l0_histogram: np.ndarray
     top_feature_rows: tuple[Mapping[str, Any], ...] = ()
-    tags: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    worker: str = "local"
-    attempt: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metrics", {str(k): float(v) for k, v in self.metrics.items()})
@@ -76,7 +71,34 @@ class SAEEvalPointResult:
         object.__setattr__(self, "density_histogram", np.asarray(self.density_histogram, np.int64))
         object.__setattr__(self, "density_histogram_edges", np.asarray(self.density_histogram_edges, np.float64))
         object.__setattr__(self, "l0_histogram", np.asarray(self.l0_histogram, np.int64))
+        object.__setattr__(self, "top_feature_rows", tuple(self.top_feature_rows))
+
+
+@dataclasses.dataclass(frozen=True)
+class SAEEvalPointResult:
+    """The outcome of one SAE evaluation point.
+
+    Attributes:
+      point_key: `SAEEvalPoint.point_key` of the point this result belongs to.
+      measurement: What was measured for the point's SAE.
+      tags: Short texts about the point (MLflow tags).
+      worker: Which worker produced it.
+      attempt: 1 for the first try, incremented on each retry.
+    """
+
+    point_key: str
+    measurement: SAEMeasurement
+    tags: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    worker: str = "local"
+    attempt: int = 1
+
+    def __post_init__(self) -> None:
         object.__setattr__(self, "tags", {str(k): str(v) for k, v in self.tags.items()})
+
+    @property
+    def metrics(self) -> Mapping[str, float]:
+        """The measurement's scalar metrics (what the point logs as MLflow metrics)."""
+        return self.measurement.metrics
 
     @property
     def tokens(self) -> int:

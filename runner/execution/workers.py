@@ -27,7 +27,6 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from penzai import pz
 
-from runner import lm_stats as metrics
 from runner.config.schema import ExperimentConfig
 from runner.errors import PlanError
 from runner.model import tokenizer as tokenizer_lib
@@ -262,7 +261,7 @@ class SteeringWorker:
             return self._metrics_programs[min(fitting)]
         capacity = steering_metrics.point_bucket(num_points, self.batch_size)
         self._metrics_programs[capacity] = steering_metrics.SteeringMetricsProgram(
-            self.loaded, self._steered_model, self._sae_layers, num_generations=self.batch_size,
+            self.loaded.model, self._steered_model, self._sae_layers, num_generations=self.batch_size,
             seq_len=self.prompt_len + self.config.sampling.max_new_tokens, num_points=capacity,
             program_cache=self.program_cache,
         )
@@ -326,7 +325,7 @@ class SteeringWorker:
                         measured["probe_activation"][row, probe], measured["probe_fires"][row, probe])
             else:
                 sums = tuple(output.totals[name][row] for name in steering_lib.TOTAL_NAMES)
-            point_metrics = metrics.steering_point_metrics(*sums)
+            point_metrics = steering_metrics.steering_point_metrics(*sums)
             point_metrics.update(extra.metrics)
             point_metrics["gen/num_tokens"] = float(len(ids))
             point_metrics["gen/stopped_at_eos"] = float(stopped)
@@ -413,17 +412,7 @@ class SAEEvalWorker:
             )
         self.compilations += compiled[0]
         return [
-            SAEEvalPointResult(
-                point_key=point.point_key,
-                metrics=evaluated[point.point_key].metrics,
-                density=evaluated[point.point_key].density,
-                density_histogram=evaluated[point.point_key].density_histogram,
-                density_histogram_edges=evaluated[point.point_key].density_histogram_edges,
-                l0_histogram=evaluated[point.point_key].l0_histogram,
-                top_feature_rows=tuple(evaluated[point.point_key].top_feature_rows),
-                worker=self.worker_name,
-                attempt=attempt,
-            )
+            SAEEvalPointResult(point.point_key, evaluated[point.point_key], worker=self.worker_name, attempt=attempt)
             for point in points
         ]
 

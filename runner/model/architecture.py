@@ -14,15 +14,18 @@ Flat layout (D embed, V vocab, N query heads, K kv heads, H head dim, F MLP widt
     transformer/layer_i/mlp/gating_einsum      w [2, D, F] (2B) or [2, F, D] (9B, 27B)
     transformer/layer_i/mlp/linear             w [F, D]
     transformer/layer_i/{pre,post}_{attention,ffw}_norm  scale [D]
+
+More on the layout and the published sizes: `docs/penzai-gemma2.md#checkpoint-layout` and
+`docs/penzai-gemma2.md#architecture-from-shapes`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
 
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 from penzai.models.transformer.variants import llamalike_common
 
 from runner.errors import CheckpointError
@@ -98,7 +101,7 @@ class Gemma2Architecture:
         return 2 * batch_size * self.num_kv_heads * self.head_dim * cache_len * bytes_per_element * self.num_layers
 
     def to_llamalike_config(
-        self, parameter_dtype: Any, activation_dtype: Any, use_layer_stack: bool = False
+        self, parameter_dtype: DTypeLike, activation_dtype: DTypeLike, use_layer_stack: bool = False
     ) -> llamalike_common.LlamalikeTransformerConfig:
         """The Penzai config that `build_llamalike_transformer` takes (Gemma2 settings)."""
         return llamalike_common.LlamalikeTransformerConfig(
@@ -236,6 +239,6 @@ def published_architecture(name: str) -> Gemma2Architecture | None:
     return dataclasses.replace(arch, vocab_size=256_000) if name.startswith("google/") else arch
 
 
-def default_parameter_dtype(is_synthetic: bool) -> Any:
+def default_parameter_dtype(is_synthetic: bool) -> DTypeLike:
     """bf16 for real checkpoints, fp32 for synthetic presets."""
     return jnp.float32 if is_synthetic else jnp.bfloat16

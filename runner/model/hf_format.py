@@ -16,7 +16,8 @@ Tensor correspondence (D embed, V vocab, N query heads, K kv heads, H head dim, 
                     post_feedforward_layernorm}.weight   {pre,post}_{attention,ffw}_norm scale
 
 Both formats apply RMSNorm weights as `1 + weight`, so norm tensors carry over unchanged. Query head n uses
-kv head n // (N / K) in both (transformers' `repeat_kv`, Penzai's head groups).
+kv head n // (N / K) in both (transformers' `repeat_kv`, Penzai's head groups). See also
+`docs/penzai-gemma2.md#hugging-face-format`.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ class _TensorReader:
     def __init__(self, directory: Path):
         self._directory = directory
         self._file_of = _tensor_files(directory)
-        self._handles: dict[str, Any] = {}
+        self._handles: dict[str, safe_open] = {}
         self._exit_stack = contextlib.ExitStack()
 
     def __enter__(self) -> _TensorReader:

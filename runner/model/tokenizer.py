@@ -1,7 +1,7 @@
 """Gemma2 tokenizers: loading a real `tokenizer.model` and training small offline ones for synthetic models.
 
 Synthetic tokenizers keep Gemma's special ids (pad 0, eos 1, bos 2, unk 3) and its byte fallback, so any text
-round-trips even with a 512-piece vocabulary.
+round-trips even with a 512-piece vocabulary. gemma's tokenizer and its pitfalls: `docs/penzai-gemma2.md#tokenizer`.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 from gemma import gm
-from gemma.gm.utils import _file_cache
 
-from runner.errors import CheckpointError
+from runner.errors import CheckpointError, first_line
 from runner.files import write_bytes_atomically
 
 PAD_ID = 0
@@ -27,6 +26,8 @@ CORPUS_PATH = Path(__file__).resolve().parents[1] / "data" / "corpus.txt"
 
 #: The 256 `<0xNN>` byte pieces plus pad, eos, bos and unk.
 MIN_VOCAB_SIZE = 256 + 4
+#: How sentencepiece writes a space inside a piece (gemma's `tokens` show it as " ").
+_SENTENCEPIECE_SPACE = "\u2581"
 
 # Trainer options that mirror the published Gemma2 tokenizer: no normalisation, whitespace kept verbatim,
 # digits split, unknown characters spelled as UTF-8 bytes.
@@ -83,20 +84,33 @@ def train_sentencepiece(text_lines: Iterable[str], vocab_size: int, out_path: Pa
 def load_tokenizer(path: Path) -> gm.text.Gemma2Tokenizer:
     """Loads a local sentencepiece file as a gemma `Gemma2Tokenizer`.
 
+    gemma reads `$GEMMA_CACHE_DIR/tokenizer/<file name>` (default `~/.gemma`) instead of the given path when that
+    file exists, so the vocabulary gemma loaded is checked against the file's own, read by sentencepiece.
+
     Raises:
-      CheckpointError: the file is missing, or gemma's tokenizer cache holds a different file of the same name,
-        which gemma would silently load instead.
+      CheckpointError: the file is missing or not a sentencepiece model, or gemma's tokenizer cache holds a
+        different file of the same name, which gemma would silently load instead.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"tokenizer file {path} does not exist")
-    # gemma looks for `$GEMMA_CACHE_DIR/tokenizer/<file name>` (default ~/.gemma) before the given path.
-    used_path = Path(_file_cache.maybe_get_from_cache(remote_file_path=str(path), cache_subdir="tokenizer"))
-    if used_path.resolve() != path.resolve() and used_path.read_bytes() != path.read_bytes():
+    try:
+        processor = spm.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError) as error:
+        reason = first_line(str(error))
+        raise CheckpointError(f"tokenizer file {path} is not a sentencepiece model ({reason})") from None
+    tokenizer = gm.text.Gemma2Tokenizer(path=str(path))
+    try:
+        loaded = tokenizer.tokens
+    except (RuntimeError, OSError):  # gemma read another file, which sentencepiece cannot parse
+        loaded = None
+    pieces = processor.id_to_piece(list(range(processor.get_piece_size())))
+    if loaded != [piece.replace(_SENTENCEPIECE_SPACE, " ") for piece in pieces]:
         raise CheckpointError(
-            f"tokenizer {path} is shadowed by gemma's cached {used_path}; remove that file or set GEMMA_CACHE_DIR"
+            f"tokenizer {path} is shadowed by a different {path.name} in gemma's tokenizer cache "
+            "($GEMMA_CACHE_DIR/tokenizer, default ~/.gemma/tokenizer); remove that file or set GEMMA_CACHE_DIR"
         )
-    return gm.text.Gemma2Tokenizer(path=str(path))
+    return tokenizer
 
 
 def encode_prompt(tokenizer: gm.text.Tokenizer, text: str) -> list[int]:

@@ -1,6 +1,7 @@
-"""Where Gemma Scope SAEs read Penzai's Gemma2, and how a layer is inserted or activations captured there.
+"""Where Gemma Scope SAEs read Penzai's Gemma2, how a layer is inserted there, and the part of the model a change
+at a site affects.
 
-Sites of layer L (zero-indexed blocks; Gemma Scope's `-res`, `-mlp` and `-att` releases):
+Sites of layer L (zero-indexed blocks; Gemma Scope's `-res`, `-mlp` and `-att` releases, `docs/metrics.md#sites`):
 
 - `res`: the residual stream after block L (both residual adds done).
 - `mlp`: the MLP branch output of block L after its post-FFW norm, before the residual add.
@@ -9,23 +10,26 @@ Sites of layer L (zero-indexed blocks; Gemma Scope's `-res`, `-mlp` and `-att` r
   `num_query_heads * head_dim`.
 
 A layer inserted at a site sees and returns `{..., "embedding"}` arrays; at `att` it is wrapped in `AtHeads`,
-which flattens the head axes into `embedding` and restores them afterwards.
+which flattens the head axes into `embedding` and restores them afterwards. Blocks, the MLP branch and the
+embedding prefix are found by type (the body's layout: `docs/penzai-gemma2.md#body-structure`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from penzai import pz
 from penzai.models.transformer import model_parts
 
+if TYPE_CHECKING:
+    from runner.model.architecture import Gemma2Architecture
+
 Site = Literal["res", "mlp", "att"]
 SITES: tuple[str, ...] = ("res", "mlp", "att")
+#: A site of a block, `(layer, site)`; `(-1, "res")` stands for the residual stream entering block 0.
+SiteKey = tuple[int, str]
 #: The named axes of the attention heads' outputs, in the order they are flattened.
 HEAD_AXES = ("head_groups", "query_heads", "projection")
-#: Sublayers of the body before block 0 (`EmbeddingLookup`, `ConstantRescale`).
-_BODY_PREFIX = 2
 
 
 @pz.pytree_dataclass
@@ -45,7 +49,7 @@ class AtHeads(pz.nn.Layer):
         return pz.nx.nmap(lambda values: values.reshape(sizes))(out.untag("embedding")).tag(*HEAD_AXES)
 
 
-def site_width(architecture: Any, site: str) -> int:
+def site_width(architecture: Gemma2Architecture, site: str) -> int:
     """Width of the activations at a site: the residual width for `res`/`mlp`, heads x head dim for `att`."""
     if site == "att":
         return architecture.num_query_heads * architecture.head_dim
@@ -68,10 +72,9 @@ def insert_at_site(model: pz.nn.Layer, layer_index: int, site: str, layer: pz.nn
         return insert_after_block(model, layer_index, layer)
     block = pz.select(model).at_instances_of(model_parts.TransformerBlock).pick_nth_selected(layer_index)
     if site == "mlp":
-        # The block's second residual branch: [pre_ffw_norm, mlp, post_ffw_norm]; append after the post norm.
-        return block.at(lambda b: b.sublayers[1].delta).apply(
-            lambda branch: pz.nn.Sequential([*branch.sublayers, layer])
-        )
+        # The MLP branch is [pre_ffw_norm, mlp, post_ffw_norm]: the site is after the post norm.
+        branch = block.at_instances_of(pz.nn.Residual).where(_holds_mlp).at(lambda residual: residual.delta)
+        return branch.apply(lambda sequence: pz.nn.Sequential([*sequence.sublayers, layer]))
     if site == "att":
         output = block.at_instances_of(pz.nn.Attention).at(lambda attention: attention.attn_value_to_output)
         return output.apply(
@@ -80,30 +83,8 @@ def insert_at_site(model: pz.nn.Layer, layer_index: int, site: str, layer: pz.nn
     raise ValueError(f"unknown site {site!r} (allowed: {', '.join(SITES)})")
 
 
-@pz.pytree_dataclass
-class SaveActivation(pz.nn.Layer):
-    """Records its input in a state variable and passes it on (activation capture)."""
-
-    saved: pz.StateVariable[pz.nx.NamedArray | None]
-
-    def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
-        self.saved.value = x
-        return x
-
-
-def capture(
-    model: model_parts.TransformerLM,
-    tokens: pz.nx.NamedArray,
-    sites: Sequence[tuple[int, str]],
-    **side_inputs: Any,
-) -> tuple[pz.nx.NamedArray, dict[tuple[int, str], pz.nx.NamedArray]]:
-    """Runs the model once; returns its logits and the activation at every `(layer, site)` in `sites`."""
-    saved = {key: pz.StateVariable(value=None, label=f"capture/{key[1]}_{key[0]}") for key in sites}
-    patched = model
-    for (layer_index, site), variable in saved.items():
-        patched = insert_at_site(patched, layer_index, site, SaveActivation(variable))
-    logits = patched(tokens, **side_inputs)
-    return logits, {key: variable.value for key, variable in saved.items()}
+def _holds_mlp(residual: pz.nn.Residual) -> bool:
+    return pz.select(residual.delta).at_instances_of(model_parts.TransformerFeedForward).count() > 0
 
 
 def entry_point(layer_index: int, site: str) -> int:
@@ -113,15 +94,18 @@ def entry_point(layer_index: int, site: str) -> int:
 
 
 def suffix_from_block(model: model_parts.TransformerLM, first_block: int) -> pz.nn.Sequential:
-    """The body from block `first_block` on (blocks, final norm, unembedding, soft-cap) as one layer.
+    """The body from block `first_block` on (blocks, final norm, unembedding, soft-cap) as one layer, including
+    a layer inserted after block `first_block - 1` (`insert_after_block`).
 
     Called with the residual stream entering `first_block` and the side input `token_positions`, it returns the
     same logits as the whole model would: a patched suffix re-runs only the part of the model a change affects.
     """
-    return pz.nn.Sequential(list(model.body.sublayers[_BODY_PREFIX + first_block :]))
+    blocks = _block_positions(model)
+    start = blocks[0] if first_block == 0 else blocks[first_block - 1] + 1
+    return pz.nn.Sequential(list(model.body.sublayers[start:]))
 
 
-def block_input_site(first_block: int) -> tuple[int, str]:
+def block_input_site(first_block: int) -> SiteKey:
     """The capture that yields the residual stream entering `first_block`: `res` after block `first_block - 1`.
 
     For block 0 there is none: `(-1, "res")` means the scaled embeddings (`embedded_tokens`).
@@ -129,7 +113,18 @@ def block_input_site(first_block: int) -> tuple[int, str]:
     return (first_block - 1, "res")
 
 
-def embedded_tokens(model: model_parts.TransformerLM, tokens: pz.nx.NamedArray, **side_inputs: Any) -> Any:
-    """The residual stream entering block 0: the embedding lookup and its rescale."""
-    prefix = pz.nn.Sequential(list(model.body.sublayers[:_BODY_PREFIX]))
+def embedded_tokens(
+    model: model_parts.TransformerLM, tokens: pz.nx.NamedArray, **side_inputs: Any
+) -> pz.nx.NamedArray:
+    """The residual stream entering block 0: the body's layers before it (the embedding lookup and its rescale)."""
+    prefix = pz.nn.Sequential(list(model.body.sublayers[: _block_positions(model)[0]]))
     return prefix(tokens, **side_inputs)
+
+
+def _block_positions(model: model_parts.TransformerLM) -> list[int]:
+    """The indices of the transformer blocks among the body's sublayers."""
+    return [
+        index
+        for index, sublayer in enumerate(model.body.sublayers)
+        if isinstance(sublayer, model_parts.TransformerBlock)
+    ]

@@ -1,4 +1,4 @@
-"""Patching Gemma2 with SAE steering and activation capture (Penzai layers inserted after blocks).
+"""Patching Gemma2 with SAE steering (Penzai layers inserted after blocks).
 
 A `SteeringSite` sits after every block that a sweep steers. Each batch row carries its own steering point in
 the side input `steering` (`SteeringInputs`): the target layer, feature, value and mode. A site changes only the
@@ -9,16 +9,19 @@ Modes (on the residual stream `h` after block L, decoder row `d_i = W_dec[i]`, u
   - `add`:    `h + value * d_i` (the Gemma Scope tutorial's intervention);
   - `clamp`:  `h + (value - f_i(h)) * d_i`, with `f_i` the SAE's JumpReLU activation of feature i;
   - `ablate`: clamp to 0.
+
+Definitions: `docs/metrics.md#steering-metrics`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike, DTypeLike
 from penzai import pz
 
 from runner.nn.sites import insert_after_block
@@ -53,18 +56,18 @@ class SteeringInputs(pz.Struct):
     @classmethod
     def from_rows(
         cls,
-        target_layer: Any,
-        feature: Any,
-        value: Any,
-        mode: Any,
-        steer_from: Any,
+        target_layer: ArrayLike,
+        feature: ArrayLike,
+        value: ArrayLike,
+        mode: ArrayLike | Sequence[str],
+        steer_from: ArrayLike,
     ) -> SteeringInputs:
         """Builds the inputs from per-row sequences or arrays (mode given as names or `MODE_CODES`)."""
         if isinstance(mode, (list, tuple)) and mode and isinstance(mode[0], str):
             mode = [MODE_CODES[name] for name in mode]
         mode_codes = mode
 
-        def batch(values: Any, dtype: Any) -> pz.nx.NamedArray:
+        def batch(values: ArrayLike, dtype: DTypeLike) -> pz.nx.NamedArray:
             return pz.nx.wrap(jnp.asarray(values, dtype=dtype)).tag("batch")
 
         return cls(
@@ -105,7 +108,7 @@ class SteeringSite(pz.nn.Layer):
 
         direction = self.sae.decoder.w_dec[{LATENT_AXIS: steering.feature}]
         x32 = x.astype(jnp.float32)
-        feature_now = self._feature_activation(x32, steering.feature)
+        feature_now = self.sae.encoder.selected_activations(x32, steering.feature)
         is_clamp = steering.mode == MODE_CODES["clamp"]
         delta = pz.nx.nmap(jnp.where)(is_clamp, steering.value - feature_now, steering.value)
         steered = x32 + pz.nx.nmap(jnp.where)(steer_mask, delta, 0.0) * direction
@@ -120,15 +123,6 @@ class SteeringSite(pz.nn.Layer):
             )
         return out
 
-    def _feature_activation(self, x32: pz.nx.NamedArray, feature: pz.nx.NamedArray) -> pz.nx.NamedArray:
-        """JumpReLU activation of each row's own feature, `{batch, seq}`."""
-        encoder = self.sae.encoder
-        column = encoder.w_enc[{LATENT_AXIS: feature}]
-        pre = pz.nx.nmap(jnp.dot)(x32.untag("embedding"), column.untag("embedding")) + encoder.b_enc[
-            {LATENT_AXIS: feature}
-        ]
-        return pz.nx.nmap(jnp.where)(pre > encoder.threshold[{LATENT_AXIS: feature}], pre, 0.0)
-
     def _accumulate(
         self,
         x32: pz.nx.NamedArray,
@@ -139,7 +133,7 @@ class SteeringSite(pz.nn.Layer):
     ) -> None:
         latents = self.sae.encode(x32)
         l0 = (latents > 0).astype(jnp.float32).untag(LATENT_AXIS).sum()
-        activation = self._feature_activation(x32, feature)
+        activation = self.sae.encoder.selected_activations(x32, feature)
         probes = latents[{LATENT_AXIS: probe_features}]  # {batch, seq, probe}
         weight = mask.astype(jnp.float32)
         baseline_weight = baseline_mask.astype(jnp.float32)
@@ -176,7 +170,7 @@ def add_steering_sites(
     return model
 
 
-def combine_totals(totals_by_layer: Mapping[int, Mapping[str, Any]]) -> dict[str, np.ndarray]:
+def combine_totals(totals_by_layer: Mapping[int, Mapping[str, ArrayLike]]) -> dict[str, np.ndarray]:
     """Adds the `TOTAL_NAMES` totals (`[batch]` arrays) of all sites (a steered row is measured only at its own
     layer)."""
     combined = {name: 0.0 for name in TOTAL_NAMES}
@@ -186,6 +180,6 @@ def combine_totals(totals_by_layer: Mapping[int, Mapping[str, Any]]) -> dict[str
     return combined
 
 
-def baseline_totals(totals: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def baseline_totals(totals: Mapping[str, ArrayLike]) -> dict[str, np.ndarray]:
     """One site's `BASELINE_TOTAL_NAMES` totals as float64 arrays (`[batch]`, or `[batch, probe]`)."""
     return {name: np.asarray(totals[name], dtype=np.float64) for name in BASELINE_TOTAL_NAMES}

@@ -4,13 +4,15 @@ Inference form (Gemma Scope, arXiv 2408.05147)::
 
     pre = x @ W_enc + b_enc;  f = pre * (pre > threshold);  x_hat = f @ W_dec + b_dec
 
-computed in float32 whatever the model's dtype. Named axes: `embedding` (d_in) and `sae_latent` (d_sae).
+computed in float32 whatever the model's dtype (`docs/metrics.md#weights`). Named axes: `embedding` (d_in) and
+`sae_latent` (d_sae). `jumprelu` is the one place the activation function is written.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,11 @@ from runner.files import atomic_path
 
 LATENT_AXIS = "sae_latent"
 SAE_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+
+
+def jumprelu(pre: pz.nx.NamedArray, threshold: pz.nx.NamedArray) -> pz.nx.NamedArray:
+    """The JumpReLU activation: `pre` where `pre > threshold`, else 0."""
+    return pz.nx.nmap(jnp.where)(pre > threshold, pre, 0.0)
 
 
 @pz.pytree_dataclass
@@ -44,9 +51,24 @@ class JumpReLUEncoder(pz.nn.Layer):
         x32 = x.astype(jnp.float32)
         return pz.nx.nmap(jnp.dot)(x32.untag("embedding"), self.w_enc.untag("embedding")) + self.b_enc
 
+    def selected_pre_activations(self, x: pz.nx.NamedArray, latents: pz.nx.NamedArray) -> pz.nx.NamedArray:
+        """`x @ W_enc[:, latent] + b_enc[latent]` in float32 for one latent per entry of `latents`.
+
+        `latents` holds latent indices over axes that `x` shares (e.g. `{batch}`: each row reads its own latent);
+        the result has the axes of `x` without `embedding`. No `[..., d_sae]` intermediate is formed.
+        """
+        column = self.w_enc[{LATENT_AXIS: latents}]
+        x32 = x.astype(jnp.float32)
+        return pz.nx.nmap(jnp.dot)(x32.untag("embedding"), column.untag("embedding")) + self.b_enc[
+            {LATENT_AXIS: latents}
+        ]
+
+    def selected_activations(self, x: pz.nx.NamedArray, latents: pz.nx.NamedArray) -> pz.nx.NamedArray:
+        """The JumpReLU activations of the latents `latents` (see `selected_pre_activations`)."""
+        return jumprelu(self.selected_pre_activations(x, latents), self.threshold[{LATENT_AXIS: latents}])
+
     def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
-        pre = self.pre_activations(x)
-        return pz.nx.nmap(jnp.where)(pre > self.threshold, pre, 0.0)
+        return jumprelu(self.pre_activations(x), self.threshold)
 
 
 @pz.pytree_dataclass
@@ -99,7 +121,7 @@ class JumpReLUSAE(pz.nn.Layer):
         return self.decode(self.encode(x))
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, Any]) -> JumpReLUSAE:
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> JumpReLUSAE:
         """Builds the layer from Gemma Scope `params.npz` arrays (`W_enc [d_in, d_sae]`, ...)."""
 
         def wrap(name: str, *axes: str) -> pz.nx.NamedArray:

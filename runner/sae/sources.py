@@ -23,7 +23,7 @@ from runner.config.schema import HuggingFaceSAEConfig, LocalSAEConfig, SAEConfig
 from runner.errors import SAEError
 from runner.files import write_text_atomically
 from runner.model import tokenizer as tokenizer_lib
-from runner.nn import sites
+from runner.nn import measurement
 from runner.sae import gemma_scope
 from runner.sae.jumprelu import calibrate_thresholds, random_sae_arrays, write_params_npz
 
@@ -224,7 +224,7 @@ def write_synthetic_saes(
 
     tokens = calibration_tokens(loaded_model.tokenizer)
     named_tokens = pz.nx.wrap(tokens).tag("batch", "seq")
-    _, activations_at = sites.capture(loaded_model.model, named_tokens, [(layer, site) for layer in layers])
+    _, activations_at = measurement.capture(loaded_model.model, named_tokens, [(layer, site) for layer in layers])
     paths: dict[int, Path] = {}
     for layer in sorted(layers):
         activations = np.asarray(activations_at[(layer, site)].unwrap("batch", "seq", "embedding"), np.float32)[:, 1:]

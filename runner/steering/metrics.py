@@ -1,11 +1,12 @@
-"""Judge-free metrics of steered generations, computed batched after sampling by teacher forcing.
+"""Judge-free metrics of steered generations: those computed batched after sampling by teacher forcing, and the
+per-point means of the sampler's own measurements.
 
-Conventions (project Gemma Scope metrics sheet, "Steering metrics"):
+Conventions (`docs/metrics.md#steering-metrics`):
 
 - Layout: `prompt_tokens [B, P]` left-padded with PAD (BOS first after the padding) and `generated_tokens [B, G]`
   right-padded (PAD after the row's EOS), exactly as `runner.steering.sampler.SteeringSampler` takes and returns them.
   The teacher-forced sequence is `concat(prompt, generation)`; padding gets position -1 and is never attended to
-  (Penzai's KV-cache rule, see `sae_eval.token_positions`), so a row reads as if it were unpadded.
+  (Penzai's KV-cache rule, see `runner.lm_stats.token_positions`), so a row reads as if it were unpadded.
 - Generated tokens measured: those before the row's first EOS that are not special (PAD, EOS, BOS). Token j of
   the generation sits at sequence position `P + j` and is predicted from position `P + j - 1`.
 - Distribution metrics (NLL, KL, entropy, logit-lens mass) are per-row means over the positions that predict a
@@ -21,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -30,26 +31,47 @@ import numpy as np
 from penzai import pz
 from penzai.models.transformer import model_parts
 
-from runner.lm_stats import special_token_mask
+from runner.lm_stats import (
+    DEFAULT_VOCAB_CHUNK,
+    cross_entropy_from_partition,
+    logit_pair_statistics,
+    named_tokens,
+    special_token_mask,
+)
 from runner.model.tokenizer import EOS_ID, PAD_ID
-from runner.nn import sites, steering
+from runner.nn import measurement, steering
 from runner.program_cache import ProgramCache
 from runner.sae.jumprelu import LATENT_AXIS, JumpReLUSAE
-from runner.sae_eval import evaluate as sae_eval
 
 DEFAULT_LOGIT_LENS_K = 10
 
 
-def _transformer(model: Any) -> model_parts.TransformerLM:
-    """The Penzai model of a `LoadedModel`, or the model itself."""
-    return getattr(model, "model", model)
+def steering_point_metrics(
+    tokens: float, l0_total: float, activation_total: float, fires_total: float
+) -> dict[str, float]:
+    """Per-point metrics from the sampler's sums for the point (ratios omitted when no token was measured).
+
+    - `steer/l0`: mean SAE L0 at the steering layer over the generated tokens (EOS, BOS and padding excluded), on the
+      residual stream after steering.
+    - `steer/feature_activation`: the steered feature's mean activation over those tokens.
+    - `steer/feature_firing_rate`: fraction of those tokens on which the steered feature fires.
+    - `gen/measured_tokens`: how many tokens the means are over.
+    """
+    metrics = {"gen/measured_tokens": float(tokens)}
+    if tokens > 0:
+        metrics["steer/l0"] = float(l0_total) / tokens
+        metrics["steer/feature_activation"] = float(activation_total) / tokens
+        metrics["steer/feature_firing_rate"] = float(fires_total) / tokens
+    return metrics
 
 
-def unembedding_matrix(model: Any) -> pz.nx.NamedArray:
+def unembedding_matrix(model: model_parts.TransformerLM) -> pz.nx.NamedArray:
     """The raw `{vocabulary, embedding}` unembedding (Gemma2 ties it to the input embedding table)."""
-    decoder = pz.select(_transformer(model)).at_instances_of(pz.nn.EmbeddingDecode).get_sequence()[0]
+    decoder = pz.select(model).at_instances_of(pz.nn.EmbeddingDecode).get_sequence()[0]
     embeddings = decoder.table.embeddings
-    return getattr(embeddings, "value", embeddings)  # a Parameter or ParameterValue, else the array itself
+    if isinstance(embeddings, pz.Parameter | pz.ParameterValue):  # unfrozen, or frozen by `pz.freeze_params`
+        return embeddings.value
+    return embeddings
 
 
 @functools.partial(jax.jit, static_argnames="k")
@@ -59,10 +81,12 @@ def _logit_lens_top_k(unembedding: jax.Array, directions: jax.Array, k: int) -> 
     return jax.lax.top_k(scores, k)[1].astype(jnp.int32)
 
 
-def top_logit_lens_tokens(model: Any, sae: JumpReLUSAE, feature: int, k: int = DEFAULT_LOGIT_LENS_K) -> list[int]:
+def top_logit_lens_tokens(
+    model: model_parts.TransformerLM, sae: JumpReLUSAE, feature: int, k: int = DEFAULT_LOGIT_LENS_K
+) -> list[int]:
     """The `k` token ids with the largest `W_dec[feature] @ W_E^T`, largest first.
 
-    Raw unembedding: no final norm, no soft-cap (metrics sheet, feature-card extras).
+    Raw unembedding: no final norm, no soft-cap (`docs/metrics.md#logit-lens`).
     """
     unembedding = unembedding_matrix(model).unwrap("vocabulary", "embedding")
     direction = sae.decoder.w_dec.unwrap(LATENT_AXIS, "embedding")[feature][None]
@@ -99,7 +123,7 @@ def repetition_metrics(tokens: Sequence[int]) -> dict[str, float]:
     """`gen/distinct_1`, `gen/distinct_2` (unique n-grams / n-grams; omitted without any n-gram) and
     `gen/longest_repeat` (`longest_repeated_span`) of a generation's measured tokens.
 
-    Convention: metrics sheet "Repetition" (distinct-n = unique / total; seq-rep-n would be `1 - distinct_n`).
+    Convention: `docs/metrics.md#repetition` (distinct-n = unique / total; seq-rep-n would be `1 - distinct_n`).
     """
     tokens = [int(token) for token in tokens]
     metrics = {"gen/longest_repeat": float(longest_repeated_span(tokens))}
@@ -131,10 +155,11 @@ def _per_position_statistics(
     (JumpReLU activation of the point's feature at its layer when the base model reads its generation); and
     `[P, k]` `lens_tokens`.
     """
-    named, positions = sae_eval.named_tokens(tokens)
+    named, positions = named_tokens(tokens)
     layer_list = sorted(saes)
-    base_logits, residuals = sites.capture(base_model, named, [(layer, "res") for layer in layer_list],
-                                           token_positions=positions)
+    base_logits, residuals = measurement.capture(
+        base_model, named, [(layer, "res") for layer in layer_list], token_positions=positions
+    )
     steered_logits = steered_model(named, token_positions=positions, steering=inputs)
     base_logits = base_logits.unwrap("batch", "seq", "vocabulary")
     steered_logits = steered_logits.unwrap("batch", "seq", "vocabulary")
@@ -143,25 +168,24 @@ def _per_position_statistics(
     points, seq = point_rows.shape[0], tokens.shape[1]
     concept = jnp.zeros((points, seq), jnp.float32)
     directions = jnp.zeros((points, unembedding.shape[1]), jnp.float32)
+    point_rows_named, point_features = pz.nx.wrap(point_rows).tag("point"), pz.nx.wrap(features).tag("point")
     for layer in layer_list:  # each point reads its own layer's SAE; points of other layers are masked out
-        encoder, decoder = saes[layer].encoder, saes[layer].decoder
         on_layer = layers == layer
-        columns = encoder.w_enc.unwrap("embedding", LATENT_AXIS)[:, features]  # [D, P]
-        resid = residuals[(layer, "res")].unwrap("batch", "seq", "embedding")[point_rows].astype(jnp.float32)
-        pre = jnp.einsum("psd,dp->ps", resid, columns) + encoder.b_enc.unwrap(LATENT_AXIS)[features][:, None]
-        active = pre > encoder.threshold.unwrap(LATENT_AXIS)[features][:, None]
-        concept = jnp.where(on_layer[:, None], jnp.where(active, pre, 0.0), concept)
-        directions = jnp.where(on_layer[:, None], decoder.w_dec.unwrap(LATENT_AXIS, "embedding")[features], directions)
+        resid = residuals[(layer, "res")][{"batch": point_rows_named}]  # {point, seq, embedding}: its generation
+        activation = saes[layer].encoder.selected_activations(resid, point_features).unwrap("point", "seq")
+        concept = jnp.where(on_layer[:, None], activation, concept)
+        w_dec = saes[layer].decoder.w_dec.unwrap(LATENT_AXIS, "embedding")
+        directions = jnp.where(on_layer[:, None], w_dec[features], directions)
     lens_tokens = _logit_lens_top_k(unembedding, directions, k=logit_lens_k)
 
-    pair = sae_eval.logit_pair_statistics(steered_logits, base_logits, vocab_chunk)
+    pair = logit_pair_statistics(steered_logits, base_logits, vocab_chunk)
     base_lse = pair["log_partition_q"]
     targets = jnp.concatenate([tokens[:, 1:], jnp.full((tokens.shape[0], 1), PAD_ID, tokens.dtype)], axis=1)
     # [P, S, k] base logits at each point's lens tokens, gathered without a [P, S, V] copy.
     lens_logits = base_logits[point_rows[:, None, None], jnp.arange(seq)[None, :, None], lens_tokens[:, None, :]]
     lens_mass = jnp.sum(jnp.exp(lens_logits.astype(jnp.float32) - base_lse[point_rows][..., None]), axis=-1)
     return {
-        "nll": sae_eval.cross_entropy_from_partition(base_logits, base_lse, targets),
+        "nll": cross_entropy_from_partition(base_logits, base_lse, targets),
         "kl_steered_base": pair["kl_pq"],
         "kl_base_steered": pair["kl_qp"],
         "entropy_steered": pair["entropy_p"],
@@ -198,7 +222,7 @@ class SteeringMetricsProgram:
     """The steering metrics of batches of one shape as one compiled program (see `steering_generation_metrics`).
 
     Args:
-      base_model: The unsteered model (`LoadedModel` or Penzai `TransformerLM`).
+      base_model: The unsteered model.
       steered_model: A model that reads the side input `steering` (the base model when nothing is steered).
       saes: `{layer: SAE}` of every layer points may read (one width).
       num_generations: Generation rows per batch (`G`).
@@ -211,7 +235,7 @@ class SteeringMetricsProgram:
 
     def __init__(
         self,
-        base_model: Any,
+        base_model: model_parts.TransformerLM,
         steered_model: model_parts.TransformerLM,
         saes: Mapping[int, JumpReLUSAE],
         *,
@@ -219,15 +243,15 @@ class SteeringMetricsProgram:
         seq_len: int,
         num_points: int,
         logit_lens_k: int = DEFAULT_LOGIT_LENS_K,
-        vocab_chunk: int = sae_eval.DEFAULT_VOCAB_CHUNK,
+        vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
         program_cache: ProgramCache | None = None,
     ):
         self.num_generations, self.seq_len, self.num_points = num_generations, seq_len, num_points
         self._program_cache = program_cache if program_cache is not None else ProgramCache(None)
         self._static = {"logit_lens_k": logit_lens_k, "vocab_chunk": vocab_chunk}
-        self._models = (pz.freeze_params(_transformer(base_model)), pz.freeze_params(steered_model))
+        self._models = (pz.freeze_params(base_model), pz.freeze_params(steered_model))
         self._saes = dict(saes)
-        self._compiled: Any = None
+        self._compiled: Callable[..., Any] | None = None
         self._compiling = threading.Lock()
 
     def compile(self) -> None:
@@ -323,7 +347,7 @@ def _point_metrics(
 
 
 def steering_generation_metrics(
-    base_model: Any,
+    base_model: model_parts.TransformerLM,
     steered_model: model_parts.TransformerLM,
     inputs: steering.SteeringInputs,
     prompt_tokens: np.ndarray,
@@ -334,18 +358,18 @@ def steering_generation_metrics(
     point_rows: Sequence[int] | None = None,
     *,
     logit_lens_k: int = DEFAULT_LOGIT_LENS_K,
-    vocab_chunk: int = sae_eval.DEFAULT_VOCAB_CHUNK,
+    vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
 ) -> list[GenerationMetrics]:
     """Per-point steering metrics of a batch of generations (a one-off `SteeringMetricsProgram`).
 
     The teacher-forced passes run once per generation; points that share one (the scale-0 points of a prompt,
     which all read the one unsteered generation) differ only in the layer and feature they read it with.
 
-    Convention: metrics sheet "Steering metrics" (teacher-forced cheap metrics; concept presence SAE-TS style),
+    Convention: `docs/metrics.md#steering-metrics` (teacher-forced cheap metrics; concept presence SAE-TS style),
     with the layout and masking of the module docstring.
 
     Args:
-      base_model: The unsteered model (`LoadedModel` or Penzai `TransformerLM`).
+      base_model: The unsteered model.
       steered_model: A model that reads the side input `steering` (patched with `steering.add_steering_sites`);
         the base model itself when nothing is steered.
       inputs: The steering of every generation row.

@@ -12,13 +12,16 @@ the caller from the point's identity (the prompt). A point therefore samples the
 Measurements (fixed-shape `{batch}` accumulators inside the program, see `steering.SteeringSite`): over the
 generated tokens that are neither EOS, BOS nor padding, the SAE L0 at the steering layer and the steered feature's
 activation and firing count, measured on the residual stream after steering.
+
+Penzai's KV cache and why the decoder is built this way: `docs/penzai-gemma2.md#kv-cache-and-sampling`; what
+recompiles: `docs/penzai-gemma2.md#recompilation`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -189,7 +192,7 @@ class SteeringSampler:
         self._replicated = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
         self._program_cache = program_cache if program_cache is not None else ProgramCache(None)
         self._lowered: LoweredProgram | None = None
-        self._compiled: Any = None
+        self._compiled: Callable[..., Any] | None = None
 
     def lower(self) -> None:
         """Traces the program (Python work, holding the GIL) or reads its trace from the program cache, ahead of
@@ -244,7 +247,9 @@ class SteeringSampler:
         multihost_utils.assert_equal(np.frombuffer(digest.digest(), np.uint32), "the batch differs between processes")
         return {name: jax.make_array_from_process_local_data(self._replicated, value) for name, value in host.items()}
 
-    def _generate(self, pure_model: Any, arrays: dict[str, jax.Array]) -> tuple[jax.Array, list, jax.Array]:
+    def _generate(
+        self, pure_model: sampling_mode.KVCachingTransformerLM, arrays: dict[str, jax.Array]
+    ) -> tuple[jax.Array, list, jax.Array]:
         batch_size, max_new = self.batch_size, self.max_new_tokens
         steering_inputs = steering_lib.SteeringInputs.from_rows(
             arrays["target_layer"], arrays["feature"], arrays["value"], arrays["mode"], arrays["steer_from"]

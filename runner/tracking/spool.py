@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from runner.files import write_text_atomically
-from runner.results import PointResult, Result, SAEEvalPointResult
+from runner.results import PointResult, Result, SAEEvalPointResult, SAEMeasurement
 
 
 class Spool:
@@ -42,14 +42,20 @@ class Spool:
 
 
 def result_record(result: Result) -> dict[str, Any]:
-    """A result as JSON-safe data (arrays as lists)."""
-    fields = {
-        field.name: (value.tolist() if isinstance(value, np.ndarray) else value)
-        for field in dataclasses.fields(result)
-        for value in [getattr(result, field.name)]
-    }
+    """A result as JSON-safe data (arrays as lists; an SAE measurement's fields beside the point's)."""
+    fields = _plain_fields(result)
+    if isinstance(result, SAEEvalPointResult):
+        fields.update(_plain_fields(fields.pop("measurement")))
     kind = "steering" if isinstance(result, PointResult) else "sae_eval"
     return {"kind": kind, **json.loads(json.dumps(fields))}
+
+
+def _plain_fields(instance: PointResult | SAEEvalPointResult | SAEMeasurement) -> dict[str, Any]:
+    return {
+        field.name: (value.tolist() if isinstance(value, np.ndarray) else value)
+        for field in dataclasses.fields(instance)
+        for value in [getattr(instance, field.name)]
+    }
 
 
 def result_from_record(record: dict[str, Any]) -> Result:
@@ -57,5 +63,6 @@ def result_from_record(record: dict[str, Any]) -> Result:
     fields = {key: value for key, value in record.items() if key != "kind"}
     if record["kind"] == "steering":
         return PointResult(**fields)
-    fields["top_feature_rows"] = tuple(fields.get("top_feature_rows", ()))
-    return SAEEvalPointResult(**fields)
+    measured = [field.name for field in dataclasses.fields(SAEMeasurement) if field.name in fields]
+    measurement = SAEMeasurement(**{name: fields.pop(name) for name in measured})
+    return SAEEvalPointResult(measurement=measurement, **fields)

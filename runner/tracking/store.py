@@ -440,16 +440,17 @@ def write_point_artifacts(point: Point, result: Result, directory: Path) -> None
         (directory / "generation.txt").write_text(result.text, encoding="utf-8")
         (directory / "generation.json").write_text(json.dumps(generation), encoding="utf-8")
         return
-    np.save(directory / "density.npy", result.density, allow_pickle=False)
+    measured = result.measurement
+    np.save(directory / "density.npy", measured.density, allow_pickle=False)
     plots.write_density_histogram(
-        result.density_histogram, result.density_histogram_edges, directory / "density_histogram.png",
+        measured.density_histogram, measured.density_histogram_edges, directory / "density_histogram.png",
         title=f"layer {point.layer} {point.site} width {point.width}",
-        dead=int(result.metrics.get("density/n_dead", 0)),
+        dead=int(measured.metrics.get("density/n_dead", 0)),
     )
     columns = ["sequence", "position", "token", "token_text", "feature_ids", "feature_values"]
-    table = {"columns": columns, "data": [[row[c] for c in columns] for row in result.top_feature_rows]}
+    table = {"columns": columns, "data": [[row[c] for c in columns] for row in measured.top_feature_rows]}
     (directory / "top_features.json").write_text(json.dumps(table), encoding="utf-8")
-    (directory / "l0_histogram.json").write_text(json.dumps(result.l0_histogram.tolist()), encoding="utf-8")
+    (directory / "l0_histogram.json").write_text(json.dumps(measured.l0_histogram.tolist()), encoding="utf-8")
 
 
 def _child_of(run: Run) -> _Child:

@@ -1,4 +1,4 @@
-"""The Gemma Scope tutorial flow on the synthetic tiny model: capture, encode, L0, top features, steer, sample."""
+"""Steering sites on the synthetic tiny model, against interventions written by hand."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from penzai import pz
+from penzai.toolshed.save_intermediates import SaveIntermediate
 
-from runner import lm_stats as metrics
 from runner.model import tokenizer as tokenizer_lib
-from runner.nn import sites, steering
+from runner.nn import measurement, sites, steering
 from runner.sae.jumprelu import LATENT_AXIS
 
 PROMPT = "Would you be able to travel through time using a wormhole?"
@@ -33,25 +33,6 @@ class AddVector(pz.nn.Layer):
 
 def logits_array(logits: pz.nx.NamedArray) -> np.ndarray:
     return np.asarray(logits.unwrap("batch", "seq", "vocabulary"))
-
-
-def test_capture_encode_l0_and_top_features(tiny_model, tiny_saes, prompt_tokens) -> None:
-    layer = 2
-    logits, residuals = sites.capture(tiny_model.model, prompt_tokens, [(layer, "res")])
-    np.testing.assert_array_equal(logits_array(logits), logits_array(tiny_model.model(prompt_tokens)))
-    features = tiny_saes[layer].encode(residuals[(layer, "res")])
-    per_token = np.asarray(metrics.per_token_l0(features).unwrap("batch", "seq"))[0]
-    ids = np.asarray(prompt_tokens.unwrap("batch", "seq"))
-    # The per-token L0 equals a plain numpy count, and the mean excludes BOS.
-    dense = np.asarray(features.unwrap("batch", "seq", LATENT_AXIS))[0]
-    np.testing.assert_array_equal(per_token, (dense > 0).sum(-1))
-    assert metrics.mean_l0(features, ids) == pytest.approx(per_token[1:].mean())
-    assert metrics.mean_l0(features, ids) != pytest.approx(per_token.mean())  # BOS is an outlier
-    # The SAE was calibrated to L0 ~16 on the corpus; this prompt lands in the same range.
-    assert 4 < metrics.mean_l0(features, ids) < 40
-    top_index, top_value = metrics.top_features(features, k=1)
-    np.testing.assert_array_equal(top_index[0, :, 0], dense.argmax(-1))
-    np.testing.assert_array_equal(top_value[0, :, 0], dense.max(-1))
 
 
 def test_scale_zero_gives_exactly_the_unpatched_logits(tiny_model, tiny_saes, prompt_tokens) -> None:
@@ -96,7 +77,7 @@ def test_clamp_sets_the_feature_activation_before_decoding(tiny_model, tiny_saes
     i read at c, plus the SAE error of the unsteered stream, gives the steered stream exactly."""
     layer, feature, value = 2, 11, 6.0
     sae = tiny_saes[layer]
-    _, captured = sites.capture(tiny_model.model, prompt_tokens, [(layer, "res")])
+    _, captured = measurement.capture(tiny_model.model, prompt_tokens, [(layer, "res")])
     before = {layer: captured[(layer, "res")]}
     patched = steering.add_steering_sites(tiny_model.model, {layer: sae})
     inputs = steering.SteeringInputs.from_rows([layer], [feature], [value], ["clamp"], [0])
@@ -120,7 +101,7 @@ def _steered_stream(patched, tokens, layer, inputs) -> np.ndarray:
         pz.select(patched)
         .at_instances_of(steering.SteeringSite)
         .where(lambda site: site.layer_index == layer)
-        .insert_after(sites.SaveActivation(saved))
+        .insert_after(SaveIntermediate(saved))
     )
     probe(tokens, steering=inputs)
     return np.asarray(saved.value.unwrap("batch", "seq", "embedding"))[0]

@@ -11,7 +11,7 @@ from penzai import pz
 
 from runner.config.schema import HuggingFaceSAEConfig, LocalSAEConfig
 from runner.errors import ConfigError, SAEError
-from runner.nn import sites
+from runner.nn import measurement
 from runner.sae.jumprelu import load_sae, random_sae_arrays, write_params_npz
 from runner.sae.sources import calibration_tokens, resolve_sae_files
 
@@ -103,7 +103,7 @@ def test_synthetic_saes_fire_near_the_requested_l0_on_unseen_text(tiny_model, ti
         assert sae.path.parent.parent.name == "width_256"
     # Held-out text: calibration used the corpus start; these windows come from further on.
     tokens = calibration_tokens(tiny_model.tokenizer, num_sequences=24, seq_len=64)[16:]
-    _, residuals = sites.capture(
+    _, residuals = measurement.capture(
         tiny_model.model, pz.nx.wrap(jnp.asarray(tokens)).tag("batch", "seq"), [(layer, "res") for layer in loaded]
     )
     for layer, sae in loaded.items():

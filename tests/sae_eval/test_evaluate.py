@@ -8,17 +8,20 @@ import numpy as np
 import pytest
 from penzai import pz
 
-from runner.model.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from runner.nn import sites
+from runner.results import SAEMeasurement
 from runner.sae.jumprelu import JumpReLUSAE
-from runner.sae.sources import calibration_tokens
 from runner.sae_eval import evaluate as sae_eval
 from runner.tracking import plots
+from tests.sae_eval.references import (
+    BATCH_SIZE,
+    SITE_KEYS,
+    ordinary,
+    reference_lm_metrics,
+    reference_sae_metrics,
+    sae_reference,
+)
 
-LAYERS = (1, 2)
-#: The SAEs evaluated together: two at the residual stream, one at an MLP output, one at attention heads.
-SITE_KEYS = ((1, "res"), (2, "res"), (1, "mlp"), (2, "att"))
-BATCH_SIZE = 4  # 6 sequences: one full batch and one filled up with PAD rows
 TABLE_SEQUENCES = 2
 
 
@@ -33,129 +36,15 @@ class ReplaceResidual(pz.nn.Layer):
 
 
 @jax.jit
-def _reference_capture(model, tokens):
-    """Plain forward with Penzai's default positions (valid for these right-padded rows)."""
-    logits, activations = sites.capture(model, pz.nx.wrap(tokens).tag("batch", "seq"), list(SITE_KEYS))
-    at_sites = {key: value.unwrap("batch", "seq", "embedding") for key, value in activations.items()}
-    return logits.unwrap("batch", "seq", "vocabulary"), at_sites
-
-
-@jax.jit
 def _reference_logits(model, tokens):
     return model(pz.nx.wrap(tokens).tag("batch", "seq")).unwrap("batch", "seq", "vocabulary")
 
 
 @pytest.fixture(scope="module")
-def eval_tokens(tiny_model) -> np.ndarray:
-    """6 x 24 corpus windows, BOS first; row 1 right-padded, row 3 ends with EOS then padding."""
-    tokens = calibration_tokens(tiny_model.tokenizer, num_sequences=6, seq_len=24).copy()
-    tokens[1, 18:] = PAD_ID
-    tokens[3, 17] = EOS_ID
-    tokens[3, 18:] = PAD_ID
-    return tokens
-
-
-@pytest.fixture(scope="module")
-def captured(tiny_model, eval_tokens):
-    logits, residuals = _reference_capture(pz.freeze_params(tiny_model.model), jnp.asarray(eval_tokens))
-    return np.asarray(logits, np.float64), {k: np.asarray(v, np.float64) for k, v in residuals.items()}
-
-
-@pytest.fixture(scope="module")
-def evaluation(tiny_model, tiny_saes, eval_tokens) -> dict[tuple[int, str], sae_eval.SAEEvalResult]:
+def evaluation(tiny_model, tiny_saes, eval_tokens) -> dict[tuple[int, str], SAEMeasurement]:
     """The SAE of each layer evaluated at every site of `SITE_KEYS` (the tiny model's sites are all 64 wide)."""
     saes = {(layer, site): sae_eval.SiteSAE(layer, tiny_saes[layer], site) for layer, site in SITE_KEYS}
     return sae_eval.evaluate_saes(tiny_model, saes, eval_tokens, BATCH_SIZE, table_sequences=TABLE_SEQUENCES)
-
-
-def ordinary(tokens: np.ndarray) -> np.ndarray:
-    return ~np.isin(tokens, [PAD_ID, EOS_ID, BOS_ID])
-
-
-def sae_reference(x: np.ndarray, arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pre-activations, JumpReLU latents and reconstruction in float64."""
-    w = {name: arrays[name].astype(np.float64) for name in arrays}
-    pre = x @ w["W_enc"] + w["b_enc"]
-    features = np.where(pre > w["threshold"], pre, 0.0)
-    return pre, features, features @ w["W_dec"] + w["b_dec"]
-
-
-def reference_sae_metrics(x: np.ndarray, tokens: np.ndarray, arrays: dict[str, np.ndarray]) -> dict[str, float]:
-    pre, features, x_hat = sae_reference(x, arrays)
-    mask = ordinary(tokens)
-    xm, fm, hm = x[mask], features[mask], x_hat[mask]
-    l0 = (pre[mask] > arrays["threshold"]).sum(-1)
-    n = mask.sum()
-    err = ((xm - hm) ** 2).sum()
-    mean = xm.mean(0)
-    fvu = (err / n) / ((xm**2).sum() / n - mean @ mean)
-    x_norm, h_norm = np.linalg.norm(xm, axis=-1), np.linalg.norm(hm, axis=-1)
-    density = (pre[mask] > arrays["threshold"]).mean(0)
-    return {
-        "sae/l0": l0.mean(),
-        "sae/l0_p50": np.percentile(l0, 50, method="inverted_cdf"),
-        "sae/l0_p90": np.percentile(l0, 90, method="inverted_cdf"),
-        "sae/l0_max": l0.max(),
-        "sae/l0_bos": (pre[tokens == BOS_ID] > arrays["threshold"]).sum(-1).mean(),
-        "sae/l1": fm.sum(-1).mean(),
-        "sae/fvu": fvu,
-        "sae/explained_variance": 1 - fvu,
-        "sae/mse_per_token": err / n,
-        "sae/mse_per_element": err / (n * x.shape[-1]),
-        "sae/cosine_similarity": np.mean((xm * hm).sum(-1) / (x_norm * h_norm)),
-        "sae/l2_ratio": np.mean(h_norm / x_norm),
-        "sae/relative_reconstruction_bias": (hm**2).sum() / (xm * hm).sum(),
-        "density/n_dead": (density == 0).sum(),
-        "density/over_1_percent": (density > 0.01).mean(),
-        "density/over_10_percent": (density > 0.1).mean(),
-        "density/mean_log10": np.log10(density + 1e-10).mean(),
-        "density/n_tokens": n,
-    }
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-
-
-def reference_lm_metrics(clean, spliced, ablated, tokens) -> dict[str, float]:
-    mask = ordinary(tokens)[:, :-1] & (tokens[:, 1:] != PAD_ID)
-    targets = tokens[:, 1:]
-    logp = {name: log_softmax(z[:, :-1]) for name, z in [("clean", clean), ("spliced", spliced), ("zero", ablated)]}
-    ce = {name: -np.take_along_axis(lp, targets[..., None], -1)[..., 0][mask].mean() for name, lp in logp.items()}
-    p_clean = np.exp(logp["clean"])
-    kl = {name: (p_clean * (logp["clean"] - logp[name])).sum(-1)[mask].mean() for name in ("spliced", "zero")}
-    return {
-        "lm/ce_clean": ce["clean"],
-        "lm/ce_spliced": ce["spliced"],
-        "lm/ce_zero_ablated": ce["zero"],
-        "lm/delta_loss": ce["spliced"] - ce["clean"],
-        "lm/ce_loss_score": (ce["zero"] - ce["spliced"]) / (ce["zero"] - ce["clean"]),
-        "lm/kl_spliced": kl["spliced"],
-        "lm/kl_zero_ablated": kl["zero"],
-        "lm/kl_score": (kl["zero"] - kl["spliced"]) / kl["zero"],
-        "lm/n_tokens": mask.sum(),
-    }
-
-
-def test_capture_sites_matches_a_plain_capture_and_ignores_left_padding(tiny_model, eval_tokens, captured) -> None:
-    frozen = pz.freeze_params(tiny_model.model)
-    logits, activations = sae_eval.capture_sites_jit(frozen, jnp.asarray(eval_tokens), site_keys=SITE_KEYS)
-    ref_logits, ref_activations = captured
-    real = eval_tokens != PAD_ID
-    np.testing.assert_allclose(np.asarray(logits)[real], ref_logits[real], atol=1e-5)
-    for key in SITE_KEYS:
-        np.testing.assert_allclose(np.asarray(activations[key])[real], ref_activations[key][real], atol=1e-5)
-    # The same rows left-padded by 3 (last 3 tokens dropped) read as if unpadded.
-    shift = 3
-    left = np.full_like(eval_tokens, PAD_ID)
-    left[:, shift:] = eval_tokens[:, :-shift]
-    _, left_activations = sae_eval.capture_sites_jit(frozen, jnp.asarray(left), site_keys=SITE_KEYS)
-    keep = real[:, :-shift]
-    for key in ((2, "res"), (2, "att")):
-        np.testing.assert_allclose(
-            np.asarray(left_activations[key])[:, shift:][keep], ref_activations[key][:, :-shift][keep], atol=1e-4
-        )
 
 
 @pytest.mark.parametrize("site_key", SITE_KEYS)
@@ -248,32 +137,6 @@ def test_exact_sae_has_zero_error_delta_loss_and_kl(tiny_model, eval_tokens) -> 
     assert metrics["lm/ce_loss_score"] == pytest.approx(1.0, abs=1e-5)
     assert metrics["lm/kl_score"] == pytest.approx(1.0, abs=1e-5)
     assert metrics["lm/kl_zero_ablated"] > 0.01
-
-
-def test_bos_and_padding_never_enter_sae_metrics(tiny_saes, eval_tokens, captured) -> None:
-    sae, tokens = tiny_saes[2], eval_tokens[:BATCH_SIZE]
-    x = captured[1][(2, "res")][:BATCH_SIZE].astype(np.float32)
-    changed = x.copy()
-    special = ~ordinary(tokens)
-    changed[special] = 40.0 * np.random.default_rng(0).standard_normal((special.sum(), x.shape[-1]))
-
-    def metrics_of(resid: np.ndarray) -> dict[str, float]:
-        sums = sae_eval.SAEMetricSums.empty(sae.d_in, sae.d_sae)
-        sums.update(jax.device_get(sae_eval.sae_token_statistics(sae, jnp.asarray(resid), jnp.asarray(tokens))), tokens)
-        return {**sums.finalize(), "density": sums.density()}
-
-    before, after = metrics_of(x), metrics_of(changed)
-    assert before.pop("sae/l0_bos") != after.pop("sae/l0_bos")
-    np.testing.assert_array_equal(before.pop("density"), after.pop("density"))
-    assert before == after
-
-    # The splice keeps BOS/EOS/PAD activations and puts the reconstruction everywhere else.
-    named = pz.nx.wrap(jnp.asarray(x)).tag("batch", "seq", "embedding")
-    mask = pz.nx.wrap(jnp.asarray(~special)).tag("batch", "seq")
-    out = np.asarray(sae_eval.SpliceSAEReconstruction(sae)(named, splice_mask=mask).unwrap("batch", "seq", "embedding"))
-    np.testing.assert_array_equal(out[special], x[special])
-    _, _, x_hat = sae_reference(x.astype(np.float64), sae.to_arrays())
-    np.testing.assert_allclose(out[~special], x_hat[~special], rtol=1e-4, atol=1e-4)
 
 
 def test_top_feature_table_rows(tiny_saes, eval_tokens, captured, evaluation) -> None:

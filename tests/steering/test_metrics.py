@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from penzai import pz
 
+from runner.lm_stats import token_positions
 from runner.model.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from runner.nn import sites, steering
+from runner.nn import measurement, steering
 from runner.sae.jumprelu import JumpReLUSAE, random_sae_arrays
 from runner.sae.sources import calibration_tokens
-from runner.sae_eval import evaluate as sae_eval
 from runner.steering import metrics as steering_metrics
 
 PROMPT_LEN, GEN_LEN = 12, 10
@@ -22,7 +22,7 @@ K = 10
 
 @jax.jit
 def _plain_capture(model, tokens):
-    logits, residuals = sites.capture(model, pz.nx.wrap(tokens).tag("batch", "seq"), [(1, "res"), (2, "res")])
+    logits, residuals = measurement.capture(model, pz.nx.wrap(tokens).tag("batch", "seq"), [(1, "res"), (2, "res")])
     resid = {layer: value.unwrap("batch", "seq", "embedding") for (layer, _), value in residuals.items()}
     return logits.unwrap("batch", "seq", "vocabulary"), resid
 
@@ -37,7 +37,7 @@ def _padded_steered_logits(model, inputs, tokens):
     """Steered logits with padding at position -1, never attended to."""
     return model(
         pz.nx.wrap(tokens).tag("batch", "seq"),
-        token_positions=pz.nx.wrap(sae_eval.token_positions(tokens)).tag("batch", "seq"),
+        token_positions=pz.nx.wrap(token_positions(tokens)).tag("batch", "seq"),
         steering=inputs,
     ).unwrap("batch", "seq", "vocabulary")
 
@@ -102,7 +102,7 @@ def test_metrics_match_numpy_reference(tiny_model, tiny_saes, patched, batch) ->
     prompt_tokens, generated = batch
     inputs = steering_inputs([8.0, 4.0, 0.0])
     computed = steering_metrics.steering_generation_metrics(
-        tiny_model, patched, inputs, prompt_tokens, generated, tiny_saes, LAYERS, FEATURES, logit_lens_k=K
+        tiny_model.model, patched, inputs, prompt_tokens, generated, tiny_saes, LAYERS, FEATURES, logit_lens_k=K
     )
     results = [row.metrics for row in computed]
 
@@ -148,7 +148,7 @@ def test_metrics_match_numpy_reference(tiny_model, tiny_saes, patched, batch) ->
 
 def test_kl_is_exactly_zero_at_scale_zero(tiny_model, tiny_saes, patched, batch) -> None:
     results = steering_metrics.steering_generation_metrics(
-        tiny_model, patched, steering_inputs([0.0] * 3), *batch, tiny_saes, LAYERS, FEATURES
+        tiny_model.model, patched, steering_inputs([0.0] * 3), *batch, tiny_saes, LAYERS, FEATURES
     )
     # Base and steered logits come from two passes: equal up to float32 rounding, not bit for bit.
     for metrics in (row.metrics for row in results):
@@ -163,7 +163,7 @@ def test_top_logit_lens_tokens_match_numpy(tiny_model, tiny_saes) -> None:
     for feature in (0, 11, 200):
         scores = unembedding @ arrays["W_dec"][feature].astype(np.float64)
         expected = np.argsort(-scores, kind="stable")[:K].tolist()
-        assert steering_metrics.top_logit_lens_tokens(tiny_model, tiny_saes[2], feature, K) == expected
+        assert steering_metrics.top_logit_lens_tokens(tiny_model.model, tiny_saes[2], feature, K) == expected
 
 
 @pytest.mark.parametrize(
@@ -180,6 +180,16 @@ def test_repetition_metrics_on_hand_written_lists(tokens, distinct_1, distinct_2
     metrics = steering_metrics.repetition_metrics(tokens)
     expected = {"gen/distinct_1": distinct_1, "gen/distinct_2": distinct_2, "gen/longest_repeat": longest}
     assert metrics == pytest.approx(expected)
+
+
+def test_sampler_sums_become_per_token_means() -> None:
+    assert steering_metrics.steering_point_metrics(4, 10.0, 6.0, 3.0) == {
+        "gen/measured_tokens": 4.0,
+        "steer/l0": 2.5,
+        "steer/feature_activation": 1.5,
+        "steer/feature_firing_rate": 0.75,
+    }
+    assert steering_metrics.steering_point_metrics(0, 0.0, 0.0, 0.0) == {"gen/measured_tokens": 0.0}
 
 
 def test_generation_is_read_up_to_its_first_eos() -> None:
@@ -214,7 +224,7 @@ def test_concept_feature_fires_on_its_token_text_only(tiny_model, windows) -> No
     results = [
         row.metrics
         for row in steering_metrics.steering_generation_metrics(
-            tiny_model, tiny_model.model, unsteered, prompt_tokens, generated, {layer: concept_sae}, [layer] * 3,
+            tiny_model.model, tiny_model.model, unsteered, prompt_tokens, generated, {layer: concept_sae}, [layer] * 3,
             [0] * 3,
         )
     ]
@@ -248,7 +258,7 @@ def test_greedy_unsteered_generation_is_likelier_than_heavily_steered(tiny_model
         [
             row.metrics
             for row in steering_metrics.steering_generation_metrics(
-                tiny_model, patched, heavy, prompt_tokens, generation, tiny_saes, LAYERS, FEATURES
+                tiny_model.model, patched, heavy, prompt_tokens, generation, tiny_saes, LAYERS, FEATURES
             )
         ]
         for generation in (plain_generation, steered_generation)

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from penzai import pz
+from penzai.toolshed.save_intermediates import SaveIntermediate
 
 from runner.model import tokenizer as tokenizer_lib
-from runner.nn import sites, steering
+from runner.nn import steering
 from runner.sae.jumprelu import LATENT_AXIS
 from runner.steering.sampler import SamplingBatch, SteeringSampler, left_pad, prompt_bucket, sample_next_tokens
 
@@ -182,7 +183,7 @@ def test_measurements_match_a_teacher_forced_reread(tiny_model, tiny_saes, sampl
         pz.select(steering.add_steering_sites(tiny_model.model, tiny_saes))
         .at_instances_of(steering.SteeringSite)
         .where(lambda site: site.layer_index == layer)
-        .insert_after(sites.SaveActivation(saved))
+        .insert_after(SaveIntermediate(saved))
     )
     probe(
         pz.nx.wrap(jnp.asarray([sequence], jnp.int32)).tag("batch", "seq"),
