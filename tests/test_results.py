@@ -1,14 +1,11 @@
-"""runner.results: what a worker sends back, and how an SAE measurement travels through the spool."""
+"""runner.results: what a worker sends back."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 
 from runner.results import SAEEvalPointResult, SAEMeasurement
-from runner.tracking.spool import Spool
 
 
 @pytest.fixture
@@ -37,18 +34,3 @@ def test_a_point_result_carries_the_measurement_and_its_metrics(measurement) -> 
     assert result.measurement is measurement
     assert result.metrics == measurement.metrics
     assert result.tokens == 12
-
-
-def test_sae_results_read_back_from_the_spool_unchanged(tmp_path, measurement) -> None:
-    result = SAEEvalPointResult("key", measurement, tags={"a": "b"}, worker="host-1", attempt=2)
-    spool = Spool(tmp_path / "spool.jsonl")
-    spool.write([result])
-    record = json.loads(spool.path.read_text(encoding="utf-8"))
-    assert record["kind"] == "sae_eval" and record["density"] == [0.25, 0.0, 0.5]  # one flat JSON object
-    (back,) = spool.read()
-    assert (back.point_key, back.tags, back.worker, back.attempt) == ("key", {"a": "b"}, "host-1", 2)
-    assert back.measurement.metrics == measurement.metrics
-    assert back.measurement.top_feature_rows == measurement.top_feature_rows
-    for name in ("density", "density_histogram", "density_histogram_edges", "l0_histogram"):
-        np.testing.assert_array_equal(getattr(back.measurement, name), getattr(measurement, name))
-        assert getattr(back.measurement, name).dtype == getattr(measurement, name).dtype
