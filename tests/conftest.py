@@ -62,7 +62,7 @@ def tiny_sae_paths(tiny_model, cache_dir: Path) -> dict[int, Path]:
 @pytest.fixture(scope="session")
 def tiny_saes(tiny_sae_paths: dict[int, Path]):
     """The tiny model's SAEs as Penzai layers, by layer."""
-    from runner.sae.jumprelu import load_sae
+    from runner.sae.params import load_sae
 
     return {
         layer: load_sae(path, sae_id=f"tiny/{layer}", layer=layer, expected_d_in=64).sae

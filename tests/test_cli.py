@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from runner.cli import app
-from runner.sae.jumprelu import random_sae_arrays, write_params_npz
+from runner.sae.params import random_sae_arrays, write_params_npz
 
 
 def experiment(tmp_path: Path, model_dir: Path, sae_root: Path, **changes) -> Path:

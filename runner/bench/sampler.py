@@ -27,7 +27,7 @@ from runner.execution.workers import count_compilations
 from runner.model import synthetic
 from runner.model.loading import LoadedModel, load_model
 from runner.nn.steering import MODE_CODES
-from runner.sae.jumprelu import load_sae
+from runner.sae.params import load_sae
 from runner.sae.sources import write_synthetic_saes
 from runner.steering.sampler import SamplingBatch, SteeringSampler, left_pad, prompt_bucket
 

@@ -20,8 +20,8 @@ from penzai.toolshed import jit_wrapper
 from runner.model import tokenizer as tokenizer_lib
 from runner.model.loading import LoadedModel
 from runner.model.tokenizer import CORPUS_PATH
+from runner.nn.jumprelu import LATENT_AXIS, JumpReLUSAE
 from runner.nn.sites import insert_after_block
-from runner.sae.jumprelu import LATENT_AXIS, JumpReLUSAE
 
 BENCH_LAYERS = (1, 2)
 BENCH_SCALES = (0.0, 10.0, 20.0, 40.0)

@@ -4,5 +4,5 @@
 `source`); `loading.load_experiment` reads a file into a validated, frozen `ExperimentConfig`, which is what every
 later stage reads; `messages` turns a validation error into one line; `locations` checks the tracking store a sweep
 writes to. Pure Python (pydantic, PyYAML): no JAX, Ray or MLflow. May import: `runner.errors`,
-`runner.sae.gemma_scope` (the Gemma Scope registry: releases, widths, L0 folders).
+`runner.gemma_scope` (the Gemma Scope registry: releases, widths, L0 folders).
 """

@@ -28,7 +28,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from runner.sae import gemma_scope
+from runner import gemma_scope
 
 KAGGLE_VARIANTS: tuple[str, ...] = (
     "gemma2-2b",

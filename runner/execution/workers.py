@@ -39,7 +39,7 @@ from runner.plan import points as plan
 from runner.plan.points import Job, SAEEvalPoint, SteeringPoint
 from runner.program_cache import ProgramCache
 from runner.results import PointResult, SAEEvalPointResult
-from runner.sae.jumprelu import LoadedSAE, load_sae
+from runner.sae.params import LoadedSAE, load_sae
 from runner.sae.sources import SAEFile, write_synthetic_saes
 from runner.sae_eval import evaluate as sae_eval
 from runner.sae_eval.text_sets import EvalTokens

@@ -1,5 +1,5 @@
-"""The Penzai layers runner inserts into Gemma2: where SAEs read (`res`, `mlp`, `att` sites), steering sites,
-and the layers that capture or replace activations for measurement.
+"""The Penzai layers runner defines: the JumpReLU SAE, where SAEs read Gemma2 (`res`, `mlp`, `att` sites),
+steering sites, and the layers that capture or replace activations for measurement.
 
-May import: `runner.sae` (the SAE layer), `runner.model.architecture` (types only), Penzai.
+May import: `runner.model.architecture` (types only), Penzai, JAX.
 """

@@ -15,8 +15,8 @@ from penzai import pz
 from penzai.models.transformer import model_parts
 from penzai.toolshed.save_intermediates import SaveIntermediate
 
+from runner.nn.jumprelu import JumpReLUSAE
 from runner.nn.sites import SiteKey, insert_at_site
-from runner.sae.jumprelu import JumpReLUSAE
 
 #: The side input naming where `SpliceSAEReconstruction` splices (`{batch, seq}` bool).
 SPLICE_MASK_INPUT = "splice_mask"

@@ -24,8 +24,8 @@ import numpy as np
 from jax.typing import ArrayLike, DTypeLike
 from penzai import pz
 
+from runner.nn.jumprelu import LATENT_AXIS, JumpReLUSAE
 from runner.nn.sites import insert_after_block
-from runner.sae.jumprelu import LATENT_AXIS, JumpReLUSAE
 
 MODE_CODES: dict[str, int] = {"add": 0, "clamp": 1, "ablate": 1}
 NO_LAYER = -1

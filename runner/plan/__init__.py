@@ -5,5 +5,6 @@
 before anything runs), or what is known without a download for `runner validate` (`outline`). `points` is the
 pure expansion and packing, `memory` the estimates. No model weights are loaded here.
 May import: `runner.config`, `runner.model` (architecture, checkpoint metadata, tokenizer), `runner.sae` (files),
-`runner.sae_eval.text_sets`, `runner.errors`.
+`runner.nn.sites` (site widths), `runner.sae_eval.text_sets`, `runner.steering` (its batch-shape buckets),
+`runner.errors`.
 """

@@ -27,7 +27,7 @@ from runner.model.architecture import Gemma2Architecture
 from runner.model.loading import planning_architecture, read_architecture, resolve_model_location
 from runner.nn.sites import site_width
 from runner.plan import points as plan
-from runner.sae.jumprelu import read_params_npz
+from runner.sae.params import read_params_npz
 from runner.sae.sources import SAEFile, resolve_sae_file, width_latents
 from runner.sae_eval import text_sets
 from runner.sae_eval.text_sets import EvalTokens

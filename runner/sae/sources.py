@@ -1,7 +1,7 @@
 """Where each steered layer's SAE comes from: Gemma Scope on Hugging Face, a local tree, or a synthetic SAE.
 
 All sources end as a `params.npz` file in the Gemma Scope layout
-(`layer_{L}/width_{W}/average_l0_{N}/params.npz`), which `runner.sae.jumprelu.load_sae` reads and validates. Each
+(`layer_{L}/width_{W}/average_l0_{N}/params.npz`), which `runner.nn.jumprelu.load_sae` reads and validates. Each
 source's config class (`runner.config.schema`) registers its functions here (`resolve_sae_file`,
 `steering_width_and_l0`): a new source is a new class and its registrations.
 """
@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from penzai import pz
 
+from runner import gemma_scope
 from runner.config.schema import HuggingFaceSAEConfig, LocalSAEConfig, SAEConfig, SyntheticSAEConfig
 from runner.errors import SAEError
 from runner.files import write_text_atomically
 from runner.model import tokenizer as tokenizer_lib
 from runner.nn import measurement
-from runner.sae import gemma_scope
-from runner.sae.jumprelu import calibrate_thresholds, random_sae_arrays, write_params_npz
+from runner.sae.params import calibrate_thresholds, random_sae_arrays, write_params_npz
 
 if TYPE_CHECKING:
     from gemma import gm

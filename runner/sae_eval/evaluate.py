@@ -17,9 +17,9 @@ from penzai import pz
 
 from runner.lm_stats import DEFAULT_VOCAB_CHUNK, special_token_mask
 from runner.model.tokenizer import PAD_ID
+from runner.nn.jumprelu import JumpReLUSAE
 from runner.nn.measurement import SpliceSAEReconstruction, ZeroAblate
 from runner.results import SAEMeasurement
-from runner.sae.jumprelu import JumpReLUSAE
 from runner.sae_eval.metrics import DEFAULT_TOP_FEATURES, SAEMetricSums, SpliceLossSums, sae_token_statistics
 from runner.sae_eval.passes import (
     capture_sites_jit,

@@ -20,7 +20,7 @@ from penzai import pz
 
 from runner.lm_stats import next_token_loss_mask, special_token_mask, special_token_mask_on_device
 from runner.model.tokenizer import BOS_ID
-from runner.sae.jumprelu import LATENT_AXIS, JumpReLUSAE, jumprelu
+from runner.nn.jumprelu import LATENT_AXIS, JumpReLUSAE, jumprelu
 
 #: `log10(density + DENSITY_EPSILON)` is what the density histogram bins.
 DENSITY_EPSILON = 1e-10

@@ -40,8 +40,8 @@ from runner.lm_stats import (
 )
 from runner.model.tokenizer import EOS_ID, PAD_ID
 from runner.nn import measurement, steering
+from runner.nn.jumprelu import LATENT_AXIS, JumpReLUSAE
 from runner.program_cache import ProgramCache
-from runner.sae.jumprelu import LATENT_AXIS, JumpReLUSAE
 
 DEFAULT_LOGIT_LENS_K = 10
 

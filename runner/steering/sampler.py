@@ -34,8 +34,8 @@ from penzai.models.transformer import model_parts, sampling_mode
 
 from runner.model.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from runner.nn import steering as steering_lib
+from runner.nn.jumprelu import JumpReLUSAE
 from runner.program_cache import LoweredProgram, ProgramCache
-from runner.sae.jumprelu import JumpReLUSAE
 
 MIN_PROMPT_BUCKET = 16
 

@@ -8,7 +8,7 @@ import pytest
 from runner.config.schema import ExperimentConfig
 from runner.execution.workers import SteeringWorker, sae_cache
 from runner.plan.prepare import prepare_sweep
-from runner.sae.jumprelu import load_sae
+from runner.sae.params import load_sae
 
 SWEEP = {
     "name": "worker-test",

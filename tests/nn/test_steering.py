@@ -10,7 +10,7 @@ from penzai.toolshed.save_intermediates import SaveIntermediate
 
 from runner.model import tokenizer as tokenizer_lib
 from runner.nn import measurement, sites, steering
-from runner.sae.jumprelu import LATENT_AXIS
+from runner.nn.jumprelu import LATENT_AXIS
 
 PROMPT = "Would you be able to travel through time using a wormhole?"
 

@@ -12,7 +12,7 @@ from penzai import pz
 from runner.config.schema import HuggingFaceSAEConfig, LocalSAEConfig
 from runner.errors import ConfigError, SAEError
 from runner.nn import measurement
-from runner.sae.jumprelu import load_sae, random_sae_arrays, write_params_npz
+from runner.sae.params import load_sae, random_sae_arrays, write_params_npz
 from runner.sae.sources import calibration_tokens, resolve_sae_files
 
 

@@ -9,8 +9,8 @@ import pytest
 from penzai import pz
 
 from runner.nn import sites
+from runner.nn.jumprelu import JumpReLUSAE
 from runner.results import SAEMeasurement
-from runner.sae.jumprelu import JumpReLUSAE
 from runner.sae_eval import evaluate as sae_eval
 from runner.tracking import plots
 from tests.sae_eval.references import (

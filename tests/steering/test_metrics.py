@@ -11,7 +11,8 @@ from penzai import pz
 from runner.lm_stats import token_positions
 from runner.model.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from runner.nn import measurement, steering
-from runner.sae.jumprelu import JumpReLUSAE, random_sae_arrays
+from runner.nn.jumprelu import JumpReLUSAE
+from runner.sae.params import random_sae_arrays
 from runner.sae.sources import calibration_tokens
 from runner.steering import metrics as steering_metrics
 

@@ -11,7 +11,7 @@ from penzai.toolshed.save_intermediates import SaveIntermediate
 
 from runner.model import tokenizer as tokenizer_lib
 from runner.nn import steering
-from runner.sae.jumprelu import LATENT_AXIS
+from runner.nn.jumprelu import LATENT_AXIS
 from runner.steering.sampler import SamplingBatch, SteeringSampler, left_pad, prompt_bucket, sample_next_tokens
 
 PROMPTS = ["The most iconic structure on Earth is", "Once upon a time", "The river ran"]

@@ -3,8 +3,8 @@ Neuronpedia links."""
 
 import pytest
 
+from runner import gemma_scope
 from runner.errors import ConfigError
-from runner.sae import gemma_scope
 
 
 @pytest.mark.parametrize(

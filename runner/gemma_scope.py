@@ -1,7 +1,7 @@
 """Gemma Scope naming: the registry of releases, their widths and L0 folders, file paths, SAE ids and Neuronpedia
 links.
 
-The registry is `gemma_scope.json` next to this file (see its `source`): per release, the Hugging Face repo, the
+The registry is `runner/data/gemma_scope.json` (see its `source`): per release, the Hugging Face repo, the
 Neuronpedia model id and, per width and layer, the `average_l0_N` folders the repo holds and the canonical one (the
 average L0 closest to 100; the repos' own `canonical` folders were removed). Pure data and string functions; nothing
 here downloads or reads weights.
@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from runner.errors import ConfigError
 
-REGISTRY_PATH = Path(__file__).with_name("gemma_scope.json")
+REGISTRY_PATH = Path(__file__).resolve().parent / "data" / "gemma_scope.json"
 
 
 class WidthFolders(BaseModel):
