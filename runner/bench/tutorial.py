@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from gemma import gm
 from penzai import pz
 from penzai.models.transformer import sampling_mode, simple_decoding_loop
 from penzai.toolshed import jit_wrapper
@@ -48,7 +49,7 @@ class AddSteeringVector(pz.nn.Layer):
         return x + self.vector.astype(x.dtype)
 
 
-def make_points(tokenizer: Any, count: int, d_sae: int) -> list[BenchPoint]:
+def make_points(tokenizer: gm.text.Gemma2Tokenizer, count: int, d_sae: int) -> list[BenchPoint]:
     """`count` steering points over corpus sentences, both bench layers, spread features and the bench scales."""
     sentences = [s.strip() for s in CORPUS_PATH.read_text(encoding="utf-8").split(".") if len(s.split()) >= 4]
     rng = np.random.default_rng(0)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from gemma import gm
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from penzai import pz
 from penzai.models.transformer import model_parts
@@ -61,7 +62,7 @@ class LoadedModel:
 
     model: model_parts.TransformerLM
     architecture: Gemma2Architecture
-    tokenizer: Any
+    tokenizer: gm.text.Gemma2Tokenizer
     model_id: str
     mesh: Mesh | None = None
 
