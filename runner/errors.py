@@ -8,6 +8,11 @@ def first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
+def error_line(error: BaseException) -> str:
+    """An exception as one log line: `Type: first line of its message` (the type alone when it has none)."""
+    return first_line(f"{type(error).__name__}: {error}") or type(error).__name__
+
+
 class RunnerError(Exception):
     """Base class of every error a user can fix; the CLI prints `str(error)` alone and exits non-zero."""
 

@@ -31,7 +31,7 @@ import jaxlib
 import numpy as np
 import penzai
 
-from runner.errors import first_line
+from runner.errors import error_line
 from runner.files import write_bytes_atomically
 
 _log = logging.getLogger(__name__)
@@ -130,14 +130,14 @@ class ProgramCache:
         try:
             return jax.export.deserialize(bytearray(path.read_bytes()))
         except Exception as error:  # noqa: BLE001 - a damaged or foreign file is traced again
-            _log.warning("ignoring the cached trace %s: %s", path.name, _first_line(error))
+            _log.warning("ignoring the cached trace %s: %s", path.name, error_line(error))
             return None
 
     def _write(self, path: Path, exported: Any) -> None:
         try:
             write_bytes_atomically(path, exported.serialize())
         except Exception as error:  # noqa: BLE001 - the program still runs; only the next start traces again
-            _log.warning("could not keep the trace of %s: %s", path.name, _first_line(error))
+            _log.warning("could not keep the trace of %s: %s", path.name, error_line(error))
 
 
 class LoweredProgram:
@@ -159,6 +159,3 @@ class LoweredProgram:
 
         return call
 
-
-def _first_line(error: BaseException) -> str:
-    return first_line(str(error)) or type(error).__name__

@@ -16,7 +16,7 @@ embedding prefix are found by type (the body's layout: `docs/penzai-gemma2.md#bo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from penzai import pz
 from penzai.models.transformer import model_parts
@@ -24,7 +24,6 @@ from penzai.models.transformer import model_parts
 if TYPE_CHECKING:
     from runner.model.architecture import Gemma2Architecture
 
-Site = Literal["res", "mlp", "att"]
 SITES: tuple[str, ...] = ("res", "mlp", "att")
 #: A site of a block, `(layer, site)`; `(-1, "res")` stands for the residual stream entering block 0.
 SiteKey = tuple[int, str]

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 import tenacity
 from mlflow.exceptions import MlflowException
 
-from runner.errors import TrackingUnavailable, first_line
+from runner.errors import TrackingUnavailable, error_line
 from runner.plan.points import Point
 from runner.redaction import scrub
 from runner.results import Result
@@ -243,4 +243,4 @@ def _warn_retrying(retry_state: tenacity.RetryCallState) -> None:
 
 
 def _one_line(error: BaseException) -> str:
-    return first_line(scrub(f"{type(error).__name__}: {error}")) or type(error).__name__
+    return scrub(error_line(error))
