@@ -1,0 +1,86 @@
+"""Uncertainty of a metric aggregated over prompts and seeds: the mean with a 95% Student-t interval.
+
+A steering point's metric is one sample per (prompt, seed); the samples of a (layer, feature, scale) are
+independent draws of the generation under that steering (distinct prompts, distinct random streams). Their mean
+gets a two-sided Student-t interval, `mean ± t_{n-1, 1-α/2} · s / √n` (docs/metrics.md#uncertainty). The t
+interval is the honest choice at the sample sizes sweeps have (a handful of prompts times seeds): a percentile
+bootstrap of n < 10 samples covers the mean well below its nominal level, while the t interval keeps it for
+normal samples and stays conservative for the bounded rates most steering metrics are. One sample gives an
+unbounded interval: nothing can be concluded from it.
+
+`paired_differences` pairs the samples of two scales by (prompt, seed): all scales of a (prompt, seed) share one
+random stream, so a difference against the unsteered baseline cancels what the prompt and the stream add.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Hashable, Iterable, Mapping
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+CONFIDENCE = 0.95
+
+
+@dataclasses.dataclass(frozen=True)
+class Interval:
+    """A mean and its confidence interval.
+
+    Attributes:
+      mean: The sample mean (NaN without samples).
+      low, high: The interval's ends (infinite with fewer than two samples).
+      n: Number of samples.
+      confidence: The interval's nominal coverage.
+    """
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    confidence: float = CONFIDENCE
+
+    @property
+    def half_width(self) -> float:
+        """Half the interval's width."""
+        return (self.high - self.low) / 2
+
+    def at_least(self, threshold: float) -> bool | None:
+        """True when the whole interval is at or above `threshold`, False when it is wholly below, None when it
+        straddles the threshold (more samples are needed to tell)."""
+        if self.low >= threshold:
+            return True
+        if self.high < threshold:
+            return False
+        return None
+
+    def at_most(self, threshold: float) -> bool | None:
+        """True when the whole interval is at or below `threshold`, False when it is wholly above, None when it
+        straddles it."""
+        if self.high <= threshold:
+            return True
+        if self.low > threshold:
+            return False
+        return None
+
+
+def mean_interval(samples: Iterable[float], confidence: float = CONFIDENCE) -> Interval:
+    """The mean of `samples` (NaNs dropped) with a two-sided Student-t interval at `confidence`."""
+    values = np.asarray([value for value in samples if not math.isnan(value)], np.float64)
+    n = int(values.size)
+    if n == 0:
+        return Interval(math.nan, -math.inf, math.inf, 0, confidence)
+    mean = float(values.mean())
+    if n == 1:
+        return Interval(mean, -math.inf, math.inf, 1, confidence)
+    standard_error = float(values.std(ddof=1)) / math.sqrt(n)
+    half_width = float(scipy_stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * standard_error
+    return Interval(mean, mean - half_width, mean + half_width, n, confidence)
+
+
+def paired_differences(
+    samples: Mapping[Hashable, float], baseline: Mapping[Hashable, float]
+) -> list[float]:
+    """`samples[k] - baseline[k]` for every key (e.g. `(prompt_index, seed)`) present in both."""
+    return [samples[key] - baseline[key] for key in samples if key in baseline]
