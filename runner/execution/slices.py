@@ -245,9 +245,9 @@ class _Reservation:
         if self.group is None:
             self._create(taken)
             return False
-        state = placement_group_table(self.group).get("state")
-        if state == "CREATED":
-            bundles = placement_group_table(self.group).get("bundles_to_node_id", {})
+        table = placement_group_table(self.group)
+        if table.get("state") == "CREATED":
+            bundles = table.get("bundles_to_node_id", {})
             self.node_ids = [bundles[index] for index in sorted(bundles)]
             return True
         if time.monotonic() - self._created > RESERVATION_READY_S:

@@ -28,7 +28,7 @@ from runner.config.loading import load_experiment
 from runner.driver import run_sweep
 from runner.execution.slices import SliceExecutor, received_saes
 from runner.plan.points import Job
-from runner.plan.prepare import prepare_sweep
+from runner.plan.prepare import SweepPlan, prepare_sweep
 from runner.results import PointResult
 from runner.sae.sources import SAEFile
 
@@ -95,26 +95,15 @@ def write_slice_experiment(directory: Path, address: str) -> Path:
     return path
 
 
-class LoseSliceAAfterTheFirstJob:
-    """Wraps a `SliceExecutor`: after the first job's results, removes TPU worker 1 of the slice that ran it (the
+class LosingSliceA(SliceExecutor):
+    """A `SliceExecutor` that, after the first job's results, removes TPU worker 1 of the slice that ran it (the
     replica gets its next job on a slice with a dead host) and brings up a second slice under a new name."""
 
-    def __init__(self, inner: SliceExecutor, cluster: Cluster, slice_a: list[Any], jax_cache: Path):
-        self.inner, self.cluster, self.slice_a, self.jax_cache = inner, cluster, slice_a, jax_cache
+    def __init__(self, sweep_plan: SweepPlan, cache_dir: Path, *, cluster: Cluster, slice_a: list[Any],
+                 jax_cache: Path):
+        super().__init__(sweep_plan, cache_dir, sweep_plan.config.cluster)
+        self.cluster, self.slice_a, self.jax_cache = cluster, slice_a, jax_cache
         self.removed: Any = None
-
-    @property
-    def compilations(self) -> int:
-        return self.inner.compilations
-
-    def fault_counts(self) -> dict[str, int]:
-        return self.inner.fault_counts()
-
-    def start(self) -> None:
-        self.inner.start()
-
-    def close(self) -> None:
-        self.inner.close()
 
     def run(self, jobs, on_result, on_failure) -> None:
         def lose_then_report(job: Job, results: list[PointResult]) -> None:
@@ -124,7 +113,7 @@ class LoseSliceAAfterTheFirstJob:
                 self.cluster.remove_node(self.removed, allow_graceful=False)
                 add_tpu_slice(self.cluster, "slice-b", self.jax_cache)
 
-        self.inner.run(jobs, lose_then_report, on_failure)
+        super().run(jobs, lose_then_report, on_failure)
 
 
 @pytest.fixture
@@ -159,10 +148,9 @@ def test_a_slice_lost_mid_sweep_is_rebuilt_on_a_new_slice_and_every_point_finish
         "Resources"]
     ray.shutdown()
 
-    inner = SliceExecutor(sweep_plan, cache_dir, sweep_plan.config.cluster)
-    inner.start()  # fits the synthetic SAEs here, on the driver, and ships them
+    executor = LosingSliceA(sweep_plan, cache_dir, cluster=tpu_cluster, slice_a=slice_a, jax_cache=jax_cache)
+    executor.start()  # fits the synthetic SAEs here, on the driver, and ships them
     shutil.rmtree(cache_dir / "synthetic-saes")  # the members must not need the driver's disk
-    executor = LoseSliceAAfterTheFirstJob(inner, tpu_cluster, slice_a, jax_cache)
     summary = run_sweep(sweep_plan, cache_dir=cache_dir, executor=executor, output_dir=tmp_path)
 
     assert executor.removed is not None
@@ -170,10 +158,10 @@ def test_a_slice_lost_mid_sweep_is_rebuilt_on_a_new_slice_and_every_point_finish
     assert {key: summary.faults[key] for key in ("preemptions", "worker_crashes", "job_retries")} == {
         "preemptions": 1, "worker_crashes": 0, "job_retries": 0}
     assert summary.faults["slice_wait_s"] >= 1, "the replica waited for the new slice, and the summary says so"
-    assert [event["kind"] for event in inner.lost_host_events] == ["preemption"]
+    assert [event["kind"] for event in executor.lost_host_events] == ["preemption"]
 
     # One gang on slice A, then one on slice B, each member TPU worker i = JAX process i on its own host.
-    members = inner.workers_seen
+    members = executor.workers_seen
     slice_a_nodes = [node.node_id for node in slice_a]
     first, second = members[:HOSTS], members[HOSTS:]
     assert len(members) == 2 * HOSTS
