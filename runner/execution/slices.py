@@ -12,7 +12,8 @@ tests), a placement group of `hosts_per_replica` bundles. Nothing waits on the c
 polls each reservation while the other replicas run, and a replica waits for a slice without limit.
 
 A gang lives and dies as one: when a member fails, the others are blocked in a collective (or fail because of it),
-so the controller waits briefly for the other members' outcome, judges the gang's fault from all of them
+so the controller waits for the other members' outcome (and, for a member that went away, for Ray to tell whether
+its host died), judges the gang's fault from all of them
 (`runner.execution.faults.classify_gang`: a lost host makes the gang preempted whatever the survivors raised),
 kills the whole gang and builds a new one (a new coordinator; `jax.distributed` cannot be initialised twice in a
 process). After a preemption the old reservation is given back and a new slice is reserved (a replacement slice
@@ -82,9 +83,9 @@ _log = logging.getLogger(__name__)
 GANG_TIMEOUT_S = 300
 #: A gang that fails to start this many times in a row for its own reasons (not a preemption) is given up.
 MAX_GANG_START_FAILURES = 3
-#: How long the other members of a failed gang are awaited before its fault is judged. A member that went with its
-#: host is reported once Ray notices (its node's health checks), sooner than this.
-GANG_SETTLE_S = 30.0
+#: How long a failed gang's fault may wait, beyond Ray's time to mark a lost node dead (`node_death_window_s`),
+#: for the other members' outcome and for Ray to say whether a member that went away took its host with it.
+GANG_SETTLE_MARGIN_S = 5.0
 #: How often the controller looks at the replicas waiting for a slice, and how often such a replica says so.
 POLL_S = 1.0
 WAIT_LOG_EVERY_S = 60.0
@@ -379,17 +380,19 @@ class _Gang:
         self.errors.append(error)
         if self.state != "settling":
             self.settling_from, self.state = self.state, "settling"
-            self.settle_by = time.monotonic() + GANG_SETTLE_S
+            self.settle_by = time.monotonic() + node_death_window_s() + GANG_SETTLE_MARGIN_S
 
     def settled(self) -> bool:
-        """Whether the failed gang's fault can be judged: every member returned, one went away, one of its nodes
-        died, or `GANG_SETTLE_S` passed."""
-        if not self.pending or time.monotonic() > self.settle_by:
-            return True
-        if any(not worker_survived(classify(error, self.node_ids(), set)) for error in self.errors):
-            return True
+        """Whether the failed gang's fault can be judged: one of its nodes died, or every member returned having
+        raised its own error, or the wait is over. A member that went away is judged only once Ray had the time to
+        mark its node dead (a preemption: the slice is given up) or not (a crash: the slice is kept)."""
         alive = alive_ray_nodes()
-        return any(node is not None and node not in alive for node in self.node_ids())
+        if any(node is not None and node not in alive for node in self.node_ids()):
+            return True
+        if time.monotonic() > self.settle_by:
+            return True
+        went_away = any(not worker_survived(classify(error, self.node_ids(), lambda: alive)) for error in self.errors)
+        return not self.pending and not went_away
 
     def kill(self) -> None:
         """Kills every member (a failed gang cannot be reused)."""
@@ -576,7 +579,7 @@ class SliceExecutor:
         was_starting, task = gang.settling_from == "starting", gang.task
         gang.last_error, gang.task = fault.message, None
         gang.kill()
-        _log.warning("slice replica %s failed: %s", gang.name, gang.last_error)
+        _log.warning("slice replica %s failed (%s): %s", gang.name, type(fault).__name__, gang.last_error)
         if task is not None:
             self._faults.handle(task, fault, gang.name)
         preempted = isinstance(fault, PreemptedHost)
@@ -589,6 +592,17 @@ class SliceExecutor:
             if gang.start_failures >= MAX_GANG_START_FAILURES:
                 gang.state, gang.last_error = "dead", f"cannot start: {gang.last_error}"
                 gang.reservation.release()
+
+
+def node_death_window_s() -> float:
+    """How long Ray may take to mark a lost node dead: its health checks (period x failures allowed) plus one
+    check's timeout, from the cluster's configuration (30 s when Ray does not say)."""
+    try:
+        config = ray._config
+        return (config.health_check_period_ms() * config.health_check_failure_threshold()
+                + config.health_check_timeout_ms()) / 1000
+    except Exception:  # noqa: BLE001 - a Ray without these settings: a generous default
+        return 30.0
 
 
 def _tpu_slices_seen() -> str:
