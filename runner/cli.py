@@ -96,6 +96,8 @@ def validate(file: ExperimentFile, set_: Overrides = None) -> None:
     )
     tokens = "generated tokens (at most)" if config.kind == "steering" else "evaluated tokens"
     typer.echo(f"  {summary.grid}; {summary.tokens:,} {tokens}")
+    if summary.replica is not None:
+        typer.echo(f"  each of the {config.cluster.workers} slice replica(s): {summary.replica}")
     if summary.memory_bytes is None:
         typer.echo("  memory per worker: unknown until the checkpoint is read (its architecture is not published)")
     else:
@@ -204,6 +206,8 @@ def run(
             f"(jobs requeued), {faults['job_retries']} job retr{'y' if faults['job_retries'] == 1 else 'ies'} "
             "after a job's own error"
         )
+    if faults.get("slice_wait_s"):
+        typer.echo(f"slice replicas waited {faults['slice_wait_s']} s in all for a slice after losing theirs")
     typer.echo(f"parent run {summary.parent_run_id} in {config.tracking.uri}")
     typer.echo(f"view: {_runs_page(config.tracking.uri, summary.experiment_id)}")
     if summary.points_failed:

@@ -141,6 +141,18 @@ def test_validate_prints_the_plan_without_a_model(tmp_path, sae_root) -> None:
     assert "12 points" in result.stdout
 
 
+def test_validate_prints_a_v5e_16_slices_hosts_and_refuses_a_topology_v5e_lacks(tmp_path) -> None:
+    slice_experiment = str(Path(__file__).parent.parent / "experiments" / "gemma2_27b_v5e16_slice.yaml")
+    result = CliRunner().invoke(app, ["validate", slice_experiment])
+    assert result.exit_code == 0, result.output
+    assert "v5e 4x4 slice (v5litepod-16): 4 hosts x 4 chips" in result.stdout
+    assert "reserved as 4 bundles of {'CPU': 0, 'TPU': 4, 'tpu-v5e-16': 1}" in result.stdout
+
+    code, stderr = run_cli("validate", slice_experiment, "--set", "cluster.slice_topology=2x2x2")
+    assert_one_line_error(tmp_path, code, stderr, "cluster.slice_topology: '2x2x2' is not a v5e topology",
+                          "(allowed for v5e: 2x4, 2x8, 4x4, 4x8, 8x8, 8x16, 16x16)")
+
+
 def test_synth_writes_a_model_and_saes_that_a_local_sweep_runs_on(tmp_path, cache_dir) -> None:
     from runner.config.loading import load_experiment
     from runner.driver import run_sweep

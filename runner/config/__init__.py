@@ -3,6 +3,7 @@
 `schema` holds the pydantic models (the `model`, `sae` and `sae_eval.text` sections are unions discriminated by
 `source`); `loading.load_experiment` reads a file into a validated, frozen `ExperimentConfig`, which is what every
 later stage reads; `messages` turns a validation error into one line; `locations` checks the tracking store a sweep
-writes to. Pure Python (pydantic, PyYAML): no JAX, Ray or MLflow. May import: `runner.errors`,
-`runner.gemma_scope` (the Gemma Scope registry: releases, widths, L0 folders).
+writes to; `tpu_slices` checks a multi-host TPU slice with Ray's own TPU functions. Pure Python (pydantic, PyYAML):
+no JAX or MLflow, and of Ray only its TPU tables, imported by `tpu_slices` for a config that names a slice topology.
+May import: `runner.errors`, `runner.gemma_scope` (the Gemma Scope registry: releases, widths, L0 folders).
 """

@@ -29,6 +29,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from runner import gemma_scope
+from runner.config.tpu_slices import TPU_GENERATIONS, TpuSliceShape, tpu_slice_shape
 
 KAGGLE_VARIANTS: tuple[str, ...] = (
     "gemma2-2b",
@@ -417,6 +418,9 @@ class ClusterConfig(BaseModel):
     `resources` is what one worker (one host) requests: `CPU`, `GPU` and custom resources such as `TPU` (chips).
     `platform` is the JAX platform the workers must get; `auto` means tpu when a TPU resource is requested, gpu
     when a GPU is, else cpu. `address` joins a running Ray cluster; without it a local Ray is started.
+    With `replica: slice`, `workers` counts slice replicas (one per slice); a TPU slice is named by its
+    `slice_topology` and `accelerator_version` (as users name generations: v4, v5e, v5p, v6e), checked with Ray's
+    own TPU functions (`runner.config.tpu_slices`), and `resources` is what each of its hosts has.
     """
 
     model_config = _MODEL_CONFIG
@@ -429,18 +433,11 @@ class ClusterConfig(BaseModel):
     replica: Literal["host", "slice"] = "host"
     hosts_per_replica: int = Field(default=1, ge=1)
     slice_topology: str | None = None
-    accelerator_version: Literal["v4", "v5e", "v5p", "v6e"] | None = None
+    accelerator_version: Literal["v4", "v5e", "v5litepod", "v5p", "v6e"] | None = None
     placement: Literal["spread", "pack"] = "spread"
     max_job_retries: int = Field(default=2, ge=0)
     max_worker_crashes: int = Field(default=3, ge=1)
     platform: Literal["auto", "cpu", "gpu", "tpu"] = "auto"
-
-    @field_validator("slice_topology")
-    @classmethod
-    def _topology_shape(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"\d+(x\d+){1,2}", value):
-            raise invalid(f"{value!r} is not a TPU topology (allowed: like 4x4 or 2x2x2)")
-        return value
 
     @model_validator(mode="after")
     def _slice_fields_fit_replica(self) -> ClusterConfig:
@@ -455,9 +452,14 @@ class ClusterConfig(BaseModel):
                 raise invalid("applies to cluster.replica 'slice' only (one replica spanning several hosts)", field)
         elif self.slice_topology is not None:
             if self.accelerator_version is None:
-                raise invalid("is required with slice_topology (allowed: v4, v5e, v5p, v6e)", "accelerator_version")
+                raise invalid(f"is required with slice_topology (allowed: {', '.join(TPU_GENERATIONS)})",
+                              "accelerator_version")
             if self.hosts_per_replica != 1:
                 raise invalid("is given by slice_topology (the slice's hosts); leave it out", "hosts_per_replica")
+            shape = self._checked_tpu_slice()
+            if "TPU" not in self.resources:
+                raise invalid(f"needs TPU: the chips of one host of the {shape.describe()} (allowed: resources: "
+                              f"{{TPU: {shape.chips_per_host}}}, plus any custom resource of those hosts)", "resources")
         elif "hosts_per_replica" not in self.model_fields_set:
             raise invalid("is required with replica 'slice': the hosts one replica spans, e.g. 2 (or give "
                           "slice_topology and accelerator_version for a TPU slice)", "hosts_per_replica")
@@ -473,6 +475,24 @@ class ClusterConfig(BaseModel):
                 "platform",
             )
         return self
+
+    def _checked_tpu_slice(self) -> TpuSliceShape:
+        try:
+            return tpu_slice_shape(self.accelerator_version, self.slice_topology, self.resources.get("TPU"))
+        except ValueError as error:
+            field, _, message = str(error).partition(": ")
+            raise invalid(message, field) from None
+
+    def host_bundle(self) -> dict[str, float]:
+        """What each host of a slice replica reserves (one placement-group bundle): `resources`, CPU 0 unless
+        given."""
+        return {"CPU": 0.0, **self.resources}
+
+    def tpu_slice(self) -> TpuSliceShape | None:
+        """The TPU slice one replica spans (`slice_topology` on `accelerator_version`), or None without one."""
+        if self.replica != "slice" or self.slice_topology is None:
+            return None
+        return tpu_slice_shape(self.accelerator_version, self.slice_topology, self.resources.get("TPU"))
 
     def jax_platform(self) -> Literal["cpu", "gpu", "tpu"]:
         """The JAX platform workers must run on: `platform`, with `auto` resolved from `resources`."""

@@ -32,7 +32,8 @@ class JobExecutor(Protocol):
         """Programs compiled by the executor's workers so far."""
 
     def fault_counts(self) -> dict[str, int]:
-        """`preemptions`, `worker_crashes` and `job_retries` of the last run."""
+        """`preemptions`, `worker_crashes` and `job_retries` of the last run (the slice executor adds
+        `slice_wait_s`), logged on the sweep's parent run."""
 
     def start(self) -> None:
         """Brings the workers up (they load the model); `run` does it too. Does nothing when already started."""

@@ -10,6 +10,8 @@
 - `RecurringError`: the job raised `RecurringJobError`: retrying cannot help.
 - `JobError`: anything else, the job's own error (a `RayTaskError`) or any other Ray error.
 
+`classify_gang` does the same for a slice replica from what all its failed members raised.
+
 `FaultPolicy` decides the job's fate for both executors: a lost worker (a preemption, a crash, a worker killed
 for memory) sends it back to the front of the queue without using an attempt (after `max_worker_crashes` crashes
 it fails); a job error (an out-of-memory error included) is retried at the back of the queue until its attempts
@@ -147,6 +149,32 @@ def classify(
         node_id = _charged_node(node_ids, alive)
         return CrashedWorker(message, node_id) if node_id in alive else PreemptedHost(message, node_id)
     return JobError(message)
+
+
+def classify_gang(
+    errors: Sequence[BaseException],
+    node_ids: Sequence[str | None],
+    alive_nodes: AliveNodes = alive_ray_nodes,
+) -> Fault:
+    """The fault of a slice replica (a gang running one SPMD program) from what its failed members raised.
+
+    When one member goes away, the others fail in a collective (or hang) because of it: a node of the gang that is
+    no longer alive makes the gang preempted, charged to that node, whatever the members raised; else a member that
+    went away (or was killed for memory) is the gang's fault before any member's own error; else the first
+    member's error is.
+
+    Args:
+      errors: What the failed members' `ray.get` raised, first failure first (at least one).
+      node_ids: The Ray nodes of the gang's members.
+      alive_nodes: Asked once.
+    """
+    alive = set(alive_nodes())
+    faults = [classify(error, node_ids, lambda: alive) for error in errors]
+    dead = [node for node in node_ids if node is not None and node not in alive]
+    lost = [fault for fault in faults if not worker_survived(fault)]
+    if dead:
+        return PreemptedHost((lost or faults)[0].message, dead[0])
+    return (lost or faults)[0]
 
 
 def _job_fault(cause: BaseException, node_ids: Sequence[str | None], message: str) -> Fault:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from runner.config.schema import ExperimentConfig
+from runner.config.schema import ClusterConfig, ExperimentConfig
 from runner.errors import PlanError
 from runner.model.architecture import Gemma2Architecture
 from runner.nn.sites import site_width
@@ -292,6 +292,8 @@ class SweepOutline:
       tokens: Tokens the sweep generates (at most) or evaluates.
       memory_bytes: Estimated peak bytes per worker, or None when the architecture is unknown before download.
       memory_parts: `(model, SAEs, per batch)` bytes of that estimate.
+      replica: What one replica spans when it spans several hosts (`cluster.replica: slice`), in words: hosts,
+        chips per host and the placement-group bundles reserved; None for one replica per host.
     """
 
     sweep_id: str
@@ -302,6 +304,7 @@ class SweepOutline:
     tokens: int
     memory_bytes: int | None
     memory_parts: tuple[int, int, int] | None
+    replica: str | None = None
 
 
 def outline(config: ExperimentConfig) -> SweepOutline:
@@ -342,4 +345,20 @@ def outline_of(sweep_plan: SweepPlan) -> SweepOutline:
         memory_bytes=estimate.total(batch) if estimate is not None else None,
         memory_parts=(estimate.weights - estimate.sae_weights, estimate.sae_weights, batch * estimate.per_row)
         if estimate is not None else None,
+        replica=replica_outline(config.cluster),
     )
+
+
+def replica_outline(cluster: ClusterConfig) -> str | None:
+    """What one slice replica spans and reserves, in words (None for `replica: host`)."""
+    if cluster.replica != "slice":
+        return None
+    bundle = {key: int(value) if float(value).is_integer() else value for key, value in cluster.host_bundle().items()}
+    shape = cluster.tpu_slice()
+    if shape is None:
+        strategy = "STRICT_SPREAD" if cluster.placement == "spread" else "PACK"
+        return (f"{cluster.hosts_per_replica} hosts, one gang member each; reserved as {cluster.hosts_per_replica} "
+                f"bundles of {bundle} ({strategy} placement group)")
+    return (f"a {shape.describe()}, one gang member each; reserved as {shape.hosts} bundles of {bundle} with "
+            f"Ray's slice_placement_group({shape.topology!r}, {shape.ray_version!r}, chips_per_vm="
+            f"{shape.chips_per_host}) on the hosts labelled ray.io/tpu-pod-type={shape.pod_type}")

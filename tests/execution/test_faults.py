@@ -18,6 +18,7 @@ from runner.execution.faults import (
     RecurringJobError,
     Task,
     classify,
+    classify_gang,
     describe_ray_error,
     fault_counts,
     with_fault_tags,
@@ -217,3 +218,24 @@ def test_fault_tags_count_a_jobs_preemptions_and_crashes() -> None:
     assert with_fault_tags([result], [], alive) == [result]
     (tagged,) = with_fault_tags([result], ["node-gone", "node-a", None], alive)
     assert tagged.tags == {"logit_lens_tokens": "[]", "runner.preemptions": "2", "runner.worker_crashes": "1"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# classify_gang: a slice replica judged by all its failed members
+
+
+def test_a_gang_with_a_dead_host_is_preempted_even_when_a_survivor_raised_first() -> None:
+    collective_failed = task_error(RuntimeError("Gloo: connection closed by peer"))
+    fault = classify_gang([collective_failed], ["node-a", "node-gone"], alive)
+    assert fault == PreemptedHost("RuntimeError: Gloo: connection closed by peer", "node-gone")
+
+
+def test_a_gang_member_that_went_away_beats_a_survivors_error_on_live_hosts() -> None:
+    fault = classify_gang([task_error(RuntimeError("Gloo: timeout")), ray_errors.ActorDiedError()],
+                          ["node-a", "node-b"], alive)
+    assert isinstance(fault, CrashedWorker) and fault.node_id == "node-a"
+
+
+def test_a_gang_whose_members_all_raised_on_live_hosts_failed_by_its_own_error() -> None:
+    errors = [task_error(ValueError("bad job")), task_error(ValueError("bad job"))]
+    assert classify_gang(errors, ["node-a", "node-b"], alive) == JobError("ValueError: bad job")

@@ -13,11 +13,13 @@ No cloud is reachable from CI, so these tests check what can be checked locally:
 
 from __future__ import annotations
 
+import collections
 import configparser
 import fnmatch
 import math
 import os
 import re
+import sys
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -56,6 +58,10 @@ RUNNER_SECRET_ENV = {
     "KAGGLE_KEY",
     "HF_TOKEN",
 }
+# Each TPU type's own custom resource (infra/ray/tpu-cluster.yaml, the KubeRay manifests): runner's
+# cluster.resources names it, so that no two node types fit the same demand.
+TPU_TYPE_RESOURCES = {"v5litepod-8": "tpu-v5e-8", "v6e-8": "tpu-v6e-8", "v4-8": "tpu-v4-8",
+                      "v5litepod-16": "tpu-v5e-16"}
 # GKE node-selector value -> Ray/Cloud TPU generation name.
 GKE_TPU_ACCELERATORS = {
     "tpu-v4-podslice": "v4",
@@ -69,7 +75,7 @@ TPU_RUNTIME_VERSIONS = {
     "v5p": "v2-alpha-tpuv5",
     "v6e": "v2-alpha-tpuv6e",
 }
-# Fields of the KubeRay ray.io/v1 RayCluster CRD (KubeRay 1.5/1.6 API reference).
+# Fields of the KubeRay ray.io/v1 RayCluster CRD (KubeRay v1.5.1's raycluster_types.go).
 RAYCLUSTER_SPEC_FIELDS = {
     "authOptions", "autoscalerOptions", "enableInTreeAutoscaling", "gcsFaultToleranceOptions",
     "headGroupSpec", "headServiceAnnotations", "managedBy", "rayVersion", "suspend",
@@ -82,7 +88,7 @@ WORKER_GROUP_FIELDS = {
     "groupName", "replicas", "minReplicas", "maxReplicas", "numOfHosts", "rayStartParams",
     "template", "scaleStrategy", "suspend", "idleTimeoutSeconds", "resources", "labels",
 }
-AUTH_OPTIONS_FIELDS = {"mode", "secretName", "enableK8sTokenAuth"}
+AUTH_OPTIONS_FIELDS = {"mode"}  # v1.5.1's AuthOptions; v1.5.0 has no authOptions at all
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,6 +256,8 @@ def test_infra_has_the_expected_files():
         "mlflow/basic_auth.ini",
         "mlflow/Dockerfile",
         "docker/ray-runner.Dockerfile",
+        "ray/attach-tpu-slice.sh",
+        "k8s/token-auth-fallback.py",
     ]
     missing = [p for p in expected if not (INFRA / p).is_file()]
     assert not missing, missing
@@ -350,6 +358,7 @@ def test_ray_up_tpu_node_types():
         assert resources["TPU"] == chips_per_host, f"{name}: TPU {resources['TPU']} != {chips_per_host}/host"
         assert resources["TPU"] in (1, 2, 4, 8)
         assert resources[f"TPU-{accel}-head"] == 1
+        assert resources[TPU_TYPE_RESOURCES[accel]] == 1, f"{name}: its own custom resource"
         assert resources.get("CPU", 0) > 0, f"{name}: declare the host's vCPUs (ray start override)"
         seen[accel] = _is_single_host_tpu(node)
         if not seen[accel]:
@@ -381,6 +390,163 @@ def test_ray_up_security_and_install():
     assert re.search(r'"runner\[tpu\] @ git\+\S+"', worker_setup), worker_setup
     assert re.search(r'"runner @ git\+\S+"', head_setup), "the head installs runner without libtpu"
     assert "google-api-python-client" in head_setup, "the autoscaler on the head needs it"
+
+
+def tpu_node_types(config: dict) -> dict[str, dict[str, float]]:
+    return {name: node_type["resources"] for name, node_type in config["available_node_types"].items()
+            if name != config["head_node_type"]}
+
+
+def test_each_tpu_node_type_answers_a_demand_no_other_type_fits():
+    """What a runner host (or slice host) actor asks for fits exactly one node type, so the autoscaler never
+    chooses between a type the zone offers and one it lacks."""
+    types = tpu_node_types(prepared_ray_up_config("tpu-cluster.yaml"))
+    for name, resources in types.items():
+        demand = {key: value for key, value in resources.items() if key != "CPU" and not key.endswith("-head")}
+        fits = [other for other, offered in types.items() if all(offered.get(k, 0) >= v for k, v in demand.items())]
+        assert fits == [name], f"{demand} fits {fits}"
+    # Without their custom resources, {TPU: 8} and {TPU: 4} would each fit two types: the reason they exist.
+    by_chips = collections.Counter(resources["TPU"] for resources in types.values())
+    assert by_chips[8] == 2 and by_chips[4] == 2
+
+
+def test_uv_and_python_are_pinned_to_a_patch_version_on_every_node():
+    config = ray_up_config("tpu-cluster.yaml")
+    every_node = "\n".join(config["setup_commands"])
+    per_kind = "\n".join(config["head_setup_commands"] + config["worker_setup_commands"])
+    (uv,) = set(re.findall(r"astral\.sh/uv/(\d+\.\d+\.\d+)/install\.sh", every_node))
+    assert "astral.sh/uv/install.sh" not in every_node + per_kind, "an unversioned uv installer"
+    assert f"^uv {uv.replace('.', '[.]')}( |$)" in every_node, "a node with another uv reinstalls this one"
+    (python,) = set(re.findall(r"uv venv [^\n]*--python (\S+)", every_node))
+    assert re.fullmatch(r"3\.12\.\d+", python), f"--python {python} is not a patch version"
+    assert f"sys.version_info[:3] == ({python.replace('.', ', ')})" in every_node, "the venv's Python is checked"
+    assert "uv venv" not in per_kind and "--python 3" not in per_kind.replace("--python ~/runner-venv", "")
+    assert f"Python {python}" in readme_text() and f"uv {uv}" in readme_text()
+
+
+def token_auth_fallback():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("token_auth_fallback", K8S_DIR / "token-auth-fallback.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", RAYCLUSTER_FILES, ids=lambda p: p.name)
+def test_the_token_fallback_for_kuberay_before_1_5_1_sets_what_kuberay_1_5_1_sets(path):
+    import subprocess
+
+    rendered = render(path.read_text())
+    out = subprocess.run([sys.executable, str(K8S_DIR / "token-auth-fallback.py")], input=rendered, text=True,
+                         capture_output=True, check=True).stdout
+    (cluster,) = [doc for doc in yaml.safe_load_all(out) if doc and doc.get("kind") == "RayCluster"]
+    name = cluster["metadata"]["name"]
+    assert "authOptions" not in cluster["spec"]
+    errors: list[str] = []
+    for group_name, group, container in ray_containers(cluster):
+        env = env_of(container)
+        assert env["RAY_AUTH_MODE"] == {"name": "RAY_AUTH_MODE", "value": "token"}, group_name
+        # KubeRay v1.5.1's SetContainerTokenAuthEnvVars: Secret named after the cluster, key auth_token.
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": name, "key": "auth_token"}
+        check_k8s_model(group["template"], "V1PodTemplateSpec", f"{path.name}:{group_name}", errors)
+    assert not errors, "\n".join(errors)
+    assert token_auth_fallback().with_token_env(rayclusters(path)[0]) == cluster
+
+
+def test_the_readme_creates_the_fallbacks_token_secret_and_pipes_a_manifest_through_it():
+    lines = readme_logical_lines()
+    assert any(re.search(r"kubectl -n runner create secret generic runner-v5e-8 --from-literal=auth_token=", line)
+               for line in lines)
+    assert any("infra/k8s/raycluster-tpu-v5e-8.yaml" in line and "| python3 infra/k8s/token-auth-fallback.py |"
+               in line and "kubectl apply -f -" in line for line in lines)
+
+
+def test_the_hand_made_slice_script_sends_every_host_the_configs_own_commands(tmp_path):
+    import json
+    import subprocess
+
+    config_path = tmp_path / "runner-tpu.yaml"
+    config_path.write_text(render((INFRA / "ray" / "tpu-cluster.yaml").read_text()))
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    calls_file = str(tmp_path / "calls.jsonl")
+    (fake / "gcloud").write_text(f"#!{sys.executable}\nimport json, sys\n"
+                                 f"open({calls_file!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    (fake / "gcloud").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "GCP_ZONE": DUMMY_VALUES["GCP_ZONE"], "RAY_AUTH_TOKEN_FILE": DUMMY_VALUES["RAY_AUTH_TOKEN_FILE"],
+           "RUNNER_SECRETS_ENV": DUMMY_VALUES["RUNNER_SECRETS_ENV"], "RUNNER_TPU_CONFIG": str(config_path),
+           "HEAD_INTERNAL_IP": "10.1.2.3"}
+    script = str(INFRA / "ray" / "attach-tpu-slice.sh")
+    subprocess.run(["bash", script, "runner-v5e-16"], env=env, check=True, capture_output=True, text=True)
+
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert all(call[:3] == ["compute", "tpus", "tpu-vm"] and "--worker=all" in call for call in calls), "every host"
+    copied = {(call[4], call[5]) for call in calls if call[3] == "scp"}
+    assert copied == {(DUMMY_VALUES["RAY_AUTH_TOKEN_FILE"], "runner-v5e-16:~/.ray/auth_token"),
+                      (DUMMY_VALUES["RUNNER_SECRETS_ENV"], "runner-v5e-16:~/.runner/secrets.env")}
+    remote = calls[-1][calls[-1].index("--command") + 1]
+    config = yaml.safe_load(config_path.read_text())
+    for command in (config["initialization_commands"] + config["setup_commands"] + config["worker_setup_commands"]
+                    + config["worker_start_ray_commands"]):
+        assert command in remote, command
+    resources = json.dumps(config["available_node_types"]["tpu_v5e_16_slice"]["resources"], separators=(",", ":"))
+    assert f"RAY_HEAD_IP=10.1.2.3 RAY_OVERRIDE_RESOURCES='{resources}'" in remote
+    assert "tpu-v5e-16" in resources
+
+    public = {**env, "HEAD_INTERNAL_IP": "34.1.2.3"}
+    refused = subprocess.run(["bash", script, "runner-v5e-16"], env=public, capture_output=True, text=True)
+    assert refused.returncode != 0 and "not a private address" in refused.stderr
+
+
+READMES = (ROOT / "README.md", README)
+
+
+def shown_slices() -> list[tuple[str, dict]]:
+    """Every `cluster:` setting with a slice_topology that README.md or infra/README.md shows: YAML blocks, inline
+    `{...}` settings, and the values a block only mentions in a comment (with 4-chip hosts, which every multi-host
+    topology allows)."""
+    shown = []
+    for readme in READMES:
+        where, text = str(readme.relative_to(ROOT)), readme.read_text()
+        for block in re.findall(r"```yaml\n(.*?)```", text, flags=re.S):
+            data = yaml.safe_load(block)
+            if isinstance(data, dict) and isinstance(data.get("cluster"), dict) and "slice_topology" in data["cluster"]:
+                shown.append((where, data["cluster"]))
+                continue
+            topologies = re.findall(r"slice_topology: (\d+x\d+(?:x\d+)?)", block)
+            generations = re.findall(r"accelerator_version: (v\w+)", block)
+            shown += [(where, {"replica": "slice", "slice_topology": topology, "accelerator_version": generation,
+                               "resources": {"TPU": 4}}) for topology in topologies for generation in generations]
+        for inline in re.findall(r"`(?:cluster: )?(\{[^`]*slice_topology[^`]*\})`", text.replace("\n", " ")):
+            shown.append((where, yaml.safe_load(inline)))
+    return shown
+
+
+def test_every_slice_the_readmes_show_passes_runner_validate(tmp_path):
+    from typer.testing import CliRunner
+
+    from runner.cli import app
+    from runner.config.tpu_slices import TPU_GENERATIONS
+
+    shown = shown_slices()
+    assert {where for where, _ in shown} == {"README.md", "infra/README.md"}, shown
+    for index, (where, cluster) in enumerate(shown):
+        experiment = {"name": "readme-slice", "model": {"source": "synthetic", "preset": "tiny"},
+                      "sae": {"source": "synthetic"}, "prompts": ["hi"],
+                      "steering": {"layers": [1], "features": [3], "scales": [0]}, "cluster": cluster}
+        path = tmp_path / f"slice-{index}.yaml"
+        path.write_text(yaml.safe_dump(experiment))
+        result = CliRunner().invoke(app, ["validate", str(path)])
+        assert result.exit_code == 0, f"{where}: {cluster}: {result.output}"
+        assert " hosts x " in result.stdout
+    # The generations the READMEs list next to accelerator_version are the ones runner takes.
+    listed = [group for readme in READMES for line in readme.read_text().splitlines() if "accelerator_version" in line
+              for group in re.findall(r"v\w+(?: \| v\w+)+", line)]
+    assert listed, "the READMEs list the generations"
+    for group in listed:
+        assert set(group.split(" | ")) <= set(TPU_GENERATIONS), group
 
 
 def test_ray_version_is_pinned_consistently():
@@ -479,6 +645,7 @@ def test_raycluster_accelerator_scheduling(path):
     from ray.autoscaler._private.kuberay.autoscaling_config import (
         _derive_autoscaling_config_from_ray_cr,
     )
+    from ray.util import tpu as ray_util_tpu
 
     (cluster,) = rayclusters(path)
     # Ray's own translation of the CR (runs validate_config on the result).
@@ -512,6 +679,14 @@ def test_raycluster_accelerator_scheduling(path):
             )
             assert ray_resources["TPU"] == chips
             assert ray_resources[f"TPU-{accel_type}-head"] == 1
+            # Ray's own chips per host and hosts per slice for this generation and topology.
+            version = GKE_TPU_ACCELERATORS[accelerator]
+            assert tpu.get_chips_per_host(topology, version) == chips, (
+                f"Ray gives a {version} {topology} host {tpu.get_chips_per_host(topology, version)} chips, not {chips}"
+            )
+            ray_hosts, _ = ray_util_tpu.get_tpu_worker_resources(topology, version, chips_per_vm=chips)
+            assert num_hosts == ray_hosts, f"numOfHosts {num_hosts}, Ray: {ray_hosts} hosts"
+            assert ray_resources[TPU_TYPE_RESOURCES[accel_type]] == 1, "the type's custom resource, as on ray up"
             tolerations = pod.get("tolerations", [])
             assert any(t.get("key") == "google.com/tpu" for t in tolerations)
         else:
