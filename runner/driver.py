@@ -13,14 +13,16 @@ import contextlib
 import dataclasses
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runner.errors import TrackingUnavailable
 from runner.execution.executor import JobExecutor, ProgressCallback
 from runner.execution.local import LocalExecutor
-from runner.plan.points import Point
+from runner.plan.points import Job, Point, SteeringPoint
 from runner.plan.prepare import SweepPlan
+from runner.plan.search import CurveSearch, ScaleSamples, next_round
 from runner.results import Result
 
 if TYPE_CHECKING:
@@ -28,6 +30,17 @@ if TYPE_CHECKING:
     from runner.tracking.spool import Spool
     from runner.tracking.store import SweepTracker
     from runner.tracking.writer import TrackingWriter
+
+
+#: The tag of a search point's result: the round that evaluated it.
+SEARCH_ROUND_TAG = "search/round"
+
+
+def round_samples(points: Sequence[SteeringPoint], curve: tuple[int, int], scale: float,
+                  metrics: Mapping[str, Mapping[str, float]]) -> ScaleSamples:
+    """The samples of one curve's scale: the metrics of its finished points, by (prompt index, seed)."""
+    return {(point.prompt_index, point.seed): metrics[point.point_key] for point in points
+            if (point.layer, point.feature) == curve and point.scale == scale and point.point_key in metrics}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,12 +111,17 @@ class _Opened:
       spooled: Results an earlier run left in the spool, logged now.
       done_keys: Points not to run again: FINISHED before, or just logged from the spool.
       seconds: Time the opening took.
+      finished_metrics: A search's finished points' metrics, by point key (what its rounds are replayed from).
+      spooled_later: A search's spooled results of points of later rounds, by point key (logged when their
+        round comes, instead of running them).
     """
 
     parent_run_id: str
     spooled: list[Result]
     done_keys: set[str]
     seconds: float
+    finished_metrics: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    spooled_later: dict[str, Result] = dataclasses.field(default_factory=dict)
 
 
 class SweepRun:
@@ -128,6 +146,7 @@ class SweepRun:
         self._spool: Spool | None = None
         self._counts_lock = threading.Lock()
         self._to_run = self._finished = self._failed = self._tokens = 0
+        self._points_total = len(sweep_plan.points)
 
     def run(self) -> SweepSummary:
         """Runs the sweep to its end; see `run_sweep`."""
@@ -139,13 +158,19 @@ class SweepRun:
             waiting = time.perf_counter()
             opened = opening.result()
             tracking_wait = time.perf_counter() - waiting
-            remaining = [point for point in self._plan.points if point.point_key not in opened.done_keys]
-            self._to_run = len(remaining)
             writer = self._tracking_writer()
-            self._run_jobs(remaining, writer)
+            searches = None
+            if self._plan.search is None:
+                remaining = [point for point in self._plan.points if point.point_key not in opened.done_keys]
+                self._to_run = len(remaining)
+                self._run_jobs(remaining, writer)
+                faults = self._executor.fault_counts()
+            else:
+                searches, faults = self._run_search(opened, writer)
             waiting = time.perf_counter()
             writer.close()  # the results still queued when the last job came back
-            faults = self._executor.fault_counts()
+            if searches is not None:
+                self._tracker.log_search(self._plan.search, searches)
             self._tracker.log_sweep_metrics(faults)
             tracking_wait += time.perf_counter() - waiting
             finishing = background.submit(self.finish_tracking)  # the table and plots, while the workers shut down
@@ -162,13 +187,13 @@ class SweepRun:
         finally:
             self._executor.close()
             background.shutdown(wait=True)
-        total = len(self._plan.points)
+        total = self._points_total
         return SweepSummary(
             sweep_id=self._plan.sweep_id,
             parent_run_id=opened.parent_run_id,
             experiment_id=self._tracker.experiment_id,
             points_total=total,
-            points_skipped=total - len(remaining) - len(opened.spooled),
+            points_skipped=total - self._to_run - len(opened.spooled),
             points_finished=self._finished + len(opened.spooled),
             points_failed=self._failed,
             generated_tokens=self._tokens,
@@ -193,13 +218,20 @@ class SweepRun:
         parent_run_id = self._tracker.open_sweep(config, self._plan.sweep_id, len(self._plan.points))
         done = self._tracker.finished_point_keys()
         by_key: dict[str, Point] = {point.point_key: point for point in self._plan.points}
-        spooled = [r for r in self._spool.read() if r.point_key in by_key and r.point_key not in done]
+        unlogged = [r for r in self._spool.read() if r.point_key not in done]
+        spooled = [r for r in unlogged if r.point_key in by_key]
         for result in spooled:
             self._tracker.log_point(by_key[result.point_key], result)
+        finished_metrics, later = {}, {}
+        if self._plan.search is not None:
+            finished_metrics = self._tracker.finished_point_metrics()
+            finished_metrics.update({result.point_key: dict(result.metrics) for result in spooled})
+            later = {result.point_key: result for result in unlogged if result.point_key not in by_key}
         self._spool.clear()
         seconds = time.perf_counter() - opened
         self._tracker.warm_up_plots()
-        return _Opened(parent_run_id, spooled, done | {result.point_key for result in spooled}, seconds)
+        return _Opened(parent_run_id, spooled, done | {result.point_key for result in spooled}, seconds,
+                       finished_metrics, later)
 
     def count_logged(self, finished: int, failed: int, tokens: int) -> None:
         """Adds what the tracking thread just logged to the counts, and reports the progress."""
@@ -225,6 +257,60 @@ class SweepRun:
         policy = RetryPolicy(max_delay_s=min(30.0, patience / 10), give_up_after_s=patience)
         return TrackingWriter(self._tracker, self._spool, policy, self.count_logged)
 
+    def _run_search(self, opened: _Opened, writer: TrackingWriter
+                    ) -> tuple[dict[tuple[int, int], CurveSearch], dict[str, int]]:
+        """Runs a scale search round by round (`runner.plan.search`): each round's points are every unfinished
+        curve's candidate scales on every prompt and seed, run together; their metrics narrow the brackets.
+
+        A resumed search replays its rounds from the metrics of the points already logged, so it runs only the
+        points of the rounds it had not finished. Returns each `(layer, feature)` curve's search and the fault
+        counts of all rounds.
+        """
+        settings, steering = self._plan.search, self._plan.config.steering
+        searches = {(layer, feature): CurveSearch(settings)
+                    for layer in steering.layers for feature in steering.features}
+        known = dict(opened.finished_metrics)
+        faults: dict[str, int] = {}
+        self._points_total = 0
+        round_number = 0
+        while candidates := next_round(searches):
+            round_number += 1
+            points = self._plan.points_at(candidates)
+            self._points_total += len(points)
+            from_spool = [point for point in points
+                          if point.point_key not in known and point.point_key in opened.spooled_later]
+            if from_spool:
+                writer.put_results(from_spool, [opened.spooled_later[point.point_key] for point in from_spool])
+                known.update({point.point_key: dict(opened.spooled_later[point.point_key].metrics)
+                              for point in from_spool})
+            todo = [point for point in points if point.point_key not in known]
+            if todo:
+                with self._counts_lock:
+                    self._to_run += len(todo)
+                self._tracker.add_points(todo)
+                known.update(self._run_round(todo, writer, round_number))
+                for name, count in self._executor.fault_counts().items():
+                    faults[name] = faults.get(name, 0) + count
+            for curve, scales in candidates.items():
+                for scale in scales:
+                    searches[curve].record(scale, round_samples(points, curve, scale, known))
+                searches[curve].end_round()
+        return searches, faults
+
+    def _run_round(self, points: list[SteeringPoint], writer: TrackingWriter, round_number: int
+                   ) -> dict[str, dict[str, float]]:
+        """Runs one search round's points (tagged `search/round`); returns the metrics of those that finished."""
+        finished: dict[str, dict[str, float]] = {}
+        round_tag = {SEARCH_ROUND_TAG: str(round_number)}
+
+        def on_result(job: Job, results: list[Result]) -> None:
+            tagged = [dataclasses.replace(result, tags={**result.tags, **round_tag}) for result in results]
+            finished.update({result.point_key: dict(result.metrics) for result in tagged})
+            writer.put_results(job.points, tagged)
+
+        self._execute(points, writer, on_result)
+        return finished
+
     def _run_jobs(self, remaining: list[Point], writer: TrackingWriter) -> None:
         """Runs the remaining points' jobs, handing their results and failures to the tracking thread; on an
         error, abandons the tracking thread (what it did not log is spooled) and raises the error.
@@ -232,10 +318,16 @@ class SweepRun:
         Raises:
           TrackingUnavailable: The tracking thread gave up; the results not logged are in the spool.
         """
+        self._execute(remaining, writer, lambda job, results: writer.put_results(job.points, results))
+
+    def _execute(self, points: Sequence[Point], writer: TrackingWriter,
+                 on_result: Callable[[Job, list[Result]], None]) -> None:
+        """Runs the points' jobs on the executor, results to `on_result` and failures to the tracking thread (see
+        `_run_jobs`)."""
         try:
             self._executor.run(
-                self._plan.pack(remaining),
-                lambda job, results: writer.put_results(job.points, results),
+                self._plan.pack(points),
+                on_result,
                 lambda job, error, attempt: writer.put_failure(job.points, error, attempt),
             )
         except TrackingUnavailable:

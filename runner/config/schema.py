@@ -322,13 +322,14 @@ def _unique(values: list[Any], what: str) -> list[Any]:
 
 
 class SteeringConfig(BaseModel):
-    """The sweep grid: every layer x feature x scale x seed is steered on every prompt."""
+    """The sweep grid: every layer x feature x scale x seed is steered on every prompt (with a `search` section,
+    the scales are the search's, not a list)."""
 
     model_config = _MODEL_CONFIG
 
     layers: list[NonNegativeInt] = Field(min_length=1)
     features: list[NonNegativeInt] = Field(min_length=1)
-    scales: list[FiniteFloat] = Field(min_length=1)
+    scales: list[FiniteFloat] | None = Field(default=None, min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     mode: Literal["add", "clamp", "ablate"] = "add"
     positions: Literal["all", "skip_bos", "generated"] = "all"
@@ -337,6 +338,76 @@ class SteeringConfig(BaseModel):
     @classmethod
     def _each_once(cls, values: list[Any], info: ValidationInfo) -> list[Any]:
         return _unique(values, info.field_name.removesuffix("s"))
+
+
+#: The per-point steering metrics (`runner.steering.metrics`) a search may target or bound.
+STEERING_METRICS: tuple[str, ...] = (
+    "steer/concept_rate", "steer/concept_activation", "steer/logit_lens_mass", "steer/feature_activation",
+    "steer/feature_firing_rate", "steer/l0", "steer/nll", "steer/perplexity", "steer/kl_steered_base",
+    "steer/kl_base_steered", "steer/entropy_base", "steer/entropy_steered", "gen/distinct_1", "gen/distinct_2",
+    "gen/longest_repeat", "gen/num_tokens", "gen/measured_tokens",
+)
+_BOUND_FIELDS = ("at_least", "at_most", "at_least_above_baseline", "at_most_above_baseline")
+
+
+class SearchCriterionConfig(BaseModel):
+    """A condition on a steering metric at one scale, judged on its 95% interval over prompts and seeds: exactly
+    one of `at_least`, `at_most`, or the same relative to the unsteered baseline (`..._above_baseline`: the
+    difference from scale 0, paired by prompt and seed)."""
+
+    model_config = _MODEL_CONFIG
+
+    metric: Annotated[str, _accepted(STEERING_METRICS.__contains__,
+                                     f"a steering metric (allowed: {', '.join(STEERING_METRICS)})")]
+    at_least: FiniteFloat | None = None
+    at_most: FiniteFloat | None = None
+    at_least_above_baseline: FiniteFloat | None = None
+    at_most_above_baseline: FiniteFloat | None = None
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> SearchCriterionConfig:
+        given = [name for name in _BOUND_FIELDS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise invalid(f"sets {given or 'no bound'} (allowed: exactly one of {', '.join(_BOUND_FIELDS)})")
+        return self
+
+    @property
+    def bound(self) -> tuple[Literal["at_least", "at_most"], float, bool]:
+        """`(direction, threshold, relative to the baseline)`."""
+        name = next(name for name in _BOUND_FIELDS if getattr(self, name) is not None)
+        direction: Literal["at_least", "at_most"] = "at_least" if name.startswith("at_least") else "at_most"
+        return direction, float(getattr(self, name)), name.endswith("_above_baseline")
+
+
+class SearchScalesConfig(BaseModel):
+    """The bracket a scale search starts from."""
+
+    model_config = _MODEL_CONFIG
+
+    low: FiniteFloat = 0.0
+    high: FiniteFloat
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SearchScalesConfig:
+        if not self.low < self.high:
+            raise invalid(f"low {self.low} is not below high {self.high} (allowed: low < high)")
+        return self
+
+
+class SearchConfig(BaseModel):
+    """An adaptive scale search per steering curve (layer x feature), instead of `steering.scales`: the smallest
+    scale whose interval meets `target`, and with `keep` the largest whose interval keeps that bound, found in
+    rounds that narrow each curve's bracket (`runner.plan.search`)."""
+
+    model_config = _MODEL_CONFIG
+
+    target: SearchCriterionConfig
+    keep: SearchCriterionConfig | None = None
+    scales: SearchScalesConfig
+    tolerance: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    max_rounds: Annotated[int, Field(ge=1, le=64)] = 8
+    candidates_per_round: Annotated[int, Field(ge=1, le=64)] = 3
+    max_growth: Annotated[int, Field(ge=0, le=16)] = 4
 
 
 class SAEEvalConfig(BaseModel):
@@ -525,6 +596,7 @@ class ExperimentConfig(BaseModel):
     sae: SAEConfig
     prompts: tuple[Prompt, ...] = ()
     steering: SteeringConfig | None = None
+    search: SearchConfig | None = None
     sae_eval: SAEEvalConfig | None = None
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -577,7 +649,10 @@ class ExperimentConfig(BaseModel):
             if isinstance(self.sae, HuggingFaceSAEConfig):
                 _check_gemma_scope_folders(self.sae.release, self.steering.layers, [self.sae.width], [self.sae.l0],
                                            "steering.layers", "sae.l0")
+            self._check_scales_or_search()
             return self
+        if self.search is not None:
+            raise invalid("searches steering scales (allowed only with a steering section)", "search")
         if self.prompts:
             raise invalid("does not apply to sae_eval sweeps (they read sae_eval.text)", "prompts")
         if self.sampling != SamplingConfig():
@@ -594,6 +669,19 @@ class ExperimentConfig(BaseModel):
                           "sae_eval.l0s")
         return self
 
+    def _check_scales_or_search(self) -> None:
+        steering = self.steering
+        if self.search is None:
+            if steering.scales is None:
+                raise invalid("is required (a list of scales), unless a 'search' section searches them",
+                              "steering.scales")
+            return
+        if steering.scales is not None:
+            raise invalid("is given with a 'search' section (allowed: one of them: the search chooses the scales)",
+                          "steering.scales")
+        if steering.mode == "ablate":
+            raise invalid("'ablate' has no scale to search (allowed with search: add, clamp)", "steering.mode")
+
     @property
     def kind(self) -> SweepKind:
         """Which sweep this is: `steering` or `sae_eval`."""
@@ -604,8 +692,11 @@ class ExperimentConfig(BaseModel):
         sweep kind does not use is left out (the other kind's section, and for `sae_eval` the SAE fields its grid
         sets)."""
         if self.kind == "steering":
-            return self.model_dump(mode="json", exclude={"sae_eval"})
-        return self.model_dump(mode="json", exclude={"steering": True, "sae": set(_SAE_GRID_FIELDS)})
+            # Without a search, the dump is the one sweeps were identified by before searches existed.
+            exclude: dict[str, Any] = {"sae_eval": True}
+            exclude.update({"search": True} if self.search is None else {"steering": {"scales"}})
+            return self.model_dump(mode="json", exclude=exclude)
+        return self.model_dump(mode="json", exclude={"steering": True, "search": True, "sae": set(_SAE_GRID_FIELDS)})
 
     def to_yaml(self) -> str:
         """Returns the canonical YAML dump, which `load_experiment` reads back to an equal config."""

@@ -170,6 +170,7 @@ def expand_points(
     config: ExperimentConfig,
     sae_ids: Mapping[int, str],
     neuronpedia: Callable[[int, int], str | None] | None = None,
+    scales: Mapping[tuple[int, int], Sequence[float]] | None = None,
 ) -> list[SteeringPoint]:
     """Returns every point of the sweep in the order prompts x layers x features x scales x seeds.
 
@@ -177,14 +178,22 @@ def expand_points(
       config: The experiment.
       sae_ids: The SAE id steered at each layer of `config.steering.layers`.
       neuronpedia: `(layer, feature) -> url or None`, the dashboard link of a feature.
+      scales: The scales of each `(layer, feature)` curve (a search round's candidates; a curve left out gets
+        none); default: `steering.scales` for every curve.
 
     Raises:
-      PlanError: A steered layer has no SAE id.
+      PlanError: A steered layer has no SAE id, or a search sweep is expanded without its scales.
     """
     steering, sampling = config.steering, config.sampling
     missing = [layer for layer in steering.layers if layer not in sae_ids]
     if missing:
         raise PlanError(f"steering.layers: no SAE id for layer(s) {missing} (have {sorted(sae_ids)})")
+    if scales is None and steering.scales is None:
+        raise PlanError("steering.scales: a search sweep's points are expanded round by round, with their scales")
+
+    def scales_of(layer: int, feature: int) -> Sequence[float]:
+        return steering.scales if scales is None else scales.get((layer, feature), ())
+
     name = model_id(config.model)
     return [
         SteeringPoint(
@@ -207,7 +216,7 @@ def expand_points(
         for prompt_index, prompt in enumerate(config.prompts)
         for layer in steering.layers
         for feature in steering.features
-        for scale in steering.scales
+        for scale in scales_of(layer, feature)
         for seed in steering.seeds
     ]
 

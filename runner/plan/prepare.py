@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from runner.plan import points as plan
 from runner.plan.facts import L0, OfflineFacts, ResolvedFacts, SweepFacts
 from runner.plan.memory import BatchMemory
 from runner.plan.points import Job, Point, SteeringPoint
+from runner.plan.search import CurveSearch, SearchSettings, uniform_grid_generations
 from runner.sae.sources import SAEFile, steering_width_and_l0
 from runner.sae_eval.text_sets import EvalTokens
 
@@ -52,6 +53,8 @@ class SweepPlan:
       prompt_token_counts: Tokens of each prompt (BOS included; steering only; offline: estimated).
       eval_tokens: The evaluation set (SAE evaluation only; offline: None).
       saes_per_job: SAEs evaluated together (SAE evaluation only).
+      search: The scale search of a `search` sweep (whose `points` are then its first round's), else None.
+      steering_sae_ids: The SAE id steered at each layer (steering only).
     """
 
     config: ExperimentConfig
@@ -66,6 +69,16 @@ class SweepPlan:
     prompt_token_counts: tuple[int, ...] = ()
     eval_tokens: EvalTokens | None = None
     saes_per_job: int = 1
+    search: SearchSettings | None = None
+    steering_sae_ids: dict[int, str] = dataclasses.field(default_factory=dict)
+
+    def points_at(self, scales: Mapping[tuple[int, int], Sequence[float]]) -> list[SteeringPoint]:
+        """The points of the given scales of each `(layer, feature)` curve, on every prompt and seed (a search
+        round), in sweep order."""
+        return plan.expand_points(
+            self.config, self.steering_sae_ids,
+            lambda layer, feature: self.sae_files[self.steering_sae_ids[layer]].neuronpedia_url(feature), scales,
+        )
 
     def pack(self, points: Sequence[Point]) -> list[Job]:
         """Packs (a subset of) the sweep's points into jobs the way the plan did."""
@@ -113,10 +126,16 @@ def _plan_steering(config: ExperimentConfig, facts: SweepFacts) -> SweepPlan:
     by_layer = {layer: facts.sae_file(layer, width=width, l0=l0, num_layers=len(layers)) for layer in layers}
     d_sae = _latent_counts(facts, by_layer.values())
     counts = facts.prompt_token_counts(config.prompts)
+    search = SearchSettings.from_config(config.search) if config.search is not None else None
+    first_round = None
+    if search is not None:
+        first = CurveSearch(search).candidates()
+        first_round = {(layer, feature): first for layer in layers for feature in config.steering.features}
     points = plan.expand_points(
         config,
         {layer: sae_file.sae_id for layer, sae_file in by_layer.items()},
         lambda layer, feature: by_layer[layer].neuronpedia_url(feature),
+        first_round,
     )
     batch_size = job_size(config, points)
     estimate = None
@@ -140,6 +159,8 @@ def _plan_steering(config: ExperimentConfig, facts: SweepFacts) -> SweepPlan:
         d_sae=d_sae,
         memory=estimate,
         prompt_token_counts=counts,
+        search=search,
+        steering_sae_ids={layer: sae_file.sae_id for layer, sae_file in by_layer.items()},
     )
 
 
@@ -320,9 +341,12 @@ def outline_of(sweep_plan: SweepPlan) -> SweepOutline:
         steering = config.steering
         generations = len({point.generation_key for point in sweep_plan.points})
         size = sweep_plan.batch_size
-        grid = (f"{len(config.prompts)} prompts x {len(steering.layers)} layers x {len(steering.features)} features "
-                f"x {len(steering.scales)} scales x {len(steering.seeds)} seeds; {generations} generations (scale-0 "
-                "baselines shared)")
+        if sweep_plan.search is None:
+            grid = (f"{len(config.prompts)} prompts x {len(steering.layers)} layers x {len(steering.features)} "
+                    f"features x {len(steering.scales)} scales x {len(steering.seeds)} seeds; {generations} "
+                    "generations (scale-0 baselines shared)")
+        else:
+            grid = search_outline(sweep_plan.search, config, generations)
         tokens = generations * config.sampling.max_new_tokens
     else:
         grid_config = config.sae_eval
@@ -347,6 +371,18 @@ def outline_of(sweep_plan: SweepPlan) -> SweepOutline:
         if estimate is not None else None,
         replica=replica_outline(config.cluster),
     )
+
+
+def search_outline(search: SearchSettings, config: ExperimentConfig, first_round_generations: int) -> str:
+    """A scale search in words: its curves, samples per scale, rounds and the grid it replaces."""
+    steering = config.steering
+    samples = len(config.prompts) * len(steering.seeds)
+    curves = len(steering.layers) * len(steering.features)
+    grid = uniform_grid_generations(search, samples) * curves
+    return (f"scale search of {len(steering.layers)} layers x {len(steering.features)} features ({curves} curves) "
+            f"over {len(config.prompts)} prompts x {len(steering.seeds)} seeds, scales {search.low:g}..{search.high:g}"
+            f" to within {search.tolerance:g}, at most {search.max_rounds} rounds; round 1: {first_round_generations} "
+            f"generations (a uniform grid of spacing {search.tolerance:g}: {grid})")
 
 
 def replica_outline(cluster: ClusterConfig) -> str | None:

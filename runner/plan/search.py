@@ -22,6 +22,7 @@ import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Literal
 
+from runner.config.schema import SearchConfig, SearchCriterionConfig
 from runner.stats import CONFIDENCE, Interval, mean_interval, paired_differences
 
 #: Samples of one scale: the metrics of each (prompt_index, seed).
@@ -79,6 +80,25 @@ class SearchSettings:
     max_growth: int = 4
     confidence: float = CONFIDENCE
 
+    @classmethod
+    def from_config(cls, search: SearchConfig) -> SearchSettings:
+        """The settings of an experiment's `search` section."""
+
+        def criterion(config: SearchCriterionConfig) -> Criterion:
+            direction, threshold, above_baseline = config.bound
+            return Criterion(config.metric, direction, threshold, above_baseline)
+
+        return cls(
+            target=criterion(search.target),
+            keep=criterion(search.keep) if search.keep is not None else None,
+            low=search.scales.low,
+            high=search.scales.high,
+            tolerance=search.tolerance,
+            max_rounds=search.max_rounds,
+            candidates_per_round=search.candidates_per_round,
+            max_growth=search.max_growth,
+        )
+
     @property
     def needs_baseline(self) -> bool:
         """Whether scale 0 must be evaluated (a bound relative to the unsteered baseline)."""
@@ -114,6 +134,37 @@ class SearchSummary:
     converged: bool
     rounds: int
     generations: int
+
+
+    def metrics(self) -> dict[str, float]:
+        """The summary as MLflow metrics: `search/found_scale`, `search/kept_scale`, `search/best_scale`,
+        `search/rounds`, `search/generations`, and the target metric at the found (else best) scale with its
+        interval and sample count (`search/target_mean`, `_low`, `_high`, `_n`); the bound's at the kept scale
+        likewise (`search/keep_*`). What is unknown (NaN, or an interval's infinite end) is left out."""
+        metrics = {
+            "search/found_scale": self.found_scale,
+            "search/kept_scale": self.kept_scale,
+            "search/best_scale": self.best_scale,
+            "search/rounds": float(self.rounds),
+            "search/generations": float(self.generations),
+        }
+        for prefix, interval in (("search/target", self.target_at_found), ("search/keep", self.keep_at_kept)):
+            if interval is not None:
+                metrics.update({f"{prefix}_mean": interval.mean, f"{prefix}_low": interval.low,
+                                f"{prefix}_high": interval.high, f"{prefix}_n": float(interval.n)})
+        return {name: value for name, value in metrics.items() if math.isfinite(value)}
+
+    def tags(self, settings: SearchSettings) -> dict[str, str]:
+        """`search/status`, and what the target and the bound were (`search/target`, `search/keep`)."""
+        tags = {"search/status": self.status, "search/target": _describe(settings.target)}
+        if settings.keep is not None:
+            tags["search/keep"] = _describe(settings.keep)
+        return tags
+
+
+def _describe(criterion: Criterion) -> str:
+    relative = " above baseline" if criterion.above_baseline else ""
+    return f"{criterion.metric} {criterion.direction} {criterion.threshold:g}{relative}"
 
 
 class CurveSearch:

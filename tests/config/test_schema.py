@@ -45,7 +45,7 @@ def test_to_yaml_round_trips_and_canonical_dict_is_json_safe(tmp_path):
     [
         (
             MINIMAL + "colour: red\n",
-            "unknown field 'colour' (allowed: name, model, sae, prompts, steering, sae_eval, sampling, tracking, "
+            "unknown field 'colour' (allowed: name, model, sae, prompts, steering, search, sae_eval, sampling, tracking, "
             "cluster)",
         ),
         (
