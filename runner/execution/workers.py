@@ -151,10 +151,10 @@ def batch_rows(
     """Host arrays for a batch whose row i runs `points[i]` on `prompt_tokens[i]`; baselines run unsteered."""
     return SamplingBatch(
         prompt_tokens=left_pad([list(tokens) for tokens in prompt_tokens], prompt_len),
-        target_layer=np.array([NO_LAYER if p.is_baseline else p.layer for p in points], np.int32),
-        feature=np.array([p.feature for p in points], np.int32),
-        value=np.array([0.0 if p.mode == "ablate" else p.scale for p in points], np.float32),
-        mode=np.array([MODE_CODES[p.mode] for p in points], np.int32),
+        target_layer=np.array([[NO_LAYER if p.is_baseline else p.layer] for p in points], np.int32),
+        feature=np.array([[p.feature] for p in points], np.int32),
+        value=np.array([[0.0 if p.mode == "ablate" else p.scale] for p in points], np.float32),
+        mode=np.array([[MODE_CODES[p.mode]] for p in points], np.int32),
         steer_from=np.array(
             [steer_from_position(p.positions, len(t)) for p, t in zip(points, prompt_tokens, strict=True)], np.int32
         ),
@@ -324,7 +324,7 @@ class SteeringWorker:
                 sums = (measured["baseline_tokens"][row], measured["baseline_l0"][row],
                         measured["probe_activation"][row, probe], measured["probe_fires"][row, probe])
             else:
-                sums = tuple(output.totals[name][row] for name in steering_lib.TOTAL_NAMES)
+                sums = tuple(output.totals[name][row, 0] for name in steering_lib.TOTAL_NAMES)
             point_metrics = steering_metrics.steering_point_metrics(*sums)
             point_metrics.update(extra.metrics)
             point_metrics["gen/num_tokens"] = float(len(ids))

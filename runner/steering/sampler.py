@@ -54,7 +54,9 @@ class SamplingBatch:
 
     Attributes:
       prompt_tokens: `[B, P]` int32, left-padded with PAD to the bucket length P (BOS first after padding).
-      target_layer, feature, value, mode, steer_from: `[B]` steering point per row (see `SteeringInputs`).
+      target_layer, feature, value, mode: `[B, K]` interventions of each row (see `SteeringInputs`; unused
+        slots at `NO_LAYER`; `[B]` is read as K = 1).
+      steer_from: `[B]` first position each row is steered at.
       temperature: `[B]` float; 0 means greedy.
       top_k: `[B]` int; 0 means no top-k filter.
       top_p: `[B]` float; 1 means no nucleus filter.
@@ -77,18 +79,25 @@ class SamplingBatch:
     stream: np.ndarray
     probe_features: np.ndarray
 
+    def __post_init__(self) -> None:
+        # One intervention per row may be given as `[B]`.
+        for name in ("target_layer", "feature", "value", "mode"):
+            array = np.asarray(getattr(self, name))
+            object.__setattr__(self, name, array[:, None] if array.ndim == 1 else array)
+
     @property
     def batch_size(self) -> int:
         """Rows in the batch."""
         return int(self.prompt_tokens.shape[0])
 
     @classmethod
-    def zeros(cls, batch_size: int, prompt_len: int, num_probes: int) -> SamplingBatch:
+    def zeros(cls, batch_size: int, prompt_len: int, num_probes: int, num_interventions: int = 1) -> SamplingBatch:
         """A batch of the given shape holding zeros (what a program is compiled for)."""
         rows = np.zeros(batch_size, np.int32)
+        slots = np.zeros((batch_size, num_interventions), np.int32)
         return cls(
-            prompt_tokens=np.zeros((batch_size, prompt_len), np.int32), target_layer=rows, feature=rows,
-            value=rows.astype(np.float32), mode=rows, steer_from=rows, temperature=rows.astype(np.float32),
+            prompt_tokens=np.zeros((batch_size, prompt_len), np.int32), target_layer=slots, feature=slots,
+            value=slots.astype(np.float32), mode=slots, steer_from=rows, temperature=rows.astype(np.float32),
             top_k=rows, top_p=np.ones(batch_size, np.float32), seed=rows.astype(np.uint32),
             stream=rows.astype(np.uint32), probe_features=np.zeros(num_probes, np.int32),
         )
@@ -100,7 +109,7 @@ class SamplingOutput:
 
     Attributes:
       tokens: `[B, T]` sampled token ids; PAD after a row's EOS (the EOS itself is kept).
-      totals: Per-row `[B]` sums of `steering.TOTAL_NAMES` at each row's steering layer.
+      totals: `[B, K]` sums of `steering.TOTAL_NAMES` of each row's interventions, each at its layer.
       baseline: By layer, the sums of `steering.BASELINE_TOTAL_NAMES` of the unsteered rows at that layer's site.
       decode_steps: Decode steps actually run (fewer than T when every row hit EOS early).
     """
@@ -163,6 +172,7 @@ class SteeringSampler:
         prompt_len: int,
         max_new_tokens: int,
         num_probes: int = 1,
+        num_interventions: int = 1,
         eos_id: int = EOS_ID,
         pad_id: int = PAD_ID,
         mesh: Mesh | None = None,
@@ -175,9 +185,11 @@ class SteeringSampler:
         self.pad_id = pad_id
         self.layers = tuple(sorted(saes))
         self.num_probes = num_probes
+        self.num_interventions = num_interventions
         self.compilations = 0
 
-        patched = steering_lib.add_steering_sites(model, saes, batch_size=batch_size, num_probes=num_probes)
+        patched = steering_lib.add_steering_sites(model, saes, batch_size=batch_size, num_probes=num_probes,
+                                                  num_interventions=num_interventions)
         caching = sampling_mode.KVCachingTransformerLM.from_uncached(
             patched, cache_len=prompt_len + max_new_tokens, batch_axes={"batch": batch_size}, pad_id=pad_id
         )
@@ -198,11 +210,12 @@ class SteeringSampler:
         """Traces the program (Python work, holding the GIL) or reads its trace from the program cache, ahead of
         `compile`."""
         if self._lowered is None and self._compiled is None:
-            batch = SamplingBatch.zeros(self.batch_size, self.prompt_len, self.num_probes)
+            batch = SamplingBatch.zeros(self.batch_size, self.prompt_len, self.num_probes, self.num_interventions)
             host = {field.name: getattr(batch, field.name) for field in dataclasses.fields(SamplingBatch)}
             static = {
                 "batch_size": self.batch_size, "prompt_len": self.prompt_len, "max_new_tokens": self.max_new_tokens,
                 "eos_id": self.eos_id, "pad_id": self.pad_id, "layers": self.layers, "num_probes": self.num_probes,
+                "num_interventions": self.num_interventions,
                 "state": str(self._state_template), "replicated": str(self._replicated),
             }
             self._lowered = self._program_cache.lower(
@@ -223,10 +236,11 @@ class SteeringSampler:
         """Runs one batch (its shape must match the sampler's)."""
         if batch.prompt_tokens.shape != (self.batch_size, self.prompt_len) or batch.probe_features.shape != (
             self.num_probes,
-        ):
+        ) or batch.target_layer.shape != (self.batch_size, self.num_interventions):
             raise ValueError(
-                f"batch of shape {batch.prompt_tokens.shape} with {batch.probe_features.shape} probes given to a "
-                f"sampler for {(self.batch_size, self.prompt_len)} with {self.num_probes}"
+                f"batch of shape {batch.prompt_tokens.shape} with {batch.probe_features.shape} probes and "
+                f"interventions {batch.target_layer.shape} given to a sampler for "
+                f"{(self.batch_size, self.prompt_len)} with {self.num_probes} and {self.num_interventions}"
             )
         host = {field.name: np.asarray(getattr(batch, field.name)) for field in dataclasses.fields(SamplingBatch)}
         self.compile()
@@ -303,11 +317,12 @@ class SteeringSampler:
 
     @staticmethod
     def _site_totals(states: list, layer: int) -> dict[str, jax.Array]:
-        """A site's totals as plain arrays (`[batch]`, or `[batch, probe]` for the probes)."""
+        """A site's totals as plain arrays (`[batch, intervention]`, `[batch]`, or `[batch, probe]`)."""
         label = f"steering/totals_{layer}"
         totals = next(state.value for state in states if state.label == label)
         return {
-            name: value.unwrap(*(("batch", "probe") if "probe" in value.named_shape else ("batch",)))
+            name: value.unwrap("batch", *(axis for axis in (steering_lib.INTERVENTION_AXIS, "probe")
+                                          if axis in value.named_shape))
             for name, value in totals.items()
         }
 

@@ -105,3 +105,27 @@ def _steered_stream(patched, tokens, layer, inputs) -> np.ndarray:
     )
     probe(tokens, steering=inputs)
     return np.asarray(saved.value.unwrap("batch", "seq", "embedding"))[0]
+
+
+def test_two_interventions_in_one_row_equal_adding_both_decoder_rows_by_hand(tiny_model, tiny_saes,
+                                                                            prompt_tokens) -> None:
+    """A combination (K = 2 interventions on one row, at two layers) is the sum of both hand-made additions."""
+    (layer_a, feature_a, scale_a), (layer_b, feature_b, scale_b) = (1, 7, 12.5), (3, 9, -20.0)
+    patched = steering.add_steering_sites(tiny_model.model, tiny_saes)
+    inputs = steering.SteeringInputs.from_rows([[layer_a, layer_b]], [[feature_a, feature_b]], [[scale_a, scale_b]],
+                                               [["add", "add"]], [0])
+    combined = logits_array(patched(prompt_tokens, steering=inputs))
+
+    by_hand = tiny_model.model
+    for layer, feature, scale in ((layer_a, feature_a, scale_a), (layer_b, feature_b, scale_b)):
+        w_dec = np.asarray(tiny_saes[layer].decoder.w_dec.unwrap(LATENT_AXIS, "embedding"))
+        vector = pz.nx.wrap(jnp.asarray(scale * w_dec[feature], jnp.float32)).tag("embedding")
+        by_hand = sites.insert_after_block(by_hand, layer, AddVector(vector))
+    np.testing.assert_allclose(combined, logits_array(by_hand(prompt_tokens)), rtol=1e-5, atol=1e-5)
+
+    one = steering.SteeringInputs.from_rows([[layer_a, steering.NO_LAYER]], [[feature_a, 0]], [[scale_a, 99.0]],
+                                            [["add", "add"]], [0])
+    alone = steering.SteeringInputs.from_rows([layer_a], [feature_a], [scale_a], ["add"], [0])
+    np.testing.assert_array_equal(logits_array(patched(prompt_tokens, steering=one)),
+                                  logits_array(patched(prompt_tokens, steering=alone)),
+                                  err_msg="an unused intervention slot changes nothing")
