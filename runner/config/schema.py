@@ -321,23 +321,75 @@ def _unique(values: list[Any], what: str) -> list[Any]:
     return values
 
 
-class SteeringConfig(BaseModel):
-    """The sweep grid: every layer x feature x scale x seed is steered on every prompt (with a `search` section,
-    the scales are the search's, not a list)."""
+SteeringMode = Literal["add", "clamp", "ablate"]
+#: Most interventions in one combination (the K of the compiled program is the sweep's largest combination).
+MAX_COMBINATION = 8
+
+
+class InterventionConfig(BaseModel):
+    """One intervention of a combination: steer `feature` of the layer-`layer` SAE at `scale` (`mode` defaults
+    to `steering.mode`)."""
 
     model_config = _MODEL_CONFIG
 
-    layers: list[NonNegativeInt] = Field(min_length=1)
-    features: list[NonNegativeInt] = Field(min_length=1)
+    layer: NonNegativeInt
+    feature: NonNegativeInt
+    scale: FiniteFloat
+    mode: SteeringMode | None = None
+
+
+class SteeringConfig(BaseModel):
+    """The sweep grid: every layer x feature x scale x seed is steered on every prompt (with a `search` section,
+    the scales are the search's, not a list); and `combinations`, each several interventions in one generation,
+    run on every prompt x seed as points of their own."""
+
+    model_config = _MODEL_CONFIG
+
+    layers: list[NonNegativeInt] = Field(default_factory=list)
+    features: list[NonNegativeInt] = Field(default_factory=list)
     scales: list[FiniteFloat] | None = Field(default=None, min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    mode: Literal["add", "clamp", "ablate"] = "add"
+    mode: SteeringMode = "add"
     positions: Literal["all", "skip_bos", "generated"] = "all"
+    combinations: list[Annotated[list[InterventionConfig], Field(min_length=2, max_length=MAX_COMBINATION)]] = \
+        Field(default_factory=list)
 
     @field_validator("layers", "features", "scales", "seeds")
     @classmethod
     def _each_once(cls, values: list[Any], info: ValidationInfo) -> list[Any]:
-        return _unique(values, info.field_name.removesuffix("s"))
+        return _unique(values, info.field_name.removesuffix("s")) if values is not None else values
+
+    @model_validator(mode="after")
+    def _grid_or_combinations(self) -> SteeringConfig:
+        if not self.combinations or self.layers or self.features:
+            for field in ("layers", "features"):
+                if field in self.model_fields_set and not getattr(self, field):
+                    raise invalid("must not be empty", field)
+                if not getattr(self, field):
+                    raise invalid("is required (a list, unless only 'combinations' are given)", field)
+        for index, combination in enumerate(self.combinations):
+            steered = [(intervention.layer, intervention.feature) for intervention in combination]
+            twice = sorted({pair for pair in steered if steered.count(pair) > 1})
+            if twice:
+                raise invalid(f"steers (layer, feature) {twice} twice (allowed: each once per combination)",
+                              f"combinations.{index}")
+        return self
+
+    @property
+    def has_grid(self) -> bool:
+        """Whether the section has a layer x feature grid (else only combinations)."""
+        return bool(self.layers)
+
+    @property
+    def sae_layers(self) -> list[int]:
+        """Every layer steered, by the grid or a combination (each needs its SAE), ascending."""
+        combined = {intervention.layer for combination in self.combinations for intervention in combination}
+        return sorted(set(self.layers) | combined)
+
+    @property
+    def max_interventions(self) -> int:
+        """Interventions per row of the compiled program: the largest combination's size, else 1."""
+        return max((len(combination) for combination in self.combinations), default=1)
 
 
 #: The per-point steering metrics (`runner.steering.metrics`) a search may target or bound.
@@ -647,8 +699,8 @@ class ExperimentConfig(BaseModel):
                 raise invalid(f"{self.sae.site!r}: steering adds decoder rows to the residual stream (allowed: res)",
                               "sae.site")
             if isinstance(self.sae, HuggingFaceSAEConfig):
-                _check_gemma_scope_folders(self.sae.release, self.steering.layers, [self.sae.width], [self.sae.l0],
-                                           "steering.layers", "sae.l0")
+                _check_gemma_scope_folders(self.sae.release, self.steering.sae_layers, [self.sae.width],
+                                           [self.sae.l0], "steering.layers", "sae.l0")
             self._check_scales_or_search()
             return self
         if self.search is not None:
@@ -671,10 +723,15 @@ class ExperimentConfig(BaseModel):
 
     def _check_scales_or_search(self) -> None:
         steering = self.steering
+        if self.search is not None and steering.combinations:
+            raise invalid("are fixed points; a search steers single features (allowed: combinations without "
+                          "search, in a sweep of their own)", "steering.combinations")
         if self.search is None:
-            if steering.scales is None:
+            if steering.scales is None and steering.has_grid:
                 raise invalid("is required (a list of scales), unless a 'search' section searches them",
                               "steering.scales")
+            if steering.scales is not None and not steering.has_grid:
+                raise invalid("has no grid to apply to (combinations carry their own scales)", "steering.scales")
             return
         if steering.scales is not None:
             raise invalid("is given with a 'search' section (allowed: one of them: the search chooses the scales)",
@@ -693,8 +750,11 @@ class ExperimentConfig(BaseModel):
         sets)."""
         if self.kind == "steering":
             # Without a search, the dump is the one sweeps were identified by before searches existed.
-            exclude: dict[str, Any] = {"sae_eval": True}
-            exclude.update({"search": True} if self.search is None else {"steering": {"scales"}})
+            unused = {"scales"} if self.search is not None else set()
+            unused |= {"combinations"} if not self.steering.combinations else set()
+            exclude: dict[str, Any] = {"sae_eval": True, **({"search": True} if self.search is None else {})}
+            if unused:
+                exclude["steering"] = unused
             return self.model_dump(mode="json", exclude=exclude)
         return self.model_dump(mode="json", exclude={"steering": True, "search": True, "sae": set(_SAE_GRID_FIELDS)})
 

@@ -31,8 +31,32 @@ def _digest(data: Any) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class Intervention:
+    """One more intervention of a combination point, besides the point's own (layer, feature, scale, mode)."""
+
+    layer: int
+    feature: int
+    scale: float
+    mode: str
+    sae_id: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", float(self.scale))
+
+    @property
+    def label(self) -> str:
+        """`L{layer}F{feature}`: how the intervention's metrics are named (`steer/L20F3124/concept_rate`)."""
+        return f"L{self.layer}F{self.feature}"
+
+    def describe(self) -> str:
+        """E.g. `L12F10004 add 40`."""
+        return f"{self.label} {self.mode} {self.scale:g}"
+
+
+@dataclasses.dataclass(frozen=True)
 class SteeringPoint:
-    """One steered generation: a prompt, an intervention and the sampling settings."""
+    """One steered generation: a prompt, an intervention (and, for a combination, `combined_with` more) and the
+    sampling settings."""
 
     prompt_index: int
     prompt: str
@@ -49,8 +73,10 @@ class SteeringPoint:
     model_id: str
     sae_id: str
     neuronpedia_url: str | None = None
+    combined_with: tuple[Intervention, ...] = ()
 
-    #: The MLflow params of a point, in the order they are logged and `runner export` writes them.
+    #: The MLflow params of a point, in the order they are logged and `runner export` writes them (a combination
+    #: point adds `combined_with`).
     PARAM_NAMES: ClassVar[tuple[str, ...]] = ("model", "sae_id", "layer", "feature", "scale", "seed", "temperature",
                                               "top_k", "top_p", "mode", "positions", "prompt_index", "max_new_tokens")
 
@@ -63,14 +89,26 @@ class SteeringPoint:
 
     @functools.cached_property
     def point_key(self) -> str:
-        """16 hex digits identifying the result: a hash of every field but `neuronpedia_url`."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_IN_KEY}
-        return _digest(fields)
+        """16 hex digits identifying the result: a hash of every field but `neuronpedia_url` (and `combined_with`
+        when empty, so single-feature points keep the keys they had before combinations)."""
+        return _digest(self._key_fields(_NOT_IN_KEY))
+
+    def _key_fields(self, left_out: frozenset[str]) -> dict[str, Any]:
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in left_out}
+        if not self.combined_with:
+            fields.pop("combined_with", None)
+        return fields
+
+    @property
+    def interventions(self) -> tuple[Intervention, ...]:
+        """Every intervention of the point, its own first."""
+        own = Intervention(self.layer, self.feature, self.scale, self.mode, self.sae_id)
+        return (own, *self.combined_with)
 
     @property
     def is_baseline(self) -> bool:
-        """An `add` point at scale 0: the unsteered model, whatever its layer and feature."""
-        return self.mode == "add" and self.scale == 0.0
+        """An `add` point at scale 0 (not a combination): the unsteered model, whatever its layer and feature."""
+        return self.mode == "add" and self.scale == 0.0 and not self.combined_with
 
     @functools.cached_property
     def generation_key(self) -> str:
@@ -78,12 +116,15 @@ class SteeringPoint:
         one unsteered generation per (prompt, seed, sampling settings) serves them all."""
         if not self.is_baseline:
             return self.point_key
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_IN_GENERATION_KEY}
-        return _digest({"baseline": fields})
+        return _digest({"baseline": self._key_fields(_NOT_IN_GENERATION_KEY)})
 
     def params(self) -> dict[str, str]:
-        """Returns the MLflow params of this point (all strings; None as "None"), in `PARAM_NAMES` order."""
-        return _params(self)
+        """Returns the MLflow params of this point (all strings; None as "None"), in `PARAM_NAMES` order; a
+        combination adds `combined_with` (e.g. `L12F10004 add 40`, `; `-separated)."""
+        params = _params(self)
+        if self.combined_with:
+            params["combined_with"] = "; ".join(intervention.describe() for intervention in self.combined_with)
+        return params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,11 +213,12 @@ def expand_points(
     neuronpedia: Callable[[int, int], str | None] | None = None,
     scales: Mapping[tuple[int, int], Sequence[float]] | None = None,
 ) -> list[SteeringPoint]:
-    """Returns every point of the sweep in the order prompts x layers x features x scales x seeds.
+    """Returns every point of the sweep: the grid in the order prompts x layers x features x scales x seeds, then
+    the combinations in the order prompts x combinations x seeds.
 
     Args:
       config: The experiment.
-      sae_ids: The SAE id steered at each layer of `config.steering.layers`.
+      sae_ids: The SAE id steered at each layer of `config.steering.sae_layers`.
       neuronpedia: `(layer, feature) -> url or None`, the dashboard link of a feature.
       scales: The scales of each `(layer, feature)` curve (a search round's candidates; a curve left out gets
         none); default: `steering.scales` for every curve.
@@ -185,17 +227,17 @@ def expand_points(
       PlanError: A steered layer has no SAE id, or a search sweep is expanded without its scales.
     """
     steering, sampling = config.steering, config.sampling
-    missing = [layer for layer in steering.layers if layer not in sae_ids]
+    missing = [layer for layer in steering.sae_layers if layer not in sae_ids]
     if missing:
         raise PlanError(f"steering.layers: no SAE id for layer(s) {missing} (have {sorted(sae_ids)})")
-    if scales is None and steering.scales is None:
+    if scales is None and config.search is not None:
         raise PlanError("steering.scales: a search sweep's points are expanded round by round, with their scales")
 
     def scales_of(layer: int, feature: int) -> Sequence[float]:
-        return steering.scales if scales is None else scales.get((layer, feature), ())
+        return (steering.scales or ()) if scales is None else scales.get((layer, feature), ())
 
     name = model_id(config.model)
-    return [
+    grid = [
         SteeringPoint(
             prompt_index=prompt_index,
             prompt=prompt,
@@ -217,6 +259,35 @@ def expand_points(
         for layer in steering.layers
         for feature in steering.features
         for scale in scales_of(layer, feature)
+        for seed in steering.seeds
+    ]
+    if scales is not None:
+        return grid  # a search round: combinations are not searched
+    combinations = [
+        [Intervention(i.layer, i.feature, i.scale, i.mode or steering.mode, sae_ids[i.layer]) for i in combination]
+        for combination in steering.combinations
+    ]
+    return grid + [
+        SteeringPoint(
+            prompt_index=prompt_index,
+            prompt=prompt,
+            layer=own.layer,
+            feature=own.feature,
+            scale=own.scale,
+            seed=seed,
+            mode=own.mode,
+            positions=steering.positions,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            max_new_tokens=sampling.max_new_tokens,
+            model_id=name,
+            sae_id=own.sae_id,
+            neuronpedia_url=neuronpedia(own.layer, own.feature) if neuronpedia is not None else None,
+            combined_with=tuple(others),
+        )
+        for prompt_index, prompt in enumerate(config.prompts)
+        for own, *others in combinations
         for seed in steering.seeds
     ]
 

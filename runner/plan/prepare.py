@@ -121,7 +121,7 @@ def plan_sweep(config: ExperimentConfig, facts: SweepFacts) -> SweepPlan:
 
 def _plan_steering(config: ExperimentConfig, facts: SweepFacts) -> SweepPlan:
     arch = facts.architecture
-    layers = config.steering.layers
+    layers = config.steering.sae_layers
     width, l0 = _steering_sae_labels(config, arch)
     by_layer = {layer: facts.sae_file(layer, width=width, l0=l0, num_layers=len(layers)) for layer in layers}
     d_sae = _latent_counts(facts, by_layer.values())
@@ -130,7 +130,8 @@ def _plan_steering(config: ExperimentConfig, facts: SweepFacts) -> SweepPlan:
     first_round = None
     if search is not None:
         first = CurveSearch(search).candidates()
-        first_round = {(layer, feature): first for layer in layers for feature in config.steering.features}
+        first_round = {(layer, feature): first for layer in config.steering.layers
+                       for feature in config.steering.features}
     points = plan.expand_points(
         config,
         {layer: sae_file.sae_id for layer, sae_file in by_layer.items()},
@@ -260,6 +261,8 @@ def _check_model_fits(config: ExperimentConfig, arch: Gemma2Architecture) -> Non
     """Refuses layers the model does not have and an evaluation context longer than the model's."""
     if config.kind == "steering":
         _check_layers(config.steering.layers, arch, "steering.layers")
+        for index, combination in enumerate(config.steering.combinations):
+            _check_layers([i.layer for i in combination], arch, f"steering.combinations.{index}")
         return
     grid = config.sae_eval
     _check_layers(evaluated_layers(config, arch), arch, "sae_eval.layers")
@@ -283,14 +286,20 @@ def _check_steering_fits(sweep_plan: SweepPlan) -> None:
     config = sweep_plan.config
     if config.kind != "steering":
         return
+    steering = config.steering
     for sae_file in sweep_plan.sae_files.values():
         d_sae = sweep_plan.d_sae[sae_file.sae_id]
-        bad_features = [feature for feature in config.steering.features if feature >= d_sae]
-        if bad_features:
+        bad_features = [feature for feature in steering.features if feature >= d_sae]
+        if bad_features and sae_file.layer in steering.layers:
             raise PlanError(
                 f"steering.features: {bad_features} out of range for the layer-{sae_file.layer} SAE "
                 f"(allowed: 0..{d_sae - 1})"
             )
+        for index, combination in enumerate(steering.combinations):
+            bad = [i.feature for i in combination if i.layer == sae_file.layer and i.feature >= d_sae]
+            if bad:
+                raise PlanError(f"steering.combinations.{index}: features {bad} out of range for the "
+                                f"layer-{sae_file.layer} SAE (allowed: 0..{d_sae - 1})")
     limit = sweep_plan.architecture.context_length - config.sampling.max_new_tokens
     for index, count in enumerate(sweep_plan.prompt_token_counts):
         if count > limit:
@@ -343,8 +352,11 @@ def outline_of(sweep_plan: SweepPlan) -> SweepOutline:
         size = sweep_plan.batch_size
         if sweep_plan.search is None:
             grid = (f"{len(config.prompts)} prompts x {len(steering.layers)} layers x {len(steering.features)} "
-                    f"features x {len(steering.scales)} scales x {len(steering.seeds)} seeds; {generations} "
-                    "generations (scale-0 baselines shared)")
+                    f"features x {len(steering.scales or ())} scales x {len(steering.seeds)} seeds")
+            if steering.combinations:
+                grid += (f" + {len(config.prompts)} prompts x {len(steering.combinations)} combinations (of up to "
+                         f"{steering.max_interventions} interventions) x {len(steering.seeds)} seeds")
+            grid += f"; {generations} generations (scale-0 baselines shared)"
         else:
             grid = search_outline(sweep_plan.search, config, generations)
         tokens = generations * config.sampling.max_new_tokens

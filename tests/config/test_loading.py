@@ -32,7 +32,7 @@ def test_overrides_set_scalars_lists_list_items_and_mapping_keys(tmp_path):
         (
             "steering.colour=red",
             "--set steering.colour: unknown field 'steering.colour' (allowed: layers, features, scales, seeds, "
-            "mode, positions)",
+            "mode, positions, combinations)",
         ),
         ("colour=red", "--set colour: unknown field 'colour' (allowed: name, model, sae, prompts, steering,"),
         ("steering.scales.5=1", "--set steering.scales.5: no item '5' (the list has 2 items)"),

@@ -6,9 +6,10 @@ from tests.config.experiment_files import EVALUATION, MINIMAL, error_of, write
 
 
 def test_several_errors_share_one_line(tmp_path):
-    text = MINIMAL.replace("steering: {layers: [1], features: [0, 3], scales: [0, 8.5]}", "steering: {}")
+    text = MINIMAL.replace("steering: {layers: [1], features: [0, 3], scales: [0, 8.5]}",
+                           "steering: {layers: [-1], features: [0, 3], scales: [0, 8.5], seeds: []}")
     assert error_of(write(tmp_path, text)) == (
-        "steering.layers: required field is missing; steering.features: required field is missing"
+        "steering.layers.0: -1 is not allowed (allowed: >= 0); steering.seeds: must not be empty"
     )
 
 

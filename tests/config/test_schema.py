@@ -45,12 +45,12 @@ def test_to_yaml_round_trips_and_canonical_dict_is_json_safe(tmp_path):
     [
         (
             MINIMAL + "colour: red\n",
-            "unknown field 'colour' (allowed: name, model, sae, prompts, steering, search, sae_eval, sampling, tracking, "
-            "cluster)",
+            "unknown field 'colour' (allowed: name, model, sae, prompts, steering, search, sae_eval, sampling, "
+            "tracking, cluster)",
         ),
         (
             MINIMAL.replace("scales: [0, 8.5]", "scales: [0, 8.5], colour: red"),
-            "unknown field 'steering.colour' (allowed: layers, features, scales, seeds, mode, positions)",
+            "unknown field 'steering.colour' (allowed: layers, features, scales, seeds, mode, positions, combinations)",
         ),
         (MINIMAL.replace("layers: [1]", "layers: [-1]"), "steering.layers.0: -1 is not allowed (allowed: >= 0)"),
         (MINIMAL.replace("layers: [1]", "layers: []"), "steering.layers: must not be empty"),

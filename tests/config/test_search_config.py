@@ -42,7 +42,8 @@ def test_a_grid_sweep_keeps_its_identity_without_a_search_section(tmp_path):
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        (("max_rounds: 8", "max_rounds: 8\n  rounds: 3"), "unknown field 'search.rounds' (allowed: target, keep, scales, "),
+        (("max_rounds: 8", "max_rounds: 8\n  rounds: 3"),
+         "unknown field 'search.rounds' (allowed: target, keep, scales, "),
         (("seeds: [0, 1]}", "seeds: [0, 1], scales: [0, 1]}"),
          "steering.scales: is given with a 'search' section (allowed: one of them: the search chooses the scales)"),
         (("at_least: 0.5}", "at_least: 0.5, at_most: 0.9}"),
@@ -69,3 +70,42 @@ def test_a_search_needs_a_steering_sweep(tmp_path):
     text = ("name: ev\nmodel: {source: synthetic}\nsae: {source: synthetic}\nsae_eval: {widths: ['64'], l0s: [8]}\n"
             "search: {target: {metric: steer/nll, at_most: 1}, scales: {high: 4}, tolerance: 1}\n")
     assert "search: searches steering scales (allowed only with a steering section)" in error_of(write(tmp_path, text))
+
+
+COMBINATIONS = """\
+name: combo
+model: {source: synthetic}
+sae: {source: synthetic}
+prompts: ["The weather today is"]
+steering:
+  combinations:
+    - [{layer: 1, feature: 7, scale: 12.5}, {layer: 3, feature: 9, scale: -20, mode: clamp}]
+"""
+
+
+def test_combinations_alone_need_no_grid_and_name_every_steered_layer(tmp_path):
+    config = load_experiment(write(tmp_path, COMBINATIONS))
+    steering = config.steering
+    assert not steering.has_grid and steering.sae_layers == [1, 3] and steering.max_interventions == 2
+    assert steering.combinations[0][1].mode == "clamp" and steering.combinations[0][0].mode is None
+    assert load_experiment(write(tmp_path, config.to_yaml(), name="dump.yaml")) == config
+
+
+def test_a_sweep_without_combinations_keeps_its_identity(tmp_path):
+    assert "combinations" not in load_experiment(write(tmp_path, MINIMAL)).canonical_dict()["steering"]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("{layer: 3, feature: 9, scale: -20, mode: clamp}", "{layer: 1, feature: 7, scale: 3}"),
+         "steering.combinations.0: steers (layer, feature) [(1, 7)] twice (allowed: each once per combination)"),
+        (("    - [{layer: 1, feature: 7, scale: 12.5}, {layer: 3, feature: 9, scale: -20, mode: clamp}]",
+          "    - [{layer: 1, feature: 7, scale: 12.5}]"), "steering.combinations.0: "),
+        (("steering:\n", "steering:\n  scales: [0, 1]\n"), "steering.scales: has no grid to apply to"),
+        (("steering:\n", "steering:\n  layers: [1]\n"), "steering.features: is required (a list, unless only"),
+    ],
+)
+def test_bad_combinations_are_one_line_errors(tmp_path, change, expected):
+    message = error_of(write(tmp_path, COMBINATIONS.replace(*change)))
+    assert message.startswith(expected), message

@@ -153,3 +153,31 @@ def test_jobs_hold_at_most_batch_size_distinct_generations():
     assert [p for job in jobs for p in job.points] == points
     assert all(len({p.generation_key for p in job.points}) <= 4 for job in jobs)
     assert max(len(job.points) for job in jobs) > 4, "shared baselines let a job carry more points than rows"
+
+
+COMBINATION = [{"layer": 20, "feature": 3124, "scale": 154}, {"layer": 21, "feature": 10004, "scale": 40,
+                                                                "mode": "clamp"}]
+
+
+def test_a_combination_is_its_own_point_on_every_prompt_and_seed_after_the_grid():
+    config = make_config(steering__combinations=[COMBINATION])
+    points = expand_points(config, SAE_IDS)
+    grid, combos = points[:48], points[48:]
+    assert all(not p.combined_with for p in grid) and len(combos) == 2 * 2
+    assert [(p.prompt_index, p.seed) for p in combos] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    first = combos[0]
+    assert [(i.layer, i.feature, i.scale, i.mode, i.sae_id) for i in first.interventions] == [
+        (20, 3124, 154.0, "add", SAE_IDS[20]), (21, 10004, 40.0, "clamp", SAE_IDS[21])]
+    assert first.params()["combined_with"] == "L21F10004 clamp 40"
+    single = next(p for p in grid if (p.layer, p.feature, p.scale, p.seed, p.prompt_index) == (20, 3124, 154.0, 0, 0))
+    assert single.point_key != first.point_key and "combined_with" not in single.params()
+    assert dataclasses.replace(first, combined_with=()).point_key == single.point_key, \
+        "a single-feature point's key does not depend on the combination field"
+
+
+def test_a_combination_at_scale_zero_is_not_a_baseline():
+    zero = [{**intervention, "scale": 0} for intervention in COMBINATION]
+    zero[1]["mode"] = "add"
+    (point, *_) = expand_points(make_config(steering__combinations=[zero], steering__layers=[],
+                                            steering__features=[], steering__scales=None), SAE_IDS)
+    assert not point.is_baseline and point.generation_key == point.point_key
