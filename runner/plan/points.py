@@ -10,7 +10,10 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
+import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 from runner.config.schema import ExperimentConfig, ModelConfig
@@ -20,8 +23,13 @@ from runner.errors import PlanError
 _NOT_IN_KEY = frozenset({"neuronpedia_url"})
 #: Fields that do not change an unsteered (baseline) generation.
 _NOT_IN_GENERATION_KEY = frozenset({"neuronpedia_url", "layer", "feature", "sae_id", "positions"})
+#: Fields that do not change an ablation (the feature is clamped to 0 whatever the scale).
+_NOT_IN_ABLATION_KEY = frozenset({"neuronpedia_url", "scale"})
 #: MLflow params named otherwise than the point field they hold.
 _PARAM_FIELD = {"model": "model_id", "l0_target": "l0"}
+#: Most points a sweep may have (`RUNNER_MAX_POINTS` overrides it): a bigger grid is refused before it is expanded.
+MAX_POINTS = 1_000_000
+MAX_POINTS_ENV = "RUNNER_MAX_POINTS"
 
 
 def _digest(data: Any) -> str:
@@ -75,7 +83,11 @@ class SteeringPoint:
     @functools.cached_property
     def generation_key(self) -> str:
         """Points with equal keys generate identical tokens: a baseline's key leaves out layer and feature, so
-        one unsteered generation per (prompt, seed, sampling settings) serves them all."""
+        one unsteered generation per (prompt, seed, sampling settings) serves them all, and an ablation's leaves
+        out the scale it ignores, so the scales of an `ablate` sweep share one generation."""
+        if self.mode == "ablate":
+            fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_IN_ABLATION_KEY}
+            return _digest({"ablation": fields})
         if not self.is_baseline:
             return self.point_key
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_IN_GENERATION_KEY}
@@ -166,6 +178,57 @@ def model_id(model: ModelConfig) -> str:
     return name
 
 
+def max_points() -> int:
+    """The most points a sweep may have: `RUNNER_MAX_POINTS`, else `MAX_POINTS`.
+
+    Raises:
+      PlanError: `RUNNER_MAX_POINTS` is not a positive integer.
+    """
+    text = os.environ.get(MAX_POINTS_ENV)
+    if text is None:
+        return MAX_POINTS
+    if not text.strip().isdigit() or int(text) < 1:
+        raise PlanError(f"{MAX_POINTS_ENV}: {text!r} is not allowed (allowed: a positive integer)")
+    return int(text)
+
+
+def grid_size(config: ExperimentConfig, num_layers: int | None = None) -> int:
+    """The points of the config's grid, counted without expanding it (an SAE evaluation of `layers: all` counts
+    `num_layers` layers, 1 while unknown)."""
+    if config.kind == "steering":
+        steering = config.steering
+        sizes = (len(config.prompts), len(steering.layers), len(steering.features), len(steering.scales),
+                 len(steering.seeds))
+    else:
+        grid = config.sae_eval
+        layers = (num_layers or 1) if grid.layers == "all" else len(grid.layers)
+        sizes = (layers, len(grid.widths), len(grid.l0s))
+    return math.prod(sizes)
+
+
+def check_grid_size(config: ExperimentConfig, num_layers: int | None = None, *, source: Path | None = None) -> None:
+    """Refuses a grid of more than `max_points()` points, before anything is expanded or resolved.
+
+    Raises:
+      PlanError: One line with the grid, its point count and the limit (after the file, when `source` is given).
+    """
+    count, limit = grid_size(config, num_layers), max_points()
+    if count <= limit:
+        return
+    if config.kind == "steering":
+        steering = config.steering
+        grid = (f"{len(config.prompts):,} prompts x {len(steering.layers):,} layers x {len(steering.features):,} "
+                f"features x {len(steering.scales):,} scales x {len(steering.seeds):,} seeds")
+        field = "steering"
+    else:
+        grid, field = "layers x sae_eval.widths x sae_eval.l0s", "sae_eval"
+    where = f"{source}: " if source is not None else ""
+    raise PlanError(
+        f"{where}{field}: {grid} is {count:,} points (allowed: at most {limit:,}; set {MAX_POINTS_ENV} to raise the "
+        "limit, or split the sweep)"
+    )
+
+
 def expand_points(
     config: ExperimentConfig,
     sae_ids: Mapping[int, str],
@@ -179,8 +242,9 @@ def expand_points(
       neuronpedia: `(layer, feature) -> url or None`, the dashboard link of a feature.
 
     Raises:
-      PlanError: A steered layer has no SAE id.
+      PlanError: A steered layer has no SAE id, or the grid has more than `max_points()` points.
     """
+    check_grid_size(config)
     steering, sampling = config.steering, config.sampling
     missing = [layer for layer in steering.layers if layer not in sae_ids]
     if missing:
@@ -262,6 +326,7 @@ def expand_sae_eval_points(
       PlanError: An SAE of the grid has no id.
     """
     grid = config.sae_eval
+    check_grid_size(config, len(layers))
     name = model_id(config.model)
     keys = [(layer, width, str(l0)) for layer in layers for width in grid.widths for l0 in grid.l0s]
     missing = [key for key in keys if key not in sae_ids]
