@@ -3,5 +3,6 @@ one Ray actor per host, or a gang of actors per multi-host slice), with failures
 and one policy acting on them.
 
 May import: `runner.plan`, `runner.steering`, `runner.sae_eval`, `runner.model`, `runner.sae`, `runner.results`,
-`runner.program_cache`, `runner.config`, `runner.errors`. Never `runner.tracking`: workers do not log.
+`runner.program_cache`, `runner.config`, `runner.errors`, `runner.redaction`. Never `runner.tracking`: workers do not
+log.
 """
