@@ -4,6 +4,10 @@
 left in the spool, runs the rest in jobs on an executor (`runner.execution`), and logs each point as it
 completes. This process is the only MLflow writer: results come back on this thread and a tracking thread logs
 them (`runner.tracking.writer.TrackingWriter`) while the executor goes on.
+
+Before any of that, and before a model file is read or Ray starts, `claim_sweep` reaches the tracking store and
+leases the sweep to this driver (`runner.tracking.lease`): a second driver of the same sweep stops at once, and
+no point is ever logged twice.
 """
 
 from __future__ import annotations
@@ -19,12 +23,16 @@ from typing import TYPE_CHECKING
 from runner.errors import TrackingUnavailable
 from runner.execution.executor import JobExecutor, ProgressCallback
 from runner.execution.local import LocalExecutor
-from runner.plan.points import Point
+from runner.plan.points import Job, Point
 from runner.plan.prepare import SweepPlan
+from runner.redaction import redact_uri
 from runner.results import Result
 
 if TYPE_CHECKING:
-    # MLflow is imported on the tracking set-up thread, while Ray and the workers start on this one.
+    from collections.abc import Callable
+
+    from runner.config.schema import ExperimentConfig
+    from runner.tracking.lease import SweepLease
     from runner.tracking.spool import Spool
     from runner.tracking.store import SweepTracker
     from runner.tracking.writer import TrackingWriter
@@ -64,6 +72,33 @@ def spool_path(output_dir: Path, sweep_id: str) -> Path:
     return Path(output_dir) / ".runner" / "spool" / f"{sweep_id}.jsonl"
 
 
+def claim_sweep(
+    config: ExperimentConfig,
+    sweep_id: str,
+    *,
+    take_over: bool = False,
+    on_retry: Callable[[str, float], None] | None = None,
+) -> SweepLease:
+    """Reaches the config's tracking store (retrying for `tracking.retry_timeout_s`) and leases the sweep to this
+    driver; call it before anything heavy starts, and release the lease when the sweep ends.
+
+    Args:
+      config: The experiment.
+      sweep_id: Its sweep (`runner.plan.points.sweep_id`).
+      take_over: Take a tracking server's lease even while another driver's heartbeat is fresh.
+      on_retry: Called with (the failure, seconds until the next try) while the store is unreachable.
+
+    Raises:
+      TrackingUnavailable: The store stayed unreachable, or refused the connection.
+      LeaseHeld: Another driver runs the sweep.
+    """
+    from runner.tracking.lease import claim_sweep as claim
+
+    tracking = config.tracking
+    return claim(tracking.uri, tracking.experiment, sweep_id, retry_timeout_s=tracking.retry_timeout_s,
+                 take_over=take_over, on_retry=on_retry)
+
+
 def run_sweep(
     sweep_plan: SweepPlan,
     *,
@@ -71,6 +106,7 @@ def run_sweep(
     executor: JobExecutor | None = None,
     progress: ProgressCallback | None = None,
     output_dir: Path | None = None,
+    lease: SweepLease | None = None,
 ) -> SweepSummary:
     """Runs the planned sweep and logs every point to MLflow (this process is the only MLflow writer).
 
@@ -78,15 +114,25 @@ def run_sweep(
     earlier run whose tracking server went away (`output_dir/.runner/spool/`, `output_dir` defaulting to the
     working directory) are logged first, without being computed again. Results are logged by a tracking thread
     while the executor goes on (`TrackingWriter`). `executor` defaults to a `LocalExecutor`. `progress` is called
-    after every logged job with (points done, points to run, failures, tokens).
+    after every logged job with (points done, points to run, failures, tokens). `lease` is the sweep's lease
+    (`claim_sweep`); without one, the sweep is claimed here, before the executor starts, and released at the end.
 
     Raises:
-      TrackingUnavailable: The tracking server stayed unreachable for `tracking.retry_timeout_s`; the finished
-        results are in the spool for the next run.
+      TrackingUnavailable: The tracking server stayed unreachable for `tracking.retry_timeout_s` (at the start, or
+        during the sweep: then the finished results are in the spool for the next run).
+      LeaseHeld: Another driver runs the sweep.
+      LeaseLost: Another driver took the sweep over meanwhile; its runs are left to that driver.
     """
-    executor = executor if executor is not None else LocalExecutor(sweep_plan, cache_dir)
-    spool = spool_path(output_dir if output_dir is not None else Path.cwd(), sweep_plan.sweep_id)
-    return SweepRun(sweep_plan, executor, spool, progress).run()
+    own_lease = lease is None
+    if own_lease:
+        lease = claim_sweep(sweep_plan.config, sweep_plan.sweep_id)
+    try:
+        executor = executor if executor is not None else LocalExecutor(sweep_plan, cache_dir)
+        spool = spool_path(output_dir if output_dir is not None else Path.cwd(), sweep_plan.sweep_id)
+        return SweepRun(sweep_plan, executor, spool, progress, lease).run()
+    finally:
+        if own_lease:
+            lease.release()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,8 +165,9 @@ class SweepRun:
     """
 
     def __init__(self, sweep_plan: SweepPlan, executor: JobExecutor, spool: Path,
-                 progress: ProgressCallback | None = None):
+                 progress: ProgressCallback | None = None, lease: SweepLease | None = None):
         self._plan = sweep_plan
+        self._lease = lease
         self._executor = executor
         self._spool_path = spool
         self._progress = progress
@@ -156,7 +203,7 @@ class SweepRun:
         except BaseException as error:
             with contextlib.suppress(BaseException):
                 opening.result()  # an interrupt may come while the sweep is being opened: close what was opened
-            if self._tracker is not None:
+            if self._tracker is not None and not _is_lease_lost(error):  # a new owner has the runs now
                 self._tracker.abort(error)
             raise
         finally:
@@ -190,7 +237,7 @@ class SweepRun:
         opened = time.perf_counter()
         self._spool = Spool(self._spool_path)
         self._tracker = SweepTracker(config.tracking.uri, config.tracking.experiment)
-        parent_run_id = self._tracker.open_sweep(config, self._plan.sweep_id, len(self._plan.points))
+        parent_run_id = self._tracker.open_sweep(_as_logged(config), self._plan.sweep_id, len(self._plan.points))
         done = self._tracker.finished_point_keys()
         by_key: dict[str, Point] = {point.point_key: point for point in self._plan.points}
         spooled = [r for r in self._spool.read() if r.point_key in by_key and r.point_key not in done]
@@ -232,10 +279,15 @@ class SweepRun:
         Raises:
           TrackingUnavailable: The tracking thread gave up; the results not logged are in the spool.
         """
+        def on_result(job: Job, results: list[Result]) -> None:
+            if self._lease is not None:
+                self._lease.check()
+            writer.put_results(job.points, results)
+
         try:
             self._executor.run(
                 self._plan.pack(remaining),
-                lambda job, results: writer.put_results(job.points, results),
+                on_result,
                 lambda job, error, attempt: writer.put_failure(job.points, error, attempt),
             )
         except TrackingUnavailable:
@@ -245,3 +297,17 @@ class SweepRun:
             with contextlib.suppress(TrackingUnavailable):
                 writer.close(abandon=True)
             raise
+
+
+def _as_logged(config: ExperimentConfig) -> ExperimentConfig:
+    """The config as the parent run records it: the tracking URI without credentials (`redact_uri`)."""
+    uri = redact_uri(config.tracking.uri)
+    if uri == config.tracking.uri:
+        return config
+    return config.model_copy(update={"tracking": config.tracking.model_copy(update={"uri": uri})})
+
+
+def _is_lease_lost(error: BaseException) -> bool:
+    from runner.tracking.lease import LeaseLost
+
+    return isinstance(error, LeaseLost)
