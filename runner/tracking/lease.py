@@ -9,10 +9,12 @@
    `<store>.runner-lease/<sweep_id>.lock`, held for the whole run and released by the OS when the driver exits
    however it exits; who holds it is written beside it (`<sweep_id>.owner.json`). On any other store (a tracking
    server) the lease is an experiment tag, `runner.lease.<sweep_id>`, holding the owner, its host and process,
-   and a heartbeat time the driver renews every `heartbeat_s`. A lease whose heartbeat is older than
-   `stale_after_s`, or whose process is gone from this host, is stale and taken over; `take_over` takes it
-   regardless. MLflow has no compare-and-set, so a driver writes its claim, waits `settle_s` and reads it back:
-   of two drivers that claim at once, the last writer holds the lease and the other is refused.
+   and a second tag, `runner.lease.<sweep_id>.heartbeat`, the owner's token and the time it last renewed the lease
+   (every `heartbeat_s`); the owner tag is written only when the lease is claimed, so a heartbeat never overwrites
+   a new owner. A lease whose heartbeat is older than `stale_after_s`, or whose process is gone from this host, is
+   stale and taken over; `take_over` takes it regardless. MLflow has no compare-and-set, so a driver writes its
+   claim, waits `settle_s` and reads it back: of two drivers that claim at once, the last writer holds the lease
+   and the other is refused.
 
 A tracking server's lease lives on the experiment rather than on the sweep's parent run because a new sweep has no
 parent run yet: the lease is what lets exactly one driver create it. A driver that finds its lease taken over
@@ -51,13 +53,17 @@ from runner.tracking.writer import is_transient
 
 _log = logging.getLogger(__name__)
 
-#: The experiment tag of a sweep's lease on a tracking server (the sweep id follows).
+#: The experiment tag of a sweep's lease on a tracking server (the sweep id follows), and the end of its heartbeat's.
 LEASE_TAG_PREFIX = "runner.lease."
+HEARTBEAT_SUFFIX = ".heartbeat"
 #: How often a driver renews its lease on a tracking server, and how old a heartbeat makes a lease stale.
 HEARTBEAT_S = 15.0
 STALE_AFTER_S = 120.0
 #: How long a driver waits between writing its claim and reading it back.
 SETTLE_S = 1.0
+#: Tokens of the server leases this process holds now; a lease this process took but no longer holds (its release
+#: failed while the server was away) is stale to this process.
+_HELD: set[str] = set()
 
 
 class LeaseHeld(RunnerError):
@@ -113,9 +119,12 @@ class Owner:
             return None
 
     def is_gone(self) -> bool:
-        """Whether this owner's process has ended (known only on its own host)."""
+        """Whether this owner's process has ended (known only on its own host), or is this process, which no longer
+        holds the lease (an earlier run of the sweep in this process could not release it)."""
         if self.host != socket.gethostname():
             return False
+        if self.pid == os.getpid():
+            return self.token not in _HELD
         try:
             return abs(psutil.Process(self.pid).create_time() - self.pid_started) > 1.0
         except psutil.NoSuchProcess:
@@ -321,6 +330,7 @@ class ServerLease:
         self._heartbeat_s, self._stale_after_s = heartbeat_s, stale_after_s
         self._stop = threading.Event()
         self._lost_to: Owner | None = None
+        _HELD.add(owner.token)
         self._thread = threading.Thread(target=self._renew, name="runner-lease", daemon=True)
         self._thread.start()
 
@@ -358,7 +368,7 @@ class ServerLease:
         client.set_experiment_tag(experiment_id, key, owner.to_json())
         time.sleep(settle_s)
         winner = _lease_on(client, experiment_id, key)
-        if winner != owner:
+        if winner is None or winner.token != owner.token:
             who = winner.describe() if winner is not None else "a driver that released it at once"
             raise LeaseHeld(f"sweep {sweep_id} was claimed at the same moment by {who}; it runs the sweep")
         return cls(client, experiment_id, sweep_id, owner, heartbeat_s=heartbeat_s, stale_after_s=stale_after_s)
@@ -377,10 +387,13 @@ class ServerLease:
             return
         self._stop.set()
         self._thread.join()
+        _HELD.discard(self._owner.token)
         if self._lost_to is not None:
             return
         try:
-            if _lease_on(self._client, self._experiment_id, self._key) == self._owner:
+            holder = _lease_on(self._client, self._experiment_id, self._key)
+            if holder is not None and holder.token == self._owner.token:
+                self._client.delete_experiment_tag(self._experiment_id, self._key + HEARTBEAT_SUFFIX)
                 self._client.delete_experiment_tag(self._experiment_id, self._key)
         except Exception as error:  # noqa: BLE001 - an unreleased lease goes stale by itself
             _log.warning("could not release the lease of sweep %s: %s", self._sweep_id, _one_line(error))
@@ -393,8 +406,8 @@ class ServerLease:
                     self._lost_to = holder
                     _log.warning("sweep %s was taken over by %s", self._sweep_id, holder.describe())
                     return
-                self._owner = dataclasses.replace(self._owner, heartbeat=time.time())
-                self._client.set_experiment_tag(self._experiment_id, self._key, self._owner.to_json())
+                self._client.set_experiment_tag(self._experiment_id, self._key + HEARTBEAT_SUFFIX,
+                                                json.dumps({"token": self._owner.token, "time": time.time()}))
             except Exception as error:  # noqa: BLE001 - the tracking thread deals with an unreachable server
                 _log.warning("could not renew the lease of sweep %s: %s", self._sweep_id, _one_line(error))
 
@@ -413,8 +426,18 @@ def _ensure_experiment(client: MlflowClient, name: str) -> str:
 
 
 def _lease_on(client: MlflowClient, experiment_id: str, key: str) -> Owner | None:
+    """The lease's owner, its `heartbeat` the last one it wrote (its claim's time until it renews)."""
     tags: dict[str, Any] = client.get_experiment(experiment_id).tags
-    return Owner.from_json(tags[key]) if key in tags else None
+    owner = Owner.from_json(tags[key]) if key in tags else None
+    if owner is None:
+        return None
+    try:
+        beat = json.loads(tags.get(key + HEARTBEAT_SUFFIX, "{}"))
+        if beat.get("token") == owner.token:
+            return dataclasses.replace(owner, heartbeat=max(owner.heartbeat, float(beat["time"])))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        pass  # a heartbeat that does not parse is no heartbeat
+    return owner
 
 
 def _is_stale(holder: Owner, now: float, stale_after_s: float) -> bool:

@@ -128,9 +128,11 @@ def lease_tag(url: str, experiment: str, sweep: str = SWEEP) -> dict | None:
 
 def test_a_tracking_server_leases_a_sweep_on_its_experiment_and_releases_it(server, request) -> None:
     experiment = request.node.name
-    lease = claim_sweep(server, experiment, SWEEP, retry_timeout_s=10)
+    lease = ServerLease.acquire(MlflowClient(server), experiment, SWEEP, heartbeat_s=0.1, settle_s=0.3)
     try:
         assert lease_tag(server, experiment)["pid"] == os.getpid()
+        time.sleep(0.5)
+        assert lease_tag(server, experiment, SWEEP + ".heartbeat")["time"] > lease_tag(server, experiment)["started"]
         with pytest.raises(LeaseHeld) as refused:
             ServerLease.acquire(MlflowClient(server), experiment, SWEEP, settle_s=0)
         message = str(refused.value)
@@ -138,7 +140,9 @@ def test_a_tracking_server_leases_a_sweep_on_its_experiment_and_releases_it(serv
         assert "run again with --take-over if that run is gone" in message
     finally:
         lease.release()
-    assert lease_tag(server, experiment) is None
+    client = MlflowClient(server)
+    tags = client.get_experiment(client.get_experiment_by_name(experiment).experiment_id).tags
+    assert not [key for key in tags if key.startswith(LEASE_TAG_PREFIX)], "the lease and its heartbeat are gone"
 
 
 def test_a_lease_taken_over_is_lost_by_its_old_holder(server, request) -> None:
@@ -177,6 +181,10 @@ def test_a_stale_lease_or_one_whose_process_is_gone_is_taken_over_without_asking
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     client.set_experiment_tag(experiment_id, LEASE_TAG_PREFIX + SWEEP, gone.to_json())
     ServerLease.acquire(client, experiment, SWEEP, settle_s=0).release()  # its driver exited on this host
+
+    # A lease this very process claimed for an earlier run but could not release (the server was away then).
+    client.set_experiment_tag(experiment_id, LEASE_TAG_PREFIX + SWEEP, Owner.this_process().to_json())
+    ServerLease.acquire(client, experiment, SWEEP, settle_s=0).release()
 
 
 # ---------------------------------------------------------------------------------------------------------------
