@@ -186,9 +186,11 @@ def run(
         config = load_experiment(file, overrides)
         check_write_locations(config, Path.cwd(), file)
         plan.check_grid_size(config, source=file)
-        from runner.execution.ray_setup import keep_driver_jax_on_cpu
+        from runner.execution.ray_setup import check_ray_address_reachable, keep_driver_jax_on_cpu
 
         keep_driver_jax_on_cpu()  # before anything imports JAX: the driver must never take a host's accelerator
+        if config.cluster.address:
+            check_ray_address_reachable(config.cluster.address)
         cache = check_output_dir(_cache_dir(cache_dir), "--cache-dir")
         check_output_dir(Path.cwd() / ".runner" / "spool", "the spool directory (.runner/spool)")
         if summary_json is not None:
