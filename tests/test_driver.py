@@ -223,3 +223,15 @@ def test_a_rerun_of_an_evaluation_sweep_skips_every_finished_sae(evaluation_swee
     again = run_sweep(prepare_sweep(config, cache_dir), cache_dir=cache_dir)
     assert (again.points_skipped, again.points_finished) == (len(plan.points), 0)
     assert len(child_runs(config.tracking.uri, config.name)) == len(plan.points)
+
+
+def test_the_parent_run_records_the_config_without_the_credentials_of_its_tracking_uri(tmp_path) -> None:
+    from runner.driver import _as_logged
+
+    config = load_experiment(write_experiment(tmp_path))
+    uri = "postgresql://db.internal/mlflow?user=runner&password=hunter2&sslmode=require"
+    with_secret = config.model_copy(update={"tracking": config.tracking.model_copy(update={"uri": uri})})
+    logged = _as_logged(with_secret).to_yaml()
+    assert "hunter2" not in logged
+    assert "postgresql://db.internal/mlflow?user=runner&password=***&sslmode=require" in logged
+    assert _as_logged(config) is config, "a URI without secrets is logged as it is"

@@ -48,6 +48,7 @@ from runner.config.locations import sqlite_file
 from runner.errors import RunnerError, TrackingUnavailable, first_line
 from runner.files import write_text_atomically
 from runner.redaction import redact_uri, scrub
+from runner.tracking.layout import TAG_EXPERIMENT_KIND
 from runner.tracking.sqlite import tune_sqlite_tracking
 from runner.tracking.writer import is_transient
 
@@ -413,11 +414,12 @@ class ServerLease:
 
 
 def _ensure_experiment(client: MlflowClient, name: str) -> str:
-    """The experiment's id, creating it if missing (another driver may create it meanwhile)."""
+    """The experiment's id, creating it as the tracker would (a model-development experiment) if missing; another
+    driver may create it meanwhile."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(name, tags={TAG_EXPERIMENT_KIND: "custom_model_development"})
         except MlflowException:
             experiment = client.get_experiment_by_name(name)
             if experiment is None:
