@@ -179,6 +179,8 @@ class SweepRun:
     def run(self) -> SweepSummary:
         """Runs the sweep to its end; see `run_sweep`."""
         started = time.perf_counter()
+        if self._lease is not None:
+            self._lease.check()  # a lease lost while the plan was made: the runs are another driver's
         background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="runner-tracking-setup")
         opening = background.submit(self.open_tracking)
         try:

@@ -262,3 +262,33 @@ def test_two_runs_of_one_sweep_on_a_tracking_server_run_it_once(server, tmp_path
     assert len(runs) == 4 and len({run.data.tags["point_key"] for run in runs}) == 4
     assert {run.info.status for run in runs} == {"FINISHED"}
     assert lease_tag(server, "two-drivers", runs[0].data.tags["sweep_id"]) is None, "the winner released it"
+
+
+def test_a_driver_whose_sweep_was_taken_over_stops_without_touching_its_runs(server, tmp_path, tiny_model_dir,
+                                                                            tiny_sae_paths, cache_dir) -> None:
+    from runner.config.loading import load_experiment
+    from runner.driver import run_sweep
+    from runner.plan.prepare import prepare_sweep
+
+    sweep_plan = prepare_sweep(load_experiment(write_sweep(tmp_path, tiny_model_dir, cache_dir / "tiny-saes",
+                                                           server)), cache_dir)
+    client = MlflowClient(server)
+    old = ServerLease.acquire(client, "two-drivers", sweep_plan.sweep_id, heartbeat_s=0.1, settle_s=0)
+    new = ServerLease.acquire(client, "two-drivers", sweep_plan.sweep_id, take_over=True, settle_s=0.3)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                old.check()
+            except LeaseLost:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        experiment_id = client.get_experiment_by_name("two-drivers").experiment_id
+        before = [(run.info.run_id, run.info.status) for run in client.search_runs([experiment_id])]
+        with pytest.raises(LeaseLost):
+            run_sweep(sweep_plan, cache_dir=cache_dir, lease=old)
+        assert [(run.info.run_id, run.info.status) for run in client.search_runs([experiment_id])] == before
+    finally:
+        old.release()
+        new.release()
