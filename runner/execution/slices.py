@@ -8,7 +8,9 @@ mesh over all the slice's devices. Every job goes to every member; the results c
 A gang lives and dies as one: when a member fails, the others are blocked in a collective (or fail within a
 second), so the controller kills the whole gang and builds a new one (a new coordinator; `jax.distributed` cannot
 be initialised twice in a process). What the failed member raised is classified like a host's failure
-(`runner.execution.faults`): the job is requeued after a lost host or worker, retried after its own error.
+(`runner.execution.faults`): the job is requeued after a lost host or worker, retried after its own error. A
+member that cannot start (checkpoint, tokenizer, device...) raises a classified `WorkerStartupError`; a gang that
+keeps failing to start is given up, and when no replica is left the sweep ends with that error, no point failed.
 
 Order of things on a member (each rule learnt the hard way): nothing touches JAX before `start`; `initialize`
 comes first, then one collective so every member has its communicators (gloo gives a late one only 30 s); the
@@ -37,7 +39,16 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from runner.config.schema import ClusterConfig
 from runner.execution.executor import FailureCallback, ResultCallback
-from runner.execution.faults import FaultPolicy, Task, classify, describe_ray_error, fault_counts, with_fault_tags
+from runner.execution.faults import (
+    FaultPolicy,
+    Task,
+    WorkerStartupError,
+    classify,
+    describe_ray_error,
+    fault_counts,
+    startup_error,
+    with_fault_tags,
+)
 from runner.execution.host_actor import WorkerInfo, check_jax_platform, remove_stale_tpu_lockfile
 from runner.execution.ray_setup import (
     check_ray_address_reachable,
@@ -100,7 +111,17 @@ class SliceHostWorker:
         return f"{ray.util.get_node_ip_address()}:{port}"
 
     def start(self, coordinator: str) -> SliceMemberInfo:
-        """Joins the gang, loads the model on the global mesh and builds the worker; returns where it runs."""
+        """Joins the gang, loads the model on the global mesh and builds the worker; returns where it runs.
+
+        Raises:
+          WorkerStartupError: Whatever failed, classified here (`runner.execution.faults.startup_error`).
+        """
+        try:
+            return self._start(coordinator)
+        except Exception as error:  # noqa: BLE001 - the driver gets one classified line, not a traceback
+            raise startup_error(error, self.name) from None
+
+    def _start(self, coordinator: str) -> SliceMemberInfo:
         import jax
         from jax.experimental import multihost_utils
 
@@ -172,6 +193,7 @@ class _Gang:
         self.results: dict[ray.ObjectRef, list[Result] | SliceMemberInfo] = {}
         self.start_failures = 0
         self.last_error = ""
+        self.startup_error: WorkerStartupError | None = None
         self._group, self._slice = self._reserve()
 
     def _reserve(self) -> tuple[PlacementGroup, SlicePlacementGroup | None]:
@@ -333,6 +355,9 @@ class SliceExecutor:
                 if gang.state == "idle" and queue:
                     gang.submit(queue.popleft())
             live = [gang for gang in gangs if gang.state != "dead"]
+            failed_start = [gang.startup_error for gang in gangs if gang.startup_error is not None]
+            if not live and failed_start:
+                raise failed_start[-1]  # no point's fault: the replicas could not start
             if not live:
                 reason = "no slice replica left; last error: " + "; ".join(g.last_error for g in gangs)
                 while queue:
@@ -372,6 +397,8 @@ class SliceExecutor:
     def _gang_failed(self, gang: _Gang, error: BaseException) -> None:
         was_starting, task = gang.state == "starting", gang.task
         gang.last_error = describe_ray_error(error) if isinstance(error, ray_errors.RayError) else str(error)
+        cause = error.cause if isinstance(error, ray_errors.RayTaskError) else None
+        gang.startup_error = cause if was_starting and isinstance(cause, WorkerStartupError) else None
         node_ids = gang.node_ids()
         gang.kill()
         _log.warning("slice replica %s failed: %s", gang.name, gang.last_error)

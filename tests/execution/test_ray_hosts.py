@@ -552,3 +552,14 @@ def test_a_slice_replica_spans_both_hosts_and_generates_the_single_process_token
     single = token_ids_by_point(single_plan.config.tracking.uri, tmp_path / "b")
     assert set(sliced) < set(single) and len(sliced) == 8
     assert sliced == {key: single[key] for key in sliced} and all(len(ids) > 0 for ids in sliced.values())
+
+
+def test_slice_replicas_that_cannot_get_their_platform_end_the_sweep_with_the_reason_and_fail_no_point(
+    ray_cluster, tmp_path, cache_dir
+) -> None:
+    slice_cluster = on_test_cluster(ray_cluster, workers=1, replica="slice", hosts_per_replica=2, platform="tpu")
+    sweep_plan = plan_sweep(tmp_path, cache_dir, SAME_BUCKET_PROMPTS[:1], {**GRID, "features": [3]}, slice_cluster)
+    with pytest.raises(WorkerStartupError, match=r"replica-0/host-\d@.* cannot start its accelerator: "):
+        run_sweep(sweep_plan, cache_dir=cache_dir, output_dir=tmp_path,
+                  executor=SliceExecutor(sweep_plan, cache_dir, sweep_plan.config.cluster))
+    assert child_runs(sweep_plan.config.tracking.uri) == [], "a replica's start-up is no point's failure"
