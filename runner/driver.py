@@ -5,8 +5,8 @@ left in the spool, runs the rest in jobs on an executor (`runner.execution`), an
 completes. This process is the only MLflow writer: results come back on this thread and a tracking thread logs
 them (`runner.tracking.writer.TrackingWriter`) while the executor goes on.
 
-Before any of that, and before a model file is read or Ray starts, `claim_sweep` reaches the tracking store and
-leases the sweep to this driver (`runner.tracking.lease`): a second driver of the same sweep stops at once, and
+Before any of that, and before a model file is read or Ray starts, `claim_sweep` leases the sweep to this driver
+(reaching a tracking server first; `runner.tracking.lease`): a second driver of the same sweep stops at once, and
 no point is ever logged twice.
 """
 
@@ -79,8 +79,8 @@ def claim_sweep(
     take_over: bool = False,
     on_retry: Callable[[str, float], None] | None = None,
 ) -> SweepLease:
-    """Reaches the config's tracking store (retrying for `tracking.retry_timeout_s`) and leases the sweep to this
-    driver; call it before anything heavy starts, and release the lease when the sweep ends.
+    """Leases the sweep to this driver, reaching a tracking server first (retrying for `tracking.retry_timeout_s`);
+    call it before anything heavy starts, and release the lease when the sweep ends.
 
     Args:
       config: The experiment.
@@ -232,12 +232,14 @@ class SweepRun:
     def open_tracking(self) -> _Opened:
         """Connects to the tracking store, opens the sweep, finds its finished points and logs what an earlier run
         left in the spool (on the set-up thread)."""
+        from runner.tracking.lease import reach_store
         from runner.tracking.spool import Spool
         from runner.tracking.store import SweepTracker
 
         config = self._plan.config
         opened = time.perf_counter()
         self._spool = Spool(self._spool_path)
+        reach_store(config.tracking.uri, config.tracking.retry_timeout_s)  # a new local store: created safely
         self._tracker = SweepTracker(config.tracking.uri, config.tracking.experiment)
         parent_run_id = self._tracker.open_sweep(_as_logged(config), self._plan.sweep_id, len(self._plan.points))
         done = self._tracker.finished_point_keys()

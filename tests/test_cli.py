@@ -243,8 +243,7 @@ def test_a_garbage_tokenizer_is_one_line_before_anything_starts(tmp_path, tiny_m
     (broken / "tokenizer.model").write_bytes(os.urandom(3000))
     path = experiment(tmp_path, broken, sae_root)
     assert_one_line_error(tmp_path, *run_cli("run", str(path)), "tokenizer.model is not a sentencepiece model")
-    with sqlite3.connect(tmp_path / "mlflow.db") as connection:  # the store is reached (and leased) first
-        assert connection.execute("select count(*) from runs").fetchone() == (0,)
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -381,7 +380,7 @@ def test_a_truncated_checkpoint_ends_the_sweep_with_orbaxs_cause_in_one_line_and
 def test_a_dead_local_ray_node_stops_the_sweep_resumably_with_the_command_to_resume(
     tmp_path, tiny_model_dir, sae_root, cache_dir
 ) -> None:
-    path = experiment(tmp_path, tiny_model_dir, sae_root, steering={"features": [1, 2, 3, 4, 5, 6]},
+    path = experiment(tmp_path, tiny_model_dir, sae_root, steering={"features": [1, 2, 3, 4]},
                       sampling={"batch_size": 1})
     process = start_runner(path, cache_dir)
     wait_for_points(process, tmp_path / "mlflow.db", 2)
@@ -394,12 +393,12 @@ def test_a_dead_local_ray_node_stops_the_sweep_resumably_with_the_command_to_res
     assert f"run `runner run {path} --cache-dir {cache_dir}` to resume (finished points are skipped)" in line
     counts = runs_by_status(tmp_path / "mlflow.db")
     left = int(line.split("; ")[1].split(" of the sweep's points")[0])
-    assert counts[("point", "FINISHED")] + left == 12 and left > 0
+    assert counts[("point", "FINISHED")] + left == 8 and left > 0
     assert set(counts) == {("point", "FINISHED"), ("sweep", "FAILED")}, "no point FAILED, none RUNNING"
 
 
 def test_ctrl_c_says_how_to_resume_and_leaves_nothing_running(tmp_path, tiny_model_dir, sae_root, cache_dir) -> None:
-    path = experiment(tmp_path, tiny_model_dir, sae_root, steering={"features": [1, 2, 3, 4, 5, 6]},
+    path = experiment(tmp_path, tiny_model_dir, sae_root, steering={"features": [1, 2, 3, 4]},
                       sampling={"batch_size": 1})
     process = start_runner(path, cache_dir)
     wait_for_points(process, tmp_path / "mlflow.db", 1)

@@ -2,9 +2,11 @@
 
 `claim_sweep` is what a driver does first, before any model file is read or Ray starts:
 
-1. It reaches the store (`reach_store`), retrying a transient failure for `tracking.retry_timeout_s`. A local
-   store (`sqlite:` or `file:`) is created here, under an OS file lock, so that two drivers starting on a new
-   database never race on MLflow's table creation.
+1. It reaches a tracking server (`reach_store`), retrying a transient failure for `tracking.retry_timeout_s`. A
+   local store (`sqlite:` or `file:`) needs no reaching to be leased: the driver opens it with `reach_store` when
+   it opens the sweep, while Ray starts (MLflow's import and a new database's tables take seconds), and creates
+   it there under an OS file lock, so that two drivers starting on a new database never race on MLflow's table
+   creation.
 2. It leases the sweep. On a local store the lease is an OS file lock (`filelock`) next to the store,
    `<store>.runner-lease/<sweep_id>.lock`, held for the whole run and released by the OS when the driver exits
    however it exits; who holds it is written beside it (`<sweep_id>.owner.json`). On any other store (a tracking
@@ -35,22 +37,22 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
 import filelock
 import psutil
 import tenacity
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
 from runner.config.locations import sqlite_file
 from runner.errors import RunnerError, TrackingUnavailable, first_line
 from runner.files import write_text_atomically
 from runner.redaction import redact_uri, scrub
 from runner.tracking.layout import TAG_EXPERIMENT_KIND
-from runner.tracking.sqlite import tune_sqlite_tracking
-from runner.tracking.writer import is_transient
+
+if TYPE_CHECKING:
+    # MLflow (seconds to import) is imported only to reach a store: a local store's lease is an OS lock.
+    from mlflow import MlflowClient
 
 _log = logging.getLogger(__name__)
 
@@ -197,6 +199,11 @@ def reach_store(
       TrackingUnavailable: The store stayed unreachable for `retry_timeout_s`, or refused the call (a 4xx such as
         401: retrying cannot help); one line, credentials removed.
     """
+    from mlflow import MlflowClient
+
+    from runner.tracking.sqlite import tune_sqlite_tracking
+    from runner.tracking.writer import is_transient
+
     started = time.monotonic()
     locks = lease_dir(uri)
 
@@ -253,16 +260,16 @@ def claim_sweep(
     take_over: bool = False,
     on_retry: Callable[[str, float], None] | None = None,
 ) -> SweepLease:
-    """Reaches the store and leases the sweep to this driver (see the module docstring).
+    """Leases the sweep to this driver, reaching a tracking server first (see the module docstring).
 
     Raises:
-      TrackingUnavailable: The store cannot be reached.
+      TrackingUnavailable: The tracking server cannot be reached.
       LeaseHeld: Another driver runs the sweep; one line naming it and how to take over.
     """
-    client = reach_store(uri, retry_timeout_s, on_retry=on_retry)
     locks = lease_dir(uri)
     if locks is not None:
         return LocalLease.acquire(locks, sweep_id, take_over=take_over)
+    client = reach_store(uri, retry_timeout_s, on_retry=on_retry)
     return ServerLease.acquire(client, experiment, sweep_id, take_over=take_over)
 
 
@@ -416,6 +423,8 @@ class ServerLease:
 def _ensure_experiment(client: MlflowClient, name: str) -> str:
     """The experiment's id, creating it as the tracker would (a model-development experiment) if missing; another
     driver may create it meanwhile."""
+    from mlflow.exceptions import MlflowException
+
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:

@@ -90,12 +90,12 @@ def test_drivers_creating_one_new_sqlite_store_at_once_all_reach_it(tmp_path) ->
     database = tmp_path / "fresh.db"
     script = ("import sys, time; from runner.tracking.lease import reach_store; "
               f"time.sleep(max(0, float(sys.argv[1]) - time.time())); reach_store('sqlite:///{database}', 30)")
-    start_at = str(time.time() + 6)  # after every interpreter has imported MLflow
+    start_at = str(time.time() + 8)  # after both interpreters have imported MLflow
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "MLFLOW_LOGGING_LEVEL": "WARNING"}
     drivers = [subprocess.Popen([sys.executable, "-c", script, start_at], env=env, stderr=subprocess.PIPE,
-                                text=True) for _ in range(3)]
+                                text=True) for _ in range(2)]
     errors = [driver.communicate(timeout=120)[1] for driver in drivers]
-    assert [driver.returncode for driver in drivers] == [0, 0, 0], "\n".join(errors)
+    assert [driver.returncode for driver in drivers] == [0, 0], "\n".join(errors)
     with sqlite3.connect(database) as connection:
         assert connection.execute("select count(*) from experiments").fetchone() == (1,), "the Default experiment"
 
@@ -197,7 +197,7 @@ def write_sweep(directory: Path, model_dir: Path, sae_root: Path, uri: str) -> P
         "model": {"source": "local", "path": str(model_dir)},
         "sae": {"source": "local", "path": str(sae_root), "width": "256", "l0": "canonical"},
         "prompts": ["Once upon a time"],
-        "steering": {"layers": [1], "features": [3, 17], "scales": [0, 30]},
+        "steering": {"layers": [1], "features": [3], "scales": [0, 30]},
         "sampling": {"max_new_tokens": 4, "batch_size": 2},
         "tracking": {"uri": uri},
     }
@@ -250,7 +250,7 @@ def test_two_runs_of_one_sweep_on_sqlite_run_it_once(tmp_path, tiny_model_dir, t
     path = write_sweep(tmp_path, tiny_model_dir, cache_dir / "tiny-saes", "sqlite:///mlflow.db")
     assert_one_ran_and_the_other_was_refused(*run_two_drivers_at_once(path, cache_dir))
     runs = point_runs(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"))
-    assert len(runs) == 4 and len({run.data.tags["point_key"] for run in runs}) == 4
+    assert len(runs) == 2 and len({run.data.tags["point_key"] for run in runs}) == 2
     assert {run.info.status for run in runs} == {"FINISHED"}
 
 
@@ -259,7 +259,7 @@ def test_two_runs_of_one_sweep_on_a_tracking_server_run_it_once(server, tmp_path
     path = write_sweep(tmp_path, tiny_model_dir, cache_dir / "tiny-saes", server)
     assert_one_ran_and_the_other_was_refused(*run_two_drivers_at_once(path, cache_dir))
     runs = point_runs(MlflowClient(server))
-    assert len(runs) == 4 and len({run.data.tags["point_key"] for run in runs}) == 4
+    assert len(runs) == 2 and len({run.data.tags["point_key"] for run in runs}) == 2
     assert {run.info.status for run in runs} == {"FINISHED"}
     assert lease_tag(server, "two-drivers", runs[0].data.tags["sweep_id"]) is None, "the winner released it"
 
