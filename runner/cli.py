@@ -1,7 +1,10 @@
 """The `runner` command line: run, validate, synth.
 
 Every user error (bad YAML, missing checkpoint, SAE mismatch, out-of-range index...) is printed as one line on
-stderr with a non-zero exit code, before any model is loaded or any MLflow run is created.
+stderr with a non-zero exit code, before any model is loaded or any MLflow run is created. Exit codes: 0 done,
+1 some points failed, 2 an error (bad input, an unreachable store, a sweep another driver runs, a worker that
+cannot start), 75 (`EX_TEMPFAIL`) stopped by an outage, resumable by running the same command again,
+130 interrupted (Ctrl-C), also resumable.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # MLflow's usage telemetry wraps every client call (half the cost of logging a point) and phones home.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow logs at INFO by default (e.g. each time it creates a database's tables); runner prints what matters.
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 # MLflow's HTTP client retries a call for minutes before it reports an unreachable server; runner's tracking
 # thread does the retrying (tracking.retry_timeout_s), with results kept meanwhile.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -24,6 +29,10 @@ import gc
 import logging
 import warnings
 
+from runner.redaction import scrub_log_records
+
+# Whatever any library logs (urllib3 retrying a URL, MLflow, Ray) passes through runner's scrubbing of credentials.
+scrub_log_records()
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 # Ray starts its processes with fork+exec after JAX is imported; the exec makes JAX's fork warning moot.
 warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
@@ -57,9 +66,33 @@ CacheDir = Annotated[
 ]
 
 
-def _fail(error: RunnerError) -> typer.Exit:
-    console.print(f"[red]error:[/red] {error}", highlight=False, markup=True, soft_wrap=True)
-    return typer.Exit(code=2)
+#: Exit codes of `runner run` (see the module docstring).
+EXIT_POINTS_FAILED = 1
+EXIT_ERROR = 2
+EXIT_RESUMABLE = 75
+EXIT_INTERRUPTED = 130
+
+
+def _fail(error: RunnerError, code: int = EXIT_ERROR) -> typer.Exit:
+    """Prints `error` as one line (credentials removed) and returns the exit to raise."""
+    from runner.redaction import scrub
+
+    console.print("[red]error:[/red] ", scrub(" ".join(str(error).splitlines())), sep="", highlight=False,
+                  markup=True, soft_wrap=True)
+    return typer.Exit(code=code)
+
+
+def _resume_command(file: Path, overrides: list[str] | None, cache_dir: Path | None, address: str | None,
+                    workers: int | None) -> str:
+    """The `runner run` command line that resumes this sweep, quoted for a POSIX shell."""
+    import shlex
+
+    words = ["runner", "run", str(file)]
+    words += [f"--set={override}" for override in overrides or []]
+    for option, value in (("--cache-dir", cache_dir), ("--address", address), ("--workers", workers)):
+        if value is not None:
+            words += [option, str(value)]
+    return shlex.join(words)
 
 
 def _check_preset(preset: str) -> None:
@@ -81,13 +114,16 @@ def validate(file: ExperimentFile, set_: Overrides = None) -> None:
     """Check an experiment file and print its plan (points, jobs, workers, tokens, memory), without loading a
     model."""
     from runner.config.loading import load_experiment
-    from runner.plan.prepare import outline
+    from runner.plan.points import check_grid_size
 
     try:
         config = load_experiment(file, set_ or [])
+        check_grid_size(config, source=file)  # a hostile grid is refused before the planner (and JAX) is imported
+        from runner.plan.prepare import outline
+
+        summary = outline(config)
     except RunnerError as error:
         raise _fail(error) from None
-    summary = outline(config)
     unit = "generations" if config.kind == "steering" else "SAEs"
     typer.echo(f"{file}: valid")
     typer.echo(
@@ -128,20 +164,19 @@ def run(
         Path | None, typer.Option(help="Also write how the sweep ended (counts, timings) to this JSON file.",
                                      show_default=False)
     ] = None,
+    take_over: Annotated[
+        bool, typer.Option("--take-over", help="Run the sweep even though a tracking server records another "
+                                               "driver running it (for a driver that is gone).")
+    ] = False,
 ) -> None:
     """Run a sweep (steering or SAE evaluation) on Ray workers and log every point to MLflow."""
     import dataclasses
     import json
 
-    from runner.execution.ray_hosts import RayExecutor
-    from runner.execution.ray_setup import keep_driver_jax_on_cpu
-    from runner.execution.slices import SliceExecutor
-
-    keep_driver_jax_on_cpu()  # before anything imports JAX: the driver must never take a host's accelerator
     from runner.config.loading import load_experiment
-    from runner.config.locations import check_write_locations
-    from runner.driver import run_sweep
-    from runner.plan.prepare import prepare_sweep
+    from runner.config.locations import check_output_dir, check_output_file, check_write_locations
+    from runner.plan import points as plan
+    from runner.redaction import redact_uri
 
     overrides = list(set_ or [])
     if address is not None:
@@ -149,46 +184,108 @@ def run(
     if workers is not None:
         overrides.append(f"cluster.workers={workers}")
     try:
+        # The preflight: everything that can be refused is refused here, before a store, a model or Ray is touched.
         config = load_experiment(file, overrides)
         check_write_locations(config, Path.cwd(), file)
-        sweep_plan = prepare_sweep(config, _cache_dir(cache_dir))
-        if resume:
-            from runner.tracking.search import sweep_status  # MLflow: otherwise imported while Ray starts
+        plan.check_grid_size(config, source=file)
+        from runner.execution.ray_setup import check_ray_address_reachable, keep_driver_jax_on_cpu
 
-            status = sweep_status(config.tracking.uri, config.tracking.experiment, sweep_plan.sweep_id)
-            if status.get("parent_status") is None:
-                raise RunnerError(f"{file}: --resume given but sweep {sweep_plan.sweep_id} has no run yet in "
-                                  f"{config.tracking.uri}; run without --resume to start it")
-        executor_class = SliceExecutor if config.cluster.replica == "slice" else RayExecutor
-        executor = executor_class(sweep_plan, _cache_dir(cache_dir), config.cluster)
+        keep_driver_jax_on_cpu()  # before anything imports JAX: the driver must never take a host's accelerator
+        if config.cluster.address:
+            check_ray_address_reachable(config.cluster.address)
+        cache = check_output_dir(_cache_dir(cache_dir), "--cache-dir")
+        check_output_dir(Path.cwd() / ".runner" / "spool", "the spool directory (.runner/spool)")
+        if summary_json is not None:
+            check_output_file(summary_json, "--summary-json")
+        from runner.tracking.lease import local_store_path
+
+        store = local_store_path(config.tracking.uri)
+        if store is not None:  # the store's directory holds it and its lease
+            check_output_dir(store.absolute().parent, "tracking.uri")
     except RunnerError as error:
         raise _fail(error) from None
 
-    where = config.cluster.address or "a local Ray"
-    console.print(
-        f"sweep [bold]{config.name}[/bold] ({sweep_plan.sweep_id}): {len(sweep_plan.points)} points, "
-        f"{len(sweep_plan.jobs)} jobs of up to {sweep_plan.batch_size}, {config.cluster.workers} worker(s) on "
-        f"{where}", highlight=False,
-    )
-    with Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]} tok/s  failed {task.fields[failed]}"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    ) as bar:
-        task = bar.add_task("points", total=None, rate="-", failed=0)
+    from runner.driver import claim_sweep, run_sweep
+    from runner.errors import TrackingUnavailable
+    from runner.execution.ray_hosts import RayExecutor
+    from runner.execution.ray_setup import LocalRayDied
+    from runner.execution.slices import SliceExecutor
+    from runner.plan.prepare import prepare_sweep
 
-        def progress(done: int, total: int, failed: int, tokens: int) -> None:
-            elapsed = bar.tasks[task].elapsed or 1e-9
-            bar.update(task, completed=done, total=total, failed=failed, rate=f"{tokens / elapsed:,.0f}")
+    uri = redact_uri(config.tracking.uri)
+    resume_command = _resume_command(file, set_, cache_dir, address, workers)
+    try:
+        with console.status(f"reaching {uri}", spinner="dots") as reaching:
+            def waiting(failure: str, pause: float) -> None:
+                reaching.update(f"{uri} unreachable ({failure}); trying again in {pause:.0f} s, for up to "
+                                f"{config.tracking.retry_timeout_s:g} s (tracking.retry_timeout_s)")
 
+            lease = claim_sweep(config, plan.sweep_id(config), take_over=take_over, on_retry=waiting)
+    except RunnerError as error:
+        raise _fail(error) from None
+    except KeyboardInterrupt:
+        console.print("interrupted before the sweep started: nothing was run or logged", highlight=False)
+        raise typer.Exit(code=EXIT_INTERRUPTED) from None
+    progressed = {"done": 0}
+    try:
         try:
-            summary = run_sweep(sweep_plan, cache_dir=_cache_dir(cache_dir), executor=executor, progress=progress)
+            sweep_plan = prepare_sweep(config, cache)
+            if resume:
+                from runner.tracking.search import sweep_status
+
+                state = sweep_status(config.tracking.uri, config.tracking.experiment, sweep_plan.sweep_id)
+                if state.get("parent_status") is None:
+                    raise RunnerError(f"{file}: --resume given but sweep {sweep_plan.sweep_id} has no run yet in "
+                                      f"{uri}; run without --resume to start it")
+            executor_class = SliceExecutor if config.cluster.replica == "slice" else RayExecutor
+            executor = executor_class(sweep_plan, cache, config.cluster)
         except RunnerError as error:
             raise _fail(error) from None
+        except KeyboardInterrupt:
+            console.print("interrupted before the sweep started: nothing was run or logged", highlight=False)
+            raise typer.Exit(code=EXIT_INTERRUPTED) from None
+
+        where = config.cluster.address or "a local Ray"
+        console.print(
+            f"sweep [bold]{config.name}[/bold] ({sweep_plan.sweep_id}): {len(sweep_plan.points)} points, "
+            f"{len(sweep_plan.jobs)} jobs of up to {sweep_plan.batch_size}, {config.cluster.workers} worker(s) on "
+            f"{where}", highlight=False,
+        )
+        with Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} tok/s  failed {task.fields[failed]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        ) as bar:
+            task = bar.add_task("points", total=None, rate="-", failed=0)
+
+            def progress(done: int, total: int, failed: int, tokens: int) -> None:
+                progressed["done"] = done
+                elapsed = bar.tasks[task].elapsed or 1e-9
+                bar.update(task, completed=done, total=total, failed=failed, rate=f"{tokens / elapsed:,.0f}")
+
+            try:
+                summary = run_sweep(sweep_plan, cache_dir=cache, executor=executor, progress=progress, lease=lease)
+            except LocalRayDied as error:
+                raise _fail(RunnerError(f"{error}; run `{resume_command}` to resume (finished points are "
+                                        "skipped)"), EXIT_RESUMABLE) from None
+            except TrackingUnavailable as error:  # the store went away during the sweep: results are spooled
+                raise _fail(RunnerError(f"{error} (`{resume_command}`)"), EXIT_RESUMABLE) from None
+            except RunnerError as error:
+                raise _fail(error) from None
+            except KeyboardInterrupt:
+                bar.stop()
+                console.print(
+                    f"interrupted: the points that were running and the sweep's parent run are marked KILLED, the "
+                    f"{progressed['done']} points logged are kept; run `{resume_command}` to resume (finished "
+                    "points are skipped)", highlight=False, soft_wrap=True,
+                )
+                raise typer.Exit(code=EXIT_INTERRUPTED) from None
+    finally:
+        lease.release()
 
     spooled = f" ({summary.points_from_spool} logged from the spool)" if summary.points_from_spool else ""
     typer.echo(
@@ -198,7 +295,9 @@ def run(
         "with the workers)"
     )
     if summary_json is not None:
-        summary_json.write_text(json.dumps(dataclasses.asdict(summary), indent=2) + "\n", encoding="utf-8")
+        from runner.files import write_text_atomically
+
+        write_text_atomically(summary_json, json.dumps(dataclasses.asdict(summary), indent=2) + "\n")
     faults = summary.faults
     if any(faults.values()):
         typer.echo(
@@ -208,14 +307,17 @@ def run(
         )
     if faults.get("slice_wait_s"):
         typer.echo(f"slice replicas waited {faults['slice_wait_s']} s in all for a slice after losing theirs")
-    typer.echo(f"parent run {summary.parent_run_id} in {config.tracking.uri}")
+    typer.echo(f"parent run {summary.parent_run_id} in {uri}")
     typer.echo(f"view: {_runs_page(config.tracking.uri, summary.experiment_id)}")
     if summary.points_failed:
-        raise typer.Exit(code=1)
+        raise typer.Exit(code=EXIT_POINTS_FAILED)
 
 
 def _runs_page(uri: str, experiment_id: str | None) -> str:
-    """How to open the experiment's runs table in the MLflow UI."""
+    """How to open the experiment's runs table in the MLflow UI (the URI's credentials removed)."""
+    from runner.redaction import redact_uri
+
+    uri = redact_uri(uri)
     page = f"#/experiments/{experiment_id}/runs"
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{page}"
@@ -241,7 +343,9 @@ def runs(file: ExperimentFile, set_: Overrides = None) -> None:
     except RunnerError as error:
         raise _fail(error) from None
 
-    typer.echo(f"sweep {config.name} ({sweep_id}) in {config.tracking.uri}")
+    from runner.redaction import redact_uri
+
+    typer.echo(f"sweep {config.name} ({sweep_id}) in {redact_uri(config.tracking.uri)}")
     if status["parent_run_id"] is None:
         typer.echo("no runs yet")
         return
@@ -269,6 +373,7 @@ def export(
     from mlflow.exceptions import MlflowException
 
     from runner.config.loading import load_experiment
+    from runner.config.locations import check_output_file
     from runner.errors import ConfigError
     from runner.tracking import export as export_lib
 
@@ -276,11 +381,16 @@ def export(
         if file_format not in export_lib.EXPORT_FORMATS:
             raise ConfigError(f"--format: {file_format!r} is not allowed (allowed: csv, parquet)")
         config = load_experiment(file, set_ or [])
+        default = export_lib.default_export_path(config, file_format)
+        target = out if out is not None else default
+        if target.is_dir():  # like cp: a directory receives the file under its default name
+            target = target / default.name
+        check_output_file(target, "--out")
         try:
             frame = export_lib.finished_points_frame(config)
         except MlflowException as error:
             raise RunnerError(f"tracking.uri: cannot read {config.tracking.uri}: {error.message}") from None
-        path = export_lib.write_frame(frame, out or export_lib.default_export_path(config, file_format), file_format)
+        path = export_lib.write_frame(frame, target, file_format)
     except RunnerError as error:
         raise _fail(error) from None
     typer.echo(f"wrote {len(frame)} rows to {path}")

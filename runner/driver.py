@@ -4,6 +4,10 @@
 left in the spool, runs the rest in jobs on an executor (`runner.execution`), and logs each point as it
 completes. This process is the only MLflow writer: results come back on this thread and a tracking thread logs
 them (`runner.tracking.writer.TrackingWriter`) while the executor goes on.
+
+Before any of that, and before a model file is read or Ray starts, `claim_sweep` leases the sweep to this driver
+(reaching a tracking server first; `runner.tracking.lease`): a second driver of the same sweep stops at once, and
+no point is ever logged twice.
 """
 
 from __future__ import annotations
@@ -23,10 +27,14 @@ from runner.execution.local import LocalExecutor
 from runner.plan.points import Job, Point, SteeringPoint
 from runner.plan.prepare import SweepPlan
 from runner.plan.search import CurveSearch, ScaleSamples, next_round
+from runner.redaction import redact_uri
 from runner.results import Result
 
 if TYPE_CHECKING:
-    # MLflow is imported on the tracking set-up thread, while Ray and the workers start on this one.
+    from collections.abc import Callable
+
+    from runner.config.schema import ExperimentConfig
+    from runner.tracking.lease import SweepLease
     from runner.tracking.spool import Spool
     from runner.tracking.store import SweepTracker
     from runner.tracking.writer import TrackingWriter
@@ -77,6 +85,33 @@ def spool_path(output_dir: Path, sweep_id: str) -> Path:
     return Path(output_dir) / ".runner" / "spool" / f"{sweep_id}.jsonl"
 
 
+def claim_sweep(
+    config: ExperimentConfig,
+    sweep_id: str,
+    *,
+    take_over: bool = False,
+    on_retry: Callable[[str, float], None] | None = None,
+) -> SweepLease:
+    """Leases the sweep to this driver, reaching a tracking server first (retrying for `tracking.retry_timeout_s`);
+    call it before anything heavy starts, and release the lease when the sweep ends.
+
+    Args:
+      config: The experiment.
+      sweep_id: Its sweep (`runner.plan.points.sweep_id`).
+      take_over: Take a tracking server's lease even while another driver's heartbeat is fresh.
+      on_retry: Called with (the failure, seconds until the next try) while the store is unreachable.
+
+    Raises:
+      TrackingUnavailable: The store stayed unreachable, or refused the connection.
+      LeaseHeld: Another driver runs the sweep.
+    """
+    from runner.tracking.lease import claim_sweep as claim
+
+    tracking = config.tracking
+    return claim(tracking.uri, tracking.experiment, sweep_id, retry_timeout_s=tracking.retry_timeout_s,
+                 take_over=take_over, on_retry=on_retry)
+
+
 def run_sweep(
     sweep_plan: SweepPlan,
     *,
@@ -84,6 +119,7 @@ def run_sweep(
     executor: JobExecutor | None = None,
     progress: ProgressCallback | None = None,
     output_dir: Path | None = None,
+    lease: SweepLease | None = None,
 ) -> SweepSummary:
     """Runs the planned sweep and logs every point to MLflow (this process is the only MLflow writer).
 
@@ -91,15 +127,25 @@ def run_sweep(
     earlier run whose tracking server went away (`output_dir/.runner/spool/`, `output_dir` defaulting to the
     working directory) are logged first, without being computed again. Results are logged by a tracking thread
     while the executor goes on (`TrackingWriter`). `executor` defaults to a `LocalExecutor`. `progress` is called
-    after every logged job with (points done, points to run, failures, tokens).
+    after every logged job with (points done, points to run, failures, tokens). `lease` is the sweep's lease
+    (`claim_sweep`); without one, the sweep is claimed here, before the executor starts, and released at the end.
 
     Raises:
-      TrackingUnavailable: The tracking server stayed unreachable for `tracking.retry_timeout_s`; the finished
-        results are in the spool for the next run.
+      TrackingUnavailable: The tracking server stayed unreachable for `tracking.retry_timeout_s` (at the start, or
+        during the sweep: then the finished results are in the spool for the next run).
+      LeaseHeld: Another driver runs the sweep.
+      LeaseLost: Another driver took the sweep over meanwhile; its runs are left to that driver.
     """
-    executor = executor if executor is not None else LocalExecutor(sweep_plan, cache_dir)
-    spool = spool_path(output_dir if output_dir is not None else Path.cwd(), sweep_plan.sweep_id)
-    return SweepRun(sweep_plan, executor, spool, progress).run()
+    own_lease = lease is None
+    if own_lease:
+        lease = claim_sweep(sweep_plan.config, sweep_plan.sweep_id)
+    try:
+        executor = executor if executor is not None else LocalExecutor(sweep_plan, cache_dir)
+        spool = spool_path(output_dir if output_dir is not None else Path.cwd(), sweep_plan.sweep_id)
+        return SweepRun(sweep_plan, executor, spool, progress, lease).run()
+    finally:
+        if own_lease:
+            lease.release()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,8 +183,9 @@ class SweepRun:
     """
 
     def __init__(self, sweep_plan: SweepPlan, executor: JobExecutor, spool: Path,
-                 progress: ProgressCallback | None = None):
+                 progress: ProgressCallback | None = None, lease: SweepLease | None = None):
         self._plan = sweep_plan
+        self._lease = lease
         self._executor = executor
         self._spool_path = spool
         self._progress = progress
@@ -151,6 +198,8 @@ class SweepRun:
     def run(self) -> SweepSummary:
         """Runs the sweep to its end; see `run_sweep`."""
         started = time.perf_counter()
+        if self._lease is not None:
+            self._lease.check()  # a lease lost while the plan was made: the runs are another driver's
         background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="runner-tracking-setup")
         opening = background.submit(self.open_tracking)
         try:
@@ -181,7 +230,7 @@ class SweepRun:
         except BaseException as error:
             with contextlib.suppress(BaseException):
                 opening.result()  # an interrupt may come while the sweep is being opened: close what was opened
-            if self._tracker is not None:
+            if self._tracker is not None and not _is_lease_lost(error):  # a new owner has the runs now
                 self._tracker.abort(error)
             raise
         finally:
@@ -208,14 +257,16 @@ class SweepRun:
     def open_tracking(self) -> _Opened:
         """Connects to the tracking store, opens the sweep, finds its finished points and logs what an earlier run
         left in the spool (on the set-up thread)."""
+        from runner.tracking.lease import reach_store
         from runner.tracking.spool import Spool
         from runner.tracking.store import SweepTracker
 
         config = self._plan.config
         opened = time.perf_counter()
         self._spool = Spool(self._spool_path)
+        reach_store(config.tracking.uri, config.tracking.retry_timeout_s)  # a new local store: created safely
         self._tracker = SweepTracker(config.tracking.uri, config.tracking.experiment)
-        parent_run_id = self._tracker.open_sweep(config, self._plan.sweep_id, len(self._plan.points))
+        parent_run_id = self._tracker.open_sweep(_as_logged(config), self._plan.sweep_id, len(self._plan.points))
         done = self._tracker.finished_point_keys()
         by_key: dict[str, Point] = {point.point_key: point for point in self._plan.points}
         unlogged = [r for r in self._spool.read() if r.point_key not in done]
@@ -321,9 +372,15 @@ class SweepRun:
         self._execute(remaining, writer, lambda job, results: writer.put_results(job.points, results))
 
     def _execute(self, points: Sequence[Point], writer: TrackingWriter,
-                 on_result: Callable[[Job, list[Result]], None]) -> None:
-        """Runs the points' jobs on the executor, results to `on_result` and failures to the tracking thread (see
-        `_run_jobs`)."""
+                 put_results: Callable[[Job, list[Result]], None]) -> None:
+        """Runs the points' jobs on the executor, results to `put_results` (after checking the sweep's lease) and
+        failures to the tracking thread (see `_run_jobs`)."""
+
+        def on_result(job: Job, results: list[Result]) -> None:
+            if self._lease is not None:
+                self._lease.check()
+            put_results(job, results)
+
         try:
             self._executor.run(
                 self._plan.pack(points),
@@ -337,3 +394,17 @@ class SweepRun:
             with contextlib.suppress(TrackingUnavailable):
                 writer.close(abandon=True)
             raise
+
+
+def _as_logged(config: ExperimentConfig) -> ExperimentConfig:
+    """The config as the parent run records it: the tracking URI without credentials (`redact_uri`)."""
+    uri = redact_uri(config.tracking.uri)
+    if uri == config.tracking.uri:
+        return config
+    return config.model_copy(update={"tracking": config.tracking.model_copy(update={"uri": uri})})
+
+
+def _is_lease_lost(error: BaseException) -> bool:
+    from runner.tracking.lease import LeaseLost
+
+    return isinstance(error, LeaseLost)

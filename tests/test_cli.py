@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from runner.cli import app
 from runner.sae.params import random_sae_arrays, write_params_npz
+from tests.mlflow_server import free_port, kill_process_group
 
 
 def experiment(tmp_path: Path, model_dir: Path, sae_root: Path, **changes) -> Path:
@@ -185,3 +194,231 @@ def test_synth_writes_a_model_and_saes_that_a_local_sweep_runs_on(tmp_path, cach
 def test_synth_rejects_an_unknown_preset(tmp_path) -> None:
     code, stderr = run_cli("synth", str(tmp_path / "x"), "--preset", "huge")
     assert code == 2 and stderr.strip() == "error: --preset: 'huge' is not allowed (allowed: tiny, small)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hostile input: refused in one line, in bounded time and memory
+
+
+#: Runs a command and reports its exit code, stderr, wall and CPU seconds and peak memory. A small launcher: a
+#: child's peak memory (`ru_maxrss`) starts from its parent's at the fork, which for pytest is gigabytes.
+LAUNCHER = (
+    "import json, resource, subprocess, sys, time; started = time.monotonic(); "
+    "done = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); "
+    "usage = resource.getrusage(resource.RUSAGE_CHILDREN); "
+    "print(json.dumps([done.returncode, done.stderr, time.monotonic() - started, "
+    "usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024]))"
+)
+
+
+def validate_in_a_subprocess(path: Path) -> tuple[int, str, float, float, int]:
+    """`runner validate` as a new process: exit code, stderr, wall and CPU seconds, peak memory (bytes)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    launched = subprocess.run([sys.executable, "-c", LAUNCHER, sys.executable, "-m", "runner.cli", "validate",
+                               str(path)], env=env, capture_output=True, text=True, check=True, timeout=120)
+    code, stderr, wall_s, cpu_s, peak_bytes = json.loads(launched.stdout)
+    return code, stderr, wall_s, cpu_s, peak_bytes
+
+
+def test_an_alias_bomb_and_a_ten_million_point_grid_are_refused_within_2_seconds_and_200_mb(tmp_path) -> None:
+    from tests.config.test_loading import BILLION_LAUGHS
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(BILLION_LAUGHS)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "name": "huge", "model": {"source": "synthetic"}, "sae": {"source": "synthetic"},
+        "prompts": [f"prompt {i}" for i in range(10)],
+        "steering": {"layers": list(range(10)), "features": list(range(100)), "scales": list(range(100)),
+                     "seeds": list(range(10))},
+    }))
+    for path, needle in ((bomb, "aliases expand this value to more than 1,000,000 values"),
+                         (grid, "is 10,000,000 points (allowed: at most 1,000,000;")):
+        code, stderr, wall_s, cpu_s, peak_bytes = validate_in_a_subprocess(path)
+        assert code == 2 and stderr.count("\n") == 1 and stderr.startswith(f"error: {path}: "), stderr
+        assert needle in stderr
+        # The whole command (interpreter start-up and imports included): CPU seconds, which a busy machine does
+        # not inflate; the wall clock only guards against a refusal that grows without bound.
+        assert cpu_s < 2.0 and wall_s < 20.0, (path.name, cpu_s, wall_s)
+        assert peak_bytes < 200 * 2**20, (path.name, peak_bytes)
+
+
+def test_a_duplicated_key_is_refused_with_its_line(tmp_path, tiny_model_dir, sae_root) -> None:
+    path = experiment(tmp_path, tiny_model_dir, sae_root)
+    path.write_text(path.read_text() + "name: second-name\n")
+    assert_one_line_error(tmp_path, *run_cli("run", str(path)), "duplicate key 'name'", "(first at line")
+
+
+def test_a_garbage_tokenizer_is_one_line_before_anything_starts(tmp_path, tiny_model_dir, sae_root) -> None:
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "tokenizer.model").write_bytes(os.urandom(3000))
+    path = experiment(tmp_path, broken, sae_root)
+    assert_one_line_error(tmp_path, *run_cli("run", str(path)), "tokenizer.model is not a sentencepiece model")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The preflight: an output path that cannot be written stops `runner` before anything starts
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "needle"),
+    [
+        ("--cache-dir", "/proc/runner-cannot-write-here", "--cache-dir: cannot write to the directory"),
+        ("--summary-json", "/proc/runner-cannot-write-here/summary.json", "--summary-json: cannot write to the"),
+        ("--summary-json", ".", "--summary-json: '.' is a directory (allowed: a file path)"),
+    ],
+)
+def test_an_output_path_that_cannot_be_written_is_refused_first(tmp_path, tiny_model_dir, sae_root, option, value,
+                                                                needle) -> None:
+    path = experiment(tmp_path, tiny_model_dir, sae_root)
+    assert_one_line_error(tmp_path, *run_cli("run", str(path), option, value), needle)
+    assert not (tmp_path / "mlflow.db").exists(), "nothing was opened"
+
+
+def test_an_unreachable_tracking_server_is_one_line_before_ray_starts_and_keeps_its_token(
+    tmp_path, tiny_model_dir, sae_root, monkeypatch
+) -> None:
+    import ray
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://127.0.0.1:{free_port()}/mlflow?token=s3cr3t-t0k3n"
+    path = experiment(tmp_path, tiny_model_dir, sae_root, tracking={"uri": uri, "retry_timeout_s": 2})
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert_one_line_error(tmp_path, result.exit_code, result.stderr, "tracking.uri: http://127.0.0.1:",
+                          "/mlflow?token=*** unreachable for", "(tracking.retry_timeout_s=2)")
+    assert result.exit_code == 2 and "s3cr3t" not in result.output
+    assert not ray.is_initialized(), "Ray was not started"
+
+
+def test_runs_and_export_of_a_sweep_never_run_create_no_store(tmp_path, sae_root) -> None:
+    path = experiment(tmp_path, tmp_path / "not-needed", sae_root)
+    result = CliRunner().invoke(app, ["runs", str(path)])
+    assert result.exit_code == 0 and "no runs yet" in result.stdout
+    assert_one_line_error(tmp_path, *run_cli("export", str(path), "--format", "csv"), "has no runs", "run it first")
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.fixture()
+def finished_sweep(tmp_path, tiny_model_dir, sae_root, cache_dir) -> Path:
+    """The experiment file of a 2-point sweep run to its end (in this process)."""
+    from runner.config.loading import load_experiment
+    from runner.driver import run_sweep
+    from runner.plan.prepare import prepare_sweep
+
+    path = experiment(tmp_path, tiny_model_dir, sae_root)
+    summary = run_sweep(prepare_sweep(load_experiment(path), cache_dir), cache_dir=cache_dir)
+    assert summary.points_finished == 2
+    return path
+
+
+def test_export_into_a_directory_writes_the_file_there_under_its_default_name(finished_sweep, tmp_path) -> None:
+    (tmp_path / "exports").mkdir()
+    result = CliRunner().invoke(app, ["export", str(finished_sweep), "--format", "csv", "--out", "exports"])
+    assert result.exit_code == 0, result.output
+    (written,) = (tmp_path / "exports").iterdir()
+    assert written.name.startswith("bad-input-") and written.suffix == ".csv"
+    assert f"wrote 2 rows to {written.relative_to(tmp_path)}" in result.stdout
+    code, stderr = run_cli("export", str(finished_sweep), "--format", "csv", "--out", "/proc/nope/x.csv")
+    assert_one_line_error(tmp_path, code, stderr, "--out: cannot write to the directory '/proc/nope'")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Faults of a real `runner run` (a new process, a local Ray): one line, the right exit code, no point failed or
+# left RUNNING for what was not a point's fault
+
+
+def start_runner(path: Path, cache_dir: Path) -> subprocess.Popen:
+    env = {**{key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"},
+           "PYTHONPATH": str(Path(__file__).parents[1]), "JAX_COMPILATION_CACHE_DIR": str(cache_dir / "jax-cache")}
+    return subprocess.Popen([sys.executable, "-m", "runner.cli", "run", str(path), "--cache-dir", str(cache_dir)],
+                            cwd=path.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def finish(process: subprocess.Popen) -> tuple[str, str]:
+    try:
+        return process.communicate(timeout=300)
+    finally:
+        process.kill()
+        kill_process_group(process.pid)
+        process.wait()
+
+
+def runs_by_status(database: Path) -> dict[tuple[str, str], int]:
+    """(role, status) -> runs, straight from the sqlite file."""
+    with sqlite3.connect(database, timeout=30) as connection:
+        rows = connection.execute("select t.value, r.status, count(*) from runs r join tags t on t.run_uuid = "
+                                  "r.run_uuid where t.key = 'runner.role' group by t.value, r.status").fetchall()
+    return {(role, status): count for role, status, count in rows}
+
+
+def points_finished(database: Path) -> int:
+    try:
+        return runs_by_status(database).get(("point", "FINISHED"), 0) if database.exists() else 0
+    except sqlite3.OperationalError:  # the tables are being created
+        return 0
+
+
+def wait_for_points(process: subprocess.Popen, database: Path, count: int) -> None:
+    deadline = time.monotonic() + 240
+    while points_finished(database) < count:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no point finished in time"
+        time.sleep(0.2)
+
+
+def error_lines(stderr: str) -> list[str]:
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_a_truncated_checkpoint_ends_the_sweep_with_orbaxs_cause_in_one_line_and_fails_no_point(
+    tmp_path, tiny_model_dir, sae_root, cache_dir
+) -> None:
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, broken)
+    data = max((path for path in broken.rglob("*") if path.is_file()), key=lambda path: path.stat().st_size)
+    os.truncate(data, data.stat().st_size // 2)
+    _, stderr = finish(process := start_runner(experiment(tmp_path, broken, sae_root), cache_dir))
+    assert process.returncode == 2, stderr[-3000:]
+    (line,) = error_lines(stderr)
+    assert " cannot load the model checkpoint: OUT_OF_RANGE: Error reading " in line
+    assert stderr.count("OUT_OF_RANGE") == 1, f"shown once: {stderr[-3000:]}"
+    assert runs_by_status(tmp_path / "mlflow.db") == {("sweep", "FAILED"): 1}, f"no point run, none RUNNING: {stderr}"
+
+
+def test_a_dead_local_ray_node_stops_the_sweep_resumably_with_the_command_to_resume(
+    tmp_path, tiny_model_dir, sae_root, cache_dir
+) -> None:
+    path = experiment(tmp_path, tiny_model_dir, sae_root, steering={"features": [1, 2, 3, 4]},
+                      sampling={"batch_size": 1})
+    process = start_runner(path, cache_dir)
+    wait_for_points(process, tmp_path / "mlflow.db", 2)
+    raylet = next(child for child in psutil.Process(process.pid).children(recursive=True) if child.name() == "raylet")
+    raylet.kill()
+    _, stderr = finish(process)
+    assert process.returncode == 75, stderr[-3000:]
+    (line,) = error_lines(stderr)
+    assert line.startswith(f"error: the local Ray node died: its raylet (pid {raylet.pid}) is gone (killed, ")
+    assert f"run `runner run {path} --cache-dir {cache_dir}` to resume (finished points are skipped)" in line
+    counts = runs_by_status(tmp_path / "mlflow.db")
+    left = int(line.split("; ")[1].split(" of the sweep's points")[0])
+    assert counts[("point", "FINISHED")] + left == 8 and left > 0
+    assert set(counts) == {("point", "FINISHED"), ("sweep", "FAILED")}, "no point FAILED, none RUNNING"
+
+
+def test_ctrl_c_says_how_to_resume_and_leaves_nothing_running(tmp_path, tiny_model_dir, sae_root, cache_dir) -> None:
+    path = experiment(tmp_path, tiny_model_dir, sae_root, steering={"features": [1, 2, 3, 4]},
+                      sampling={"batch_size": 1})
+    process = start_runner(path, cache_dir)
+    wait_for_points(process, tmp_path / "mlflow.db", 1)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = finish(process)
+    assert process.returncode == 130, stderr[-3000:]
+    assert error_lines(stderr) == []
+    assert f"run `runner run {path} --cache-dir {cache_dir}` to resume (finished points are skipped)" in stderr
+    counts = runs_by_status(tmp_path / "mlflow.db")
+    assert ("point", "RUNNING") not in counts and ("sweep", "RUNNING") not in counts
+    assert counts[("sweep", "KILLED")] == 1 and counts[("point", "FINISHED")] >= 1

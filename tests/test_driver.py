@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 
 from runner.config.loading import load_experiment
 from runner.driver import run_sweep
-from runner.plan.prepare import prepare_sweep
+from runner.plan.prepare import outline, prepare_sweep
 
 STEERING = {"layers": [1, 2], "features": [3, 40], "scales": [0, 30], "seeds": [0]}
 
@@ -68,13 +68,30 @@ def test_every_point_is_one_finished_child_run(finished_sweep) -> None:
     assert parent.info.status == "FINISHED"
 
 
+def test_validate_bounds_the_tokens_a_run_counts(finished_sweep) -> None:
+    config, plan, summary = finished_sweep
+    bound = outline(config).tokens
+    assert bound == len(plan.points) * config.sampling.max_new_tokens
+    assert 0 < summary.generated_tokens <= bound
+
+
+def test_the_logged_config_of_synthetic_saes_has_no_gemma_scope_width(finished_sweep, tmp_path) -> None:
+    config, _, summary = finished_sweep
+    path = MlflowClient(config.tracking.uri).download_artifacts(summary.parent_run_id, "config/experiment.yaml",
+                                                                str(tmp_path))
+    logged = yaml.safe_load(Path(path).read_text())
+    assert logged["sae"] == {"source": "synthetic", "site": "res", "width_features": None, "target_l0": 16.0,
+                             "seed": 0}
+
+
 def test_child_runs_carry_params_tags_and_metrics(finished_sweep) -> None:
     config, plan, _ = finished_sweep
     run = next(r for r in child_runs(config.tracking.uri, config.name) if r.data.params["scale"] == "30.0")
     params = run.data.params
     assert {"model", "sae_id", "layer", "feature", "scale", "seed", "temperature", "prompt_index",
             "max_new_tokens"} <= set(params)
-    assert params["model"] == "synthetic:tiny:seed0" and params["sae_id"].startswith("synthetic:")
+    assert params["model"] == "synthetic:tiny:seed0"
+    assert params["sae_id"] == f"synthetic:layer_{params['layer']}/width_256/target_l0_16/seed0@tiny:seed0"
     assert run.data.tags["sweep_id"] == plan.sweep_id
     metrics = run.data.metrics
     assert metrics["gen/measured_tokens"] > 0
@@ -206,3 +223,15 @@ def test_a_rerun_of_an_evaluation_sweep_skips_every_finished_sae(evaluation_swee
     again = run_sweep(prepare_sweep(config, cache_dir), cache_dir=cache_dir)
     assert (again.points_skipped, again.points_finished) == (len(plan.points), 0)
     assert len(child_runs(config.tracking.uri, config.name)) == len(plan.points)
+
+
+def test_the_parent_run_records_the_config_without_the_credentials_of_its_tracking_uri(tmp_path) -> None:
+    from runner.driver import _as_logged
+
+    config = load_experiment(write_experiment(tmp_path))
+    uri = "postgresql://db.internal/mlflow?user=runner&password=hunter2&sslmode=require"
+    with_secret = config.model_copy(update={"tracking": config.tracking.model_copy(update={"uri": uri})})
+    logged = _as_logged(with_secret).to_yaml()
+    assert "hunter2" not in logged
+    assert "postgresql://db.internal/mlflow?user=runner&password=***&sslmode=require" in logged
+    assert _as_logged(config) is config, "a URI without secrets is logged as it is"

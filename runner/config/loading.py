@@ -3,6 +3,11 @@
 Every failure of `load_experiment` is a `ConfigError` whose message is one line naming the file, the field path,
 the offending value and what is allowed, e.g.
 `experiments/x.yaml: steering.scales.1: 'abc' is not a number`.
+
+YAML is read with PyYAML's safe loader, bounded against hostile files: a file larger than `MAX_FILE_BYTES`, aliases
+that expand beyond `MAX_YAML_VALUES` values (a "billion laughs" bomb is refused while it is parsed, before anything
+is built from it) and a key given twice in one mapping (which YAML loaders otherwise resolve silently, the last one
+winning) are refused with their line.
 """
 
 from __future__ import annotations
@@ -43,15 +48,100 @@ def load_experiment(path: Path, overrides: Sequence[str] = ()) -> ExperimentConf
         raise ConfigError(f"{path}: {format_validation_error(error)}") from None
 
 
+#: Largest experiment file read (long prompt lists belong in `prompts: {file: ...}`).
+MAX_FILE_BYTES = 4 * 2**20
+#: Most values (scalars, lists and mappings, each alias counted as everything it stands for) one YAML document
+#: may expand to.
+MAX_YAML_VALUES = 1_000_000
+
+
+class _YAMLRefused(yaml.MarkedYAMLError):
+    """A YAML document the bounded loader refuses (its `problem` says why, its mark where)."""
+
+
+class BoundedSafeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no Python tags), refusing a key given twice in a mapping and a document whose aliases
+    expand to more than `MAX_YAML_VALUES` values.
+
+    Each node's expanded size (itself plus everything under it, aliases counted in full) is kept while the
+    document is composed, so a bomb is refused as soon as its first oversized anchor is used, in time and memory
+    linear in the file.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._expanded: dict[int, int] = {}
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        """Composes one node and records its expanded size (refusing a recursive alias or an oversized one)."""
+        is_alias = self.check_event(yaml.AliasEvent)
+        mark = self.peek_event().start_mark
+        node = super().compose_node(parent, index)
+        if is_alias:
+            if id(node) not in self._expanded:
+                raise _YAMLRefused(problem="a recursive alias (an anchor used inside itself) is not allowed",
+                                   problem_mark=mark)
+            return node
+        if isinstance(node, yaml.SequenceNode):
+            size = 1 + sum(self._expanded[id(child)] for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            size = 1 + sum(self._expanded[id(key)] + self._expanded[id(value)] for key, value in node.value)
+        else:
+            size = 1
+        if size > MAX_YAML_VALUES:
+            raise _YAMLRefused(
+                problem=f"aliases expand this value to more than {MAX_YAML_VALUES:,} values (allowed: at most "
+                        f"{MAX_YAML_VALUES:,}; is this an alias bomb?)",
+                problem_mark=node.start_mark,
+            )
+        self._expanded[id(node)] = size
+        return node
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        """Composes a mapping, refusing a key that appears twice (merge keys `<<` excepted)."""
+        node = super().compose_mapping_node(anchor)
+        seen: dict[tuple[str, str], yaml.Node] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue
+            first = seen.setdefault((key.tag, key.value), key)
+            if first is not key:
+                raise _YAMLRefused(
+                    problem=f"duplicate key {key.value!r} (first at line {first.start_mark.line + 1}; allowed: each "
+                            "key once per mapping)",
+                    problem_mark=key.start_mark,
+                )
+        return node
+
+
+def safe_load_bounded(text: str) -> Any:
+    """Parses one YAML document with `BoundedSafeLoader`.
+
+    Raises:
+      yaml.YAMLError: Invalid YAML, a Python tag, a duplicate key or an alias bomb.
+    """
+    loader = BoundedSafeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ConfigError(
+                f"{path}: the file is {size / 2**20:.1f} MiB (allowed: at most {MAX_FILE_BYTES // 2**20} MiB; put "
+                "long prompt lists in prompts: {file: PATH})"
+            )
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: cannot read: {one_line(str(error))}") from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_load_bounded(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: {_describe_yaml_error(error)}") from None
     if not isinstance(data, dict):
@@ -63,6 +153,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _describe_yaml_error(error: yaml.YAMLError) -> str:
+    if isinstance(error, _YAMLRefused):
+        mark = error.problem_mark
+        return f"line {mark.line + 1}, column {mark.column + 1}: {error.problem}"
     if isinstance(error, yaml.MarkedYAMLError):
         mark, problem = error.problem_mark, error.problem or str(error)
     else:
@@ -78,7 +171,7 @@ def _apply_override(raw: dict[str, Any], override: str, source: Path) -> dict[st
     if not sep or not key:
         raise ConfigError(f"{source}: --set {override!r}: expected KEY=VALUE, e.g. steering.scales=[0, 10]")
     try:
-        value = yaml.safe_load(text)
+        value = safe_load_bounded(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: --set {key}: {_describe_yaml_error(error)}") from None
     parts = key.split(".")

@@ -12,6 +12,11 @@
 
 `classify_gang` does the same for a slice replica from what all its failed members raised.
 
+A worker that cannot start (its checkpoint, tokenizer or SAEs do not load, its device does not come up) is not
+a job's fault: `startup_error` turns what its start-up raised into a `WorkerStartupError`, classified on the worker
+and carrying the first meaningful line of the cause (orbax's, sentencepiece's, XLA's), which the executor raises
+instead of failing any point.
+
 `FaultPolicy` decides the job's fate for both executors: a lost worker (a preemption, a crash, a worker killed
 for memory) sends it back to the front of the queue without using an attempt (after `max_worker_crashes` crashes
 it fails); a job error (an out-of-memory error included) is retried at the back of the queue until its attempts
@@ -28,13 +33,16 @@ import collections
 import dataclasses
 import logging
 import re
+import traceback
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar, Literal, assert_never
 
 import ray
 from ray import exceptions as ray_errors
 
+from runner.errors import CheckpointError, RunnerError, SAEError, first_line
 from runner.plan.points import Job
+from runner.redaction import scrub
 from runner.results import Result
 
 if TYPE_CHECKING:
@@ -55,6 +63,8 @@ TAG_PREEMPTIONS = "runner.preemptions"
 TAG_WORKER_CRASHES = "runner.worker_crashes"
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: The last line of a Python traceback that names the exception: `package.SomeError: message`.
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*")
 
 
 class RecurringJobError(Exception):
@@ -109,6 +119,116 @@ class RecurringError:
 Fault = PreemptedHost | CrashedWorker | OutOfMemory | JobError | RecurringError
 #: Asks Ray which nodes are alive now (tests pass their own).
 AliveNodes = Callable[[], Collection[str]]
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Start-up failures
+
+
+#: What a worker could not start, by where its start-up failed.
+StartupStage = Literal["checkpoint", "tokenizer", "sae", "device", "memory", "worker"]
+_STAGE_WORDS: dict[str, str] = {
+    "checkpoint": "cannot load the model checkpoint",
+    "tokenizer": "cannot load the tokenizer",
+    "sae": "cannot load an SAE",
+    "device": "cannot start its accelerator",
+    "memory": "out of memory while loading",
+    "worker": "failed to start",
+}
+#: Where in a traceback a start-up failure happened (a path fragment of the frame's file), most specific first.
+_STAGE_OF_FRAME: tuple[tuple[str, StartupStage], ...] = (
+    ("sentencepiece", "tokenizer"),
+    ("runner/model/tokenizer", "tokenizer"),
+    ("runner/sae/", "sae"),
+    ("runner/nn/jumprelu", "sae"),
+    ("orbax", "checkpoint"),
+    ("tensorstore", "checkpoint"),
+    ("safetensors", "checkpoint"),
+    ("runner/model/", "checkpoint"),
+    ("jax/_src/xla_bridge", "device"),
+    ("jaxlib", "device"),
+)
+#: A message that starts with its own status word (absl's `OUT_OF_RANGE:`, sentencepiece's `Internal:`).
+_STATUS_PREFIX = re.compile(r"^[A-Z][A-Za-z_]*: ")
+#: Longest cause line a start-up error keeps.
+_MAX_LINE = 500
+
+
+class WorkerStartupError(RunnerError):
+    """A worker could not start: one line naming the worker, what failed (`stage`) and the cause's first
+    meaningful line, credentials removed. Raised by the executor instead of failing the points.
+
+    Attributes:
+      stage: What failed: checkpoint, tokenizer, sae, device, memory, or worker (anything else).
+      cause_line: The cause's line, as shown in the message.
+      worker: The worker that failed.
+    """
+
+    def __init__(self, worker: str, stage: StartupStage, cause_line: str) -> None:
+        super().__init__(f"{worker} {_STAGE_WORDS[stage]}: {cause_line}")
+        self.worker, self.stage, self.cause_line = worker, stage, cause_line
+
+    def __reduce__(self) -> tuple[type[WorkerStartupError], tuple[str, str, str]]:
+        return type(self), (self.worker, self.stage, self.cause_line)
+
+
+def startup_error(error: BaseException, worker: str) -> WorkerStartupError:
+    """What a worker's start-up raised, as a `WorkerStartupError` (classified here, on the worker).
+
+    The line kept is runner's own message when runner raised (`RunnerError` anywhere in the chain), else the
+    first non-blank line of the innermost cause (e.g. orbax's `OUT_OF_RANGE: Error reading ...` under its
+    generic `Encountered error while reading array index`), after its type unless it starts with a status word of
+    its own. The stage comes from runner's error type, else from
+    the innermost frame of the chain that belongs to a known library or part of runner.
+    """
+    chain = list(_causes(error))
+    ours = next((cause for cause in chain if isinstance(cause, RunnerError)), None)
+    if isinstance(ours, WorkerStartupError):
+        return ours
+    shown = ours if ours is not None else chain[-1]
+    line = first_line(strip_ansi(str(shown))).removeprefix(f"{worker}: ")
+    if ours is None and not _STATUS_PREFIX.match(line):  # `OUT_OF_RANGE: ...` says more than `ValueError`
+        line = f"{type(shown).__name__}: {line}" if line else type(shown).__name__
+    line = scrub(line)
+    if len(line) > _MAX_LINE:
+        line = line[: _MAX_LINE - 3] + "..."
+    return WorkerStartupError(worker, _startup_stage(chain, ours), line)
+
+
+def raised_startup_error(errors: Sequence[BaseException]) -> WorkerStartupError | None:
+    """The `WorkerStartupError` among what a worker (or a gang's members) raised, unwrapped from Ray's task
+    error, or None."""
+    for error in errors:
+        cause = error.cause if isinstance(error, ray_errors.RayTaskError) else error
+        if isinstance(cause, WorkerStartupError):
+            return cause
+    return None
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """`error` and its causes, outermost first (each exception once)."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _startup_stage(chain: Sequence[BaseException], ours: BaseException | None) -> StartupStage:
+    if isinstance(ours, SAEError):
+        return "sae"
+    if is_out_of_memory(chain[-1]):
+        return "memory"
+    if ours is not None and type(ours).__name__ == "WorkerPlatformError":
+        return "device"
+    for cause in reversed(chain):
+        frames = list(traceback.extract_tb(cause.__traceback__))
+        for frame in reversed(frames):
+            path = frame.filename.replace("\\", "/")
+            stage = next((stage for fragment, stage in _STAGE_OF_FRAME if fragment in path), None)
+            if stage is not None:
+                return stage
+    return "checkpoint" if isinstance(ours, CheckpointError) else "worker"
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -347,8 +467,12 @@ def strip_ansi(text: str) -> str:
 
 
 def describe_ray_error(error: BaseException) -> str:
-    """A Ray error in one line: for a worker whose `__init__` raised, the exception it raised."""
+    """A Ray error in one line: for a worker whose `__init__` raised, the exception it raised (the traceback's
+    last `SomeError: message` line, not whatever the traceback ends with)."""
+    if isinstance(error, ray_errors.RayTaskError) and isinstance(error.cause, WorkerStartupError):
+        return str(error.cause)
     lines = [line.strip() for line in strip_ansi(str(error)).splitlines() if line.strip()]
     if isinstance(error, ray_errors.RayActorError) and error.actor_init_failed and lines:
-        return f"worker failed to start: {lines[-1]}"
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+        named = [line for line in lines if _EXCEPTION_LINE.match(line)]
+        return f"worker failed to start: {scrub((named or lines)[-1])}"
+    return f"{type(error).__name__}: {scrub(lines[0]) if lines else ''}"

@@ -3,6 +3,11 @@
 Before a host's worker loads anything it removes a TPU lockfile that a crashed worker left behind, and asserts the
 JAX platform it really got (a busy TPU makes JAX fall back to the CPU silently). The driver's SAE files are made
 valid on this host, and the workers of one filesystem take turns writing synthetic SAEs.
+
+A worker whose start-up fails does not die: it keeps the failure, classified here
+(`runner.execution.faults.startup_error`), and raises it from every call. The driver thus gets a typed
+`WorkerStartupError` with the cause's first meaningful line (Ray would pass on only the text of an exception
+raised in `__init__`, traceback and all) and ends the sweep with it instead of failing points.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import psutil
 import ray
 
 from runner.errors import RunnerError, first_line
+from runner.execution.faults import WorkerStartupError, startup_error
 from runner.plan.points import Job
 from runner.results import Result
 from runner.sae.sources import SAEFile
@@ -142,7 +148,8 @@ class HostWorker:
     (`ray.remote(HostWorker)`; `runner.execution.ray_hosts.RayExecutor` creates them).
 
     On start it removes a stale TPU lockfile (platform tpu), checks that JAX got `platform`, then loads the model
-    and SAEs once. `__init__` runs again on every restart of the actor.
+    and SAEs once. `__init__` runs again on every restart of the actor. If that fails, every call raises the
+    failure as a `WorkerStartupError` (see the module docstring).
 
     Args:
       worker_args: What the worker class takes besides the cache directory and its name
@@ -164,6 +171,15 @@ class HostWorker:
         worker_class: type[Worker] | None = None,
     ):
         self.name = f"{name}@{socket.gethostname()}"
+        self.platform, self.device_count = platform, 0
+        self._startup_error: WorkerStartupError | None = None
+        try:
+            self._start(worker_args, cache_dir, platform, worker_class)
+        except Exception as error:  # noqa: BLE001 - whatever start-up raised is reported by every call
+            self._startup_error = startup_error(error, self.name)
+
+    def _start(self, worker_args: Mapping[str, Any], cache_dir: Path, platform: str,
+               worker_class: type[Worker] | None) -> None:
         if platform == "tpu":
             remove_stale_tpu_lockfile()
         self.platform, self.device_count = check_jax_platform(platform, self.name)
@@ -181,8 +197,17 @@ class HostWorker:
                 **{**worker_args, "sae_files": sae_files}, cache_dir=cache_dir, worker_name=self.name
             )
 
+    def _started(self) -> None:
+        if self._startup_error is not None:
+            raise self._startup_error
+
     def info(self) -> WorkerInfo:
-        """Where this worker runs: name, hostname, Ray node id, process id, JAX platform and device count."""
+        """Where this worker runs: name, hostname, Ray node id, process id, JAX platform and device count.
+
+        Raises:
+          WorkerStartupError: The worker could not start.
+        """
+        self._started()
         return WorkerInfo(
             name=self.name,
             hostname=socket.gethostname(),
@@ -194,9 +219,11 @@ class HostWorker:
 
     def run_job(self, job: Job, attempt: int) -> list[Result]:
         """Runs one job; every result names this worker and the attempt."""
+        self._started()
         results = self._worker.run_job(job, attempt)
         return [dataclasses.replace(result, worker=self.name, attempt=attempt) for result in results]
 
     def compilations(self) -> int:
         """Programs this worker compiled since it (re)started."""
+        self._started()
         return self._worker.compilations

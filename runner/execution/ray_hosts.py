@@ -6,6 +6,11 @@ job. A worker that went away (its host, its raylet or its process: `ActorDiedErr
 `NodeDiedError`, ...) is probed until Ray has restarted it, or dropped when it is dead for good; when no worker is
 left, the remaining jobs fail with the reason.
 
+Two things end a run without failing any point. A worker that could not start (`WorkerStartupError`: its
+checkpoint, tokenizer, SAEs or device) is dropped, reported once while other workers run, and raised when no worker
+is left. The local Ray that the executor started for itself losing its raylet or control store
+(`LocalRayDied`) stops the run at once: running the sweep again resumes it.
+
 Results and failures are reported on the driver thread only, so the driver stays the only MLflow writer. The
 driver never runs JAX on an accelerator: `keep_driver_jax_on_cpu` pins it to the CPU, and every worker asserts
 the platform it really got (`runner.execution.host_actor`).
@@ -17,6 +22,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -32,6 +38,7 @@ from runner.execution.executor import FailureCallback, ResultCallback
 from runner.execution.faults import (
     FaultPolicy,
     Task,
+    WorkerStartupError,
     classify,
     describe_ray_error,
     fault_counts,
@@ -40,6 +47,8 @@ from runner.execution.faults import (
 )
 from runner.execution.host_actor import HostWorker, WorkerInfo
 from runner.execution.ray_setup import (
+    LocalRayDied,
+    LocalRayWatch,
     check_ray_address_reachable,
     connect_ray,
     keep_driver_jax_on_cpu,
@@ -68,6 +77,8 @@ class _Slot:
     failed_probes: int = 0
     last_error: str = ""
     node_id: str | None = None
+    startup_error: WorkerStartupError | None = None
+    startup_error_reported: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +144,7 @@ class RayExecutor:
         self._job_retries = 0
         self._slots: list[_Slot] | None = None
         self._owns_ray = False
+        self._local_ray: LocalRayWatch | None = None
         keep_driver_jax_on_cpu()
 
     @property
@@ -162,6 +174,8 @@ class RayExecutor:
         if self._slots is not None:
             return
         self._owns_ray = connect_ray(self._cluster)
+        started_local = self._owns_ray and not (self._cluster.address or os.environ.get("RAY_ADDRESS"))
+        self._local_ray = LocalRayWatch() if started_local else None
         try:
             self._slots = self._start_workers()
         except BaseException:
@@ -177,6 +191,10 @@ class RayExecutor:
         self.start()
         try:
             return ray.get([slot.actor.info.remote() for slot in self._slots], timeout=timeout_s)
+        except ray_errors.RayTaskError as error:
+            if isinstance(error.cause, WorkerStartupError):
+                raise error.cause from None
+            raise RunnerError(f"workers did not come up: {describe_ray_error(error)}") from None
         except (ray_errors.RayError, ray_errors.GetTimeoutError) as error:
             raise RunnerError(f"workers did not come up: {describe_ray_error(error)}") from None
 
@@ -192,6 +210,7 @@ class RayExecutor:
         controller = _Controller(
             self._slots, self._limits, on_result, on_failure,
             on_worker_ready=self._workers_seen.append,
+            local_ray_died=self._local_ray.what_died if self._local_ray is not None else None,
         )
         try:
             controller.run([Task(job) for job in jobs])
@@ -256,8 +275,10 @@ class _Controller:
         on_failure: FailureCallback,
         *,
         on_worker_ready: Callable[[WorkerInfo], None],
+        local_ray_died: Callable[[], str | None] | None = None,
     ):
         self._slots = slots
+        self._local_ray_died = local_ray_died
         self._limits = limits
         self._on_result = on_result
         self._on_failure = on_failure
@@ -269,19 +290,30 @@ class _Controller:
         self.faults = FaultPolicy(limits.max_job_retries, limits.max_worker_crashes, self._queue, on_failure)
 
     def run(self, tasks: list[Task]) -> None:
-        """Runs until every task has reported a result or a failure."""
+        """Runs until every task has reported a result or a failure.
+
+        Raises:
+          WorkerStartupError: No worker is left and one could not start (no job is failed for it).
+          LocalRayDied: The local Ray this run started lost its raylet or control store.
+        """
         self._queue.extend(tasks)
         for slot in self._slots:
             self._probe(slot)
         while self._queue or any(slot.state == "busy" for slot in self._slots):
+            self._stop_if_local_ray_died()
             self._probe_due_workers()
             self._dispatch()
+            self._report_startup_failures()
             if self._gave_up_for_lack_of_workers():
                 return
             if not self._in_flight:
                 time.sleep(self._limits.probe_interval_s / 4)
                 continue
-            ready, _ = ray.wait(list(self._in_flight), num_returns=1, timeout=1.0)
+            try:
+                ready, _ = ray.wait(list(self._in_flight), num_returns=1, timeout=1.0)
+            except ray_errors.RaySystemError:
+                self._stop_if_local_ray_died()
+                raise
             for ref in ready:
                 slot, task = self._in_flight.pop(ref)
                 if task is None:
@@ -301,9 +333,25 @@ class _Controller:
             if slot.state == "waiting" and now >= slot.next_probe_at:
                 self._probe(slot)
 
+    def _stop_if_local_ray_died(self) -> None:
+        """Raises `LocalRayDied` when the local Ray this run started lost a process its workers need."""
+        what = self._local_ray_died() if self._local_ray_died is not None else None
+        if what is None:
+            return
+        queued = sum(len(task.job.points) for task in self._queue)
+        running = sum(len(task.job.points) for _, task in self._in_flight.values() if task is not None)
+        raise LocalRayDied(what, queued + running)
+
     def _probe_returned(self, slot: _Slot, ref: ray.ObjectRef) -> None:
         try:
             info = ray.get(ref)
+        except ray_errors.RayTaskError as error:  # info() raised: the worker is up but could not start
+            cause = error.cause
+            slot.startup_error = cause if isinstance(cause, WorkerStartupError) else None
+            slot.last_error = str(cause) if slot.startup_error is not None else describe_ray_error(error)
+            with contextlib.suppress(Exception):
+                ray.kill(slot.actor, no_restart=True)
+            slot.state = "dead"
         except ray_errors.ActorDiedError as error:
             slot.last_error = describe_ray_error(error)
             slot.failed_probes += 1
@@ -358,13 +406,29 @@ class _Controller:
             self._dispatch()  # keep the worker busy while this thread hands the results over
             self._on_result(task.job, with_fault_tags(results, task.lost_on_nodes))
 
+    def _report_startup_failures(self) -> None:
+        """Warns, once per worker, of the workers that could not start while others run the sweep."""
+        if not any(slot.state in ("idle", "busy") for slot in self._slots):
+            return  # if none ever starts, the failure is raised instead
+        for slot in self._slots:
+            if slot.startup_error is not None and not slot.startup_error_reported:
+                _log.warning("%s; going on with the other workers", slot.startup_error)
+                slot.startup_error_reported = True
+
     def _gave_up_for_lack_of_workers(self) -> bool:
-        """Fails the queued jobs when every worker is dead, or none has been alive for `worker_wait_s`."""
+        """Fails the queued jobs when every worker is dead, or none has been alive for `worker_wait_s`.
+
+        Raises:
+          WorkerStartupError: Every worker is gone and one of them could not start.
+        """
         now = time.monotonic()
         if any(slot.state in ("idle", "busy") for slot in self._slots):
             self._last_worker_alive = now
             return False
         dead = [slot for slot in self._slots if slot.state == "dead"]
+        failed_start = [slot.startup_error for slot in dead if slot.startup_error is not None]
+        if len(dead) == len(self._slots) and failed_start:
+            raise failed_start[0]
         if len(dead) == len(self._slots):
             reason = f"no Ray worker left (all {len(dead)} died); last error: {dead[-1].last_error}"
         elif now - self._last_worker_alive > self._limits.worker_wait_s:

@@ -1,5 +1,6 @@
 """Joining or starting Ray for a sweep, from the driver: the driver's JAX kept on the CPU, the worker actors'
-options, and a fast check of a Ray address before `ray.init` would retry it for minutes."""
+options, a fast check of a Ray address before `ray.init` would retry it for minutes, and watching the local Ray
+that a sweep started for itself (`LocalRayWatch`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import socket
 import sys
 from typing import Any
 
+import psutil
 import ray
 
 from runner.config.schema import ClusterConfig
@@ -85,6 +87,55 @@ def connect_ray(cluster: ClusterConfig) -> bool:
                 "machine has, or cluster.address / --address of a Ray cluster with such hosts)"
             )
     return True
+
+
+#: The processes of a local Ray node without which its workers cannot run: the node manager and the control store.
+LOCAL_RAY_PROCESSES = ("raylet", "gcs_server")
+
+
+class LocalRayDied(RunnerError):
+    """The local Ray that runner started for the sweep lost a process its workers need (killed, e.g. by the
+    kernel's out-of-memory killer). The sweep stops; running it again resumes it.
+
+    Attributes:
+      points_left: The sweep's points that had not come back when the node died.
+    """
+
+    def __init__(self, what: str, points_left: int) -> None:
+        super().__init__(f"the local Ray node died: {what}; {points_left} of the sweep's points had not run")
+        self.what, self.points_left = what, points_left
+
+    def __reduce__(self) -> tuple[type[LocalRayDied], tuple[str, int]]:
+        return type(self), (self.what, self.points_left)
+
+
+class LocalRayWatch:
+    """The processes of the local Ray this driver started (its descendants named in `LOCAL_RAY_PROCESSES`), found
+    right after `ray.init`, and whether they still run."""
+
+    def __init__(self) -> None:
+        self._processes: dict[str, psutil.Process] = {}
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if child.name() in LOCAL_RAY_PROCESSES:
+                        self._processes.setdefault(child.name(), child)
+
+    @property
+    def watched(self) -> list[str]:
+        """Names of the processes watched (none when they could not be found)."""
+        return sorted(self._processes)
+
+    def what_died(self) -> str | None:
+        """`its raylet (pid N) is gone (...)` for the first watched process that no longer runs, else None."""
+        for name, process in sorted(self._processes.items()):
+            try:
+                alive = process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                alive = False
+            if not alive:
+                return f"its {name} (pid {process.pid}) is gone (killed, perhaps by the kernel's out-of-memory killer)"
+        return None
 
 
 def _shutdown_quietly() -> None:

@@ -19,6 +19,10 @@ kills the whole gang and builds a new one (a new coordinator; `jax.distributed` 
 process). After a preemption the old reservation is given back and a new slice is reserved (a replacement slice
 has a new name); the time a replica spends without its slice after a loss is `slice_wait_s` in the fault counts.
 
+A member that cannot start (checkpoint, tokenizer, device...) raises a classified `WorkerStartupError`; a gang
+that keeps failing to start is given up, and when no replica is left the sweep ends with that error, no point
+failed.
+
 Order of things on a member (each rule learnt the hard way): nothing touches JAX before `start`; `initialize`
 comes first, then one collective so every member has its communicators (gloo gives a late one only 30 s); the
 model is restored with orbax into the global shardings (collective); nothing is computed by one member alone:
@@ -50,10 +54,13 @@ from runner.execution.faults import (
     FaultPolicy,
     PreemptedHost,
     Task,
+    WorkerStartupError,
     alive_ray_nodes,
     classify,
     classify_gang,
     fault_counts,
+    raised_startup_error,
+    startup_error,
     with_fault_tags,
     worker_survived,
 )
@@ -137,7 +144,17 @@ class SliceHostWorker:
         return f"{ray.util.get_node_ip_address()}:{port}"
 
     def start(self, coordinator: str) -> SliceMemberInfo:
-        """Joins the gang, loads the model on the global mesh and builds the worker; returns where it runs."""
+        """Joins the gang, loads the model on the global mesh and builds the worker; returns where it runs.
+
+        Raises:
+          WorkerStartupError: Whatever failed, classified here (`runner.execution.faults.startup_error`).
+        """
+        try:
+            return self._start(coordinator)
+        except Exception as error:  # noqa: BLE001 - the driver gets one classified line, not a traceback
+            raise startup_error(error, self.name) from None
+
+    def _start(self, coordinator: str) -> SliceMemberInfo:
         import jax
         from jax.experimental import multihost_utils
 
@@ -340,6 +357,7 @@ class _Gang:
         self.settling_from: GangState = "busy"
         self.start_failures = 0
         self.last_error = ""
+        self.startup_error: WorkerStartupError | None = None
         self.lost_at: float | None = None  # when it lost its slice, until it has one again
         self.waiting_since = time.monotonic()
         self.last_wait_log = time.monotonic()
@@ -514,6 +532,9 @@ class SliceExecutor:
                 if gang.state == "idle" and queue:
                     gang.submit(queue.popleft())
             live = [gang for gang in gangs if gang.state != "dead"]
+            failed_start = [gang.startup_error for gang in gangs if gang.startup_error is not None]
+            if not live and failed_start:
+                raise failed_start[-1]  # no point's fault: the replicas could not start
             if not live:
                 reason = "no slice replica left; last error: " + "; ".join(g.last_error for g in gangs)
                 while queue:
@@ -578,6 +599,7 @@ class SliceExecutor:
         fault = classify_gang(gang.errors, gang.node_ids())
         was_starting, task = gang.settling_from == "starting", gang.task
         gang.last_error, gang.task = fault.message, None
+        gang.startup_error = raised_startup_error(gang.errors) if was_starting else None
         gang.kill()
         _log.warning("slice replica %s failed (%s): %s", gang.name, type(fault).__name__, gang.last_error)
         if task is not None:

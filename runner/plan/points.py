@@ -10,7 +10,10 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
+import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 from runner.config.schema import ExperimentConfig, ModelConfig
@@ -20,8 +23,13 @@ from runner.errors import PlanError
 _NOT_IN_KEY = frozenset({"neuronpedia_url"})
 #: Fields that do not change an unsteered (baseline) generation.
 _NOT_IN_GENERATION_KEY = frozenset({"neuronpedia_url", "layer", "feature", "sae_id", "positions"})
+#: Fields that do not change an ablation (the feature is clamped to 0 whatever the scale).
+_NOT_IN_ABLATION_KEY = frozenset({"neuronpedia_url", "scale"})
 #: MLflow params named otherwise than the point field they hold.
 _PARAM_FIELD = {"model": "model_id", "l0_target": "l0"}
+#: Most points a sweep may have (`RUNNER_MAX_POINTS` overrides it): a bigger grid is refused before it is expanded.
+MAX_POINTS = 1_000_000
+MAX_POINTS_ENV = "RUNNER_MAX_POINTS"
 
 
 def _digest(data: Any) -> str:
@@ -113,7 +121,10 @@ class SteeringPoint:
     @functools.cached_property
     def generation_key(self) -> str:
         """Points with equal keys generate identical tokens: a baseline's key leaves out layer and feature, so
-        one unsteered generation per (prompt, seed, sampling settings) serves them all."""
+        one unsteered generation per (prompt, seed, sampling settings) serves them all, and an ablation's leaves
+        out the scale it ignores, so the scales of an `ablate` sweep share one generation."""
+        if self.mode == "ablate":
+            return _digest({"ablation": self._key_fields(_NOT_IN_ABLATION_KEY)})
         if not self.is_baseline:
             return self.point_key
         return _digest({"baseline": self._key_fields(_NOT_IN_GENERATION_KEY)})
@@ -207,6 +218,69 @@ def model_id(model: ModelConfig) -> str:
     return name
 
 
+def max_points() -> int:
+    """The most points a sweep may have: `RUNNER_MAX_POINTS`, else `MAX_POINTS`.
+
+    Raises:
+      PlanError: `RUNNER_MAX_POINTS` is not a positive integer.
+    """
+    text = os.environ.get(MAX_POINTS_ENV)
+    if text is None:
+        return MAX_POINTS
+    if not text.strip().isdigit() or int(text) < 1:
+        raise PlanError(f"{MAX_POINTS_ENV}: {text!r} is not allowed (allowed: a positive integer)")
+    return int(text)
+
+
+def grid_size(config: ExperimentConfig, num_layers: int | None = None) -> int:
+    """The points of the config's grid, counted without expanding it (an SAE evaluation of `layers: all` counts
+    `num_layers` layers, 1 while unknown)."""
+    if config.kind == "steering":
+        steering = config.steering
+        per_prompt_and_seed = len(steering.layers) * len(steering.features) * scales_per_curve(config)
+        per_prompt_and_seed += len(steering.combinations)
+        return len(config.prompts) * per_prompt_and_seed * len(steering.seeds)
+    grid = config.sae_eval
+    layers = (num_layers or 1) if grid.layers == "all" else len(grid.layers)
+    return math.prod((layers, len(grid.widths), len(grid.l0s)))
+
+
+def scales_per_curve(config: ExperimentConfig) -> int:
+    """The scales of one steering curve: `steering.scales`, or at most what a search evaluates (its first round's
+    bracket ends, candidates and baseline, then per round the candidates of the target's and the bound's
+    brackets, and the doubled upper ends)."""
+    steering, search = config.steering, config.search
+    if search is None:
+        return len(steering.scales or ())
+    per_later_round = search.candidates_per_round * (2 if search.keep is not None else 1)
+    return search.candidates_per_round + 3 + (search.max_rounds - 1) * per_later_round + search.max_growth
+
+
+def check_grid_size(config: ExperimentConfig, num_layers: int | None = None, *, source: Path | None = None) -> None:
+    """Refuses a grid of more than `max_points()` points, before anything is expanded or resolved.
+
+    Raises:
+      PlanError: One line with the grid, its point count and the limit (after the file, when `source` is given).
+    """
+    count, limit = grid_size(config, num_layers), max_points()
+    if count <= limit:
+        return
+    if config.kind == "steering":
+        steering = config.steering
+        grid = (f"{len(config.prompts):,} prompts x {len(steering.layers):,} layers x {len(steering.features):,} "
+                f"features x {scales_per_curve(config):,} scales x {len(steering.seeds):,} seeds")
+        if steering.combinations:
+            grid += f" (+ {len(steering.combinations):,} combinations per prompt and seed)"
+        field = "steering"
+    else:
+        grid, field = "layers x sae_eval.widths x sae_eval.l0s", "sae_eval"
+    where = f"{source}: " if source is not None else ""
+    raise PlanError(
+        f"{where}{field}: {grid} is {count:,} points (allowed: at most {limit:,}; set {MAX_POINTS_ENV} to raise the "
+        "limit, or split the sweep)"
+    )
+
+
 def expand_points(
     config: ExperimentConfig,
     sae_ids: Mapping[int, str],
@@ -224,8 +298,10 @@ def expand_points(
         none); default: `steering.scales` for every curve.
 
     Raises:
-      PlanError: A steered layer has no SAE id, or a search sweep is expanded without its scales.
+      PlanError: A steered layer has no SAE id, a search sweep is expanded without its scales, or the grid has
+        more than `max_points()` points.
     """
+    check_grid_size(config)
     steering, sampling = config.steering, config.sampling
     missing = [layer for layer in steering.sae_layers if layer not in sae_ids]
     if missing:
@@ -342,6 +418,7 @@ def expand_sae_eval_points(
       PlanError: An SAE of the grid has no id.
     """
     grid = config.sae_eval
+    check_grid_size(config, len(layers))
     name = model_id(config.model)
     keys = [(layer, width, str(l0)) for layer in layers for width in grid.widths for l0 in grid.l0s]
     missing = [key for key in keys if key not in sae_ids]

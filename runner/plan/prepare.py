@@ -105,6 +105,7 @@ class SweepPlan:
 
 def prepare_sweep(config: ExperimentConfig, cache_dir: Path) -> SweepPlan:
     """Resolves and checks everything the sweep needs; raises a one-line `RunnerError` on bad input."""
+    plan.check_grid_size(config)  # before anything is downloaded or expanded
     facts = ResolvedFacts.read(config, cache_dir)
     _check_model_fits(config, facts.architecture)  # before any SAE is resolved (which may download)
     sweep_plan = plan_sweep(config, facts)
@@ -319,7 +320,8 @@ class SweepOutline:
       jobs: Jobs the points are packed into.
       job_size: Most distinct generations (steering) or SAEs (SAE evaluation) per job.
       grid: The grid in words, e.g. `2 prompts x 1 layers x ...`.
-      tokens: Tokens the sweep generates (at most) or evaluates.
+      tokens: Tokens of the points' generated texts at most, as `runner run` counts them (steering: every point's
+        text, a generation shared by several points counted for each), or tokens evaluated (SAE evaluation).
       memory_bytes: Estimated peak bytes per worker, or None when the architecture is unknown before download.
       memory_parts: `(model, SAEs, per batch)` bytes of that estimate.
       replica: What one replica spans when it spans several hosts (`cluster.replica: slice`), in words: hosts,
@@ -339,7 +341,12 @@ class SweepOutline:
 
 def outline(config: ExperimentConfig) -> SweepOutline:
     """What `runner validate` reports: the plan from what is known without downloading or loading a model
-    (`OfflineFacts`: SAE ids are placeholders, which gives the same points and jobs)."""
+    (`OfflineFacts`: SAE ids are placeholders, which gives the same points and jobs).
+
+    Raises:
+      PlanError: The grid has more points than a sweep may have (`runner.plan.points.max_points`).
+    """
+    plan.check_grid_size(config)
     return outline_of(plan_sweep(config, OfflineFacts(config)))
 
 
@@ -350,16 +357,18 @@ def outline_of(sweep_plan: SweepPlan) -> SweepOutline:
         steering = config.steering
         generations = len({point.generation_key for point in sweep_plan.points})
         size = sweep_plan.batch_size
+        shared = "the scales of each ablation shared" if steering.mode == "ablate" else "scale-0 baselines shared"
         if sweep_plan.search is None:
             grid = (f"{len(config.prompts)} prompts x {len(steering.layers)} layers x {len(steering.features)} "
                     f"features x {len(steering.scales or ())} scales x {len(steering.seeds)} seeds")
             if steering.combinations:
                 grid += (f" + {len(config.prompts)} prompts x {len(steering.combinations)} combinations (of up to "
                          f"{steering.max_interventions} interventions) x {len(steering.seeds)} seeds")
-            grid += f"; {generations} generations (scale-0 baselines shared)"
+            grid += f"; {generations} generations ({shared})"
         else:
             grid = search_outline(sweep_plan.search, config, generations)
-        tokens = generations * config.sampling.max_new_tokens
+        # What `runner run` counts: every point's text, a shared generation once for each point it serves.
+        tokens = len(sweep_plan.points) * config.sampling.max_new_tokens
     else:
         grid_config = config.sae_eval
         size = sweep_plan.saes_per_job

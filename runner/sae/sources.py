@@ -76,9 +76,13 @@ def width_latents(label: str) -> int:
 
 
 def synthetic_sae_id(model_id: str, layer: int, width: int, target_l0: float, seed: int, site: str = "res") -> str:
-    """Identifier of a synthetic SAE, fixed by its inputs before it is written."""
-    where = f"layer_{layer}" if site == "res" else f"layer_{layer}:{site}"
-    return f"synthetic:{model_id}:{where}:width_{width}:target_l0_{target_l0:g}:seed{seed}"
+    """Identifier of a synthetic SAE, fixed by its inputs before it is written: the source, the Gemma Scope-like
+    path of the SAE and, after `@`, the model it is fitted to (a synthetic model without its own `synthetic:`), e.g.
+    `synthetic:layer_1/width_256/target_l0_16/seed0@tiny:seed0` (an `mlp` or `att` SAE: `synthetic-mlp:...`, like
+    the Gemma Scope releases of those sites)."""
+    source = "synthetic" if site == "res" else f"synthetic-{site}"
+    fitted_to = model_id.removeprefix("synthetic:")
+    return f"{source}:layer_{layer}/width_{width}/target_l0_{target_l0:g}/seed{seed}@{fitted_to}"
 
 
 def resolve_sae_files(

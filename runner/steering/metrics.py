@@ -338,6 +338,8 @@ def _point_metrics(
             metrics["steer/perplexity"] = float(np.exp(metrics["steer/nll"]))
             for name in ("kl_steered_base", "kl_base_steered", "entropy_base", "entropy_steered"):
                 metrics[f"steer/{name}"] = mean(per_position[name][row])
+                if name.startswith("kl_"):  # a KL is never negative: float32 rounding of a zero KL is clamped
+                    metrics[f"steer/{name}"] = max(metrics[f"steer/{name}"], 0.0)
             metrics["steer/logit_lens_mass"] = mean(per_position["logit_lens_mass"][point])
             activation = np.asarray(per_position["concept"][point], np.float64)[at_measured[row]]
             metrics["steer/concept_rate"] = float(np.sum(activation > 0) / count)

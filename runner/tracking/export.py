@@ -6,6 +6,7 @@ table when the parent has one, else from each run's `generation.json` artifact.
 
 from __future__ import annotations
 
+import csv
 import json
 import tempfile
 from pathlib import Path
@@ -16,6 +17,7 @@ from mlflow.entities import Run
 
 from runner.config.schema import ExperimentConfig
 from runner.errors import RunnerError
+from runner.files import atomic_path
 from runner.plan import points as plan
 from runner.tracking.layout import TABLE_ARTIFACT, TAG_PARENT, TAG_POINT_KEY, TAG_WORKER
 from runner.tracking.search import search_all, sweep_status
@@ -61,13 +63,20 @@ def finished_points_frame(config: ExperimentConfig) -> pd.DataFrame:
 
 
 def write_frame(frame: pd.DataFrame, path: Path, file_format: ExportFormat) -> Path:
-    """Writes the table as CSV or Parquet (no index); returns `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if file_format == "csv":
-        frame.to_csv(path, index=False)
-    else:
-        frame.to_parquet(path, index=False)
-    return path
+    """Writes the table as CSV or Parquet (no index), whole or not at all (`runner.files.atomic_path`); returns
+    `path`.
+
+    The CSV is RFC 4180: UTF-8, CRLF between records, every text field quoted (quotes doubled), so that any CSV
+    reader reads back every row once and every text byte for byte, whatever it holds (CR, LF, NUL, quotes,
+    separators). Numbers are unquoted and written in full precision.
+    """
+    with atomic_path(Path(path), suffix=f".{file_format}") as temporary:
+        if file_format == "csv":
+            frame.to_csv(temporary, index=False, encoding="utf-8", lineterminator="\r\n",
+                         quoting=csv.QUOTE_NONNUMERIC)
+        else:
+            frame.to_parquet(temporary, index=False)
+    return Path(path)
 
 
 def default_export_path(config: ExperimentConfig, file_format: ExportFormat) -> Path:

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TypedDict
 
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
+from runner.config.locations import sqlite_file
 from runner.tracking.layout import TAG_PARENT, TAG_ROLE, TAG_SWEEP_ID
 
 #: Runs per search call (MLflow's largest page is 50000; 1000 keeps each answer small).
@@ -59,10 +61,14 @@ def find_sweep_parent(client: MlflowClient, experiment_id: str, sweep_id: str) -
 
 def sweep_status(uri: str, experiment_name: str, sweep_id: str) -> SweepSummary:
     """Summarises a sweep for `runner runs` and `--resume` checks (see `SweepSummary`). Without such an experiment
-    or sweep, the ids, `parent_status` and `num_points` are None and `children` is empty."""
-    client = MlflowClient(tracking_uri=uri)
+    or sweep, the ids, `parent_status` and `num_points` are None and `children` is empty. A local store that does
+    not exist yet is not created (MLflow would create an empty one just to read it)."""
     summary = SweepSummary(experiment_id=None, sweep_id=sweep_id, parent_run_id=None, parent_status=None,
                            num_points=None, children={})
+    database = sqlite_file(uri)
+    if database is not None and not Path(database).exists():
+        return summary
+    client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         return summary

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import collections
+import pickle
 
 import jax.numpy as jnp
 import pytest
+import sentencepiece as spm
 from ray import exceptions as ray_errors
 
+from runner.errors import CheckpointError, SAEError
 from runner.execution.faults import (
     CrashedWorker,
     FaultPolicy,
@@ -21,6 +24,7 @@ from runner.execution.faults import (
     classify_gang,
     describe_ray_error,
     fault_counts,
+    startup_error,
     with_fault_tags,
     worker_survived,
 )
@@ -133,6 +137,63 @@ def test_a_worker_that_failed_to_start_is_described_by_what_it_raised_without_co
     assert describe_ray_error(ray_errors.NodeDiedError("\x1b[1mnode gone\x1b[0m\nmore")) == (
         "NodeDiedError: node gone"
     )
+
+
+def test_an_init_failure_is_named_by_its_exception_line_not_by_what_the_traceback_ends_with() -> None:
+    text = ("Traceback (most recent call last):\n  File \"loading.py\", line 186, in restore\n"
+            "ValueError: OUT_OF_RANGE: Error reading kv_einsum\nwith its spec TensorStore({\n  'base': {...}\n})>.\n")
+    init_error = ray_errors.RayTaskError("__init__", text, ValueError("OUT_OF_RANGE"))
+    assert describe_ray_error(ray_errors.ActorDiedError(init_error)) == (
+        "worker failed to start: ValueError: OUT_OF_RANGE: Error reading kv_einsum"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Start-up failures
+
+
+def raised(function, *args) -> BaseException:
+    try:
+        function(*args)
+    except Exception as error:  # noqa: BLE001 - the error is what the test wants
+        return error
+    raise AssertionError(f"{function.__name__} did not raise")
+
+
+def test_a_tokenizer_that_sentencepiece_cannot_parse_is_a_tokenizer_failure(tmp_path) -> None:
+    (tmp_path / "tokenizer.model").write_bytes(b"\x00not a model")
+    error = startup_error(raised(lambda: spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))),
+                          "worker-0@h")
+    assert error.stage == "tokenizer"
+    assert str(error).startswith("worker-0@h cannot load the tokenizer: Internal: could not parse ModelProto from")
+
+
+def test_runners_own_message_wins_over_the_library_error_under_it() -> None:
+    def load() -> None:
+        try:
+            raise ValueError("OUT_OF_RANGE: raw")
+        except ValueError as cause:
+            raise SAEError("/saes/layer_1/params.npz: W_dec has 3 non-finite values") from cause
+
+    assert str(startup_error(raised(load), "w")) == (
+        "w cannot load an SAE: /saes/layer_1/params.npz: W_dec has 3 non-finite values"
+    )
+    assert startup_error(CheckpointError("/models/x: checkpoint directory does not exist"), "w").stage == "checkpoint"
+
+
+def test_running_out_of_memory_while_loading_is_a_memory_failure() -> None:
+    error = startup_error(xla_out_of_memory(), "w")
+    assert error.stage == "memory" and error.cause_line.startswith("RESOURCE_EXHAUSTED")
+
+
+def test_a_start_up_failure_is_one_scrubbed_line_and_crosses_ray_intact() -> None:
+    cause = RuntimeError("fetch https://bob:hunter2@hf.co/x?token=s3cr3t failed\nline two\nline three")
+    error = startup_error(cause, "w")
+    assert str(error) == "w failed to start: RuntimeError: fetch https://***@hf.co/x?token=*** failed"
+    assert pickle.loads(pickle.dumps(error)).__dict__ == error.__dict__
+    assert str(pickle.loads(pickle.dumps(error))) == str(error)
+    assert describe_ray_error(task_error(error)) == str(error)
+    assert startup_error(error, "w") is error, "a failure classified once is kept"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from typer.testing import CliRunner
 from runner.cli import app
 from runner.config.loading import load_experiment
 from runner.driver import SweepSummary, run_sweep
+from runner.execution.faults import WorkerStartupError
 from runner.execution.ray_hosts import RayExecutor
 from runner.execution.slices import SliceExecutor
 from runner.execution.workers import SteeringWorker
@@ -316,20 +317,23 @@ def press_ctrl_c_once_connected(delay_s: float = 2.0, give_up_s: float = 60.0) -
     _thread.interrupt_main()
 
 
-def test_workers_on_a_platform_they_cannot_get_fail_the_points_with_the_reason(
+def test_workers_on_a_platform_they_cannot_get_end_the_sweep_with_the_reason_and_fail_no_point(
     ray_cluster, tmp_path, cache_dir
 ) -> None:
     grid = {"layers": [1], "features": [3], "scales": [0, 30], "seeds": [0]}
     sweep_plan = plan_sweep(tmp_path, cache_dir, SAME_BUCKET_PROMPTS[:1], grid,
                             on_test_cluster(ray_cluster, platform="tpu"))
-    summary = run_sweep(sweep_plan, cache_dir=cache_dir,
-                        executor=RayExecutor(sweep_plan, cache_dir, sweep_plan.config.cluster))
+    with pytest.raises(WorkerStartupError) as refused:
+        run_sweep(sweep_plan, cache_dir=cache_dir,
+                  executor=RayExecutor(sweep_plan, cache_dir, sweep_plan.config.cluster))
 
-    assert (summary.points_finished, summary.points_failed) == (0, 2)
-    for run in child_runs(sweep_plan.config.tracking.uri):
-        assert run.info.status == "FAILED"
-        error = run.data.tags["runner.error"]
-        assert "no Ray worker left (all 2 died)" in error and "JAX could not start platform 'tpu'" in error, error
+    assert refused.value.stage == "device"
+    assert " cannot start its accelerator: JAX could not start platform 'tpu': " in str(refused.value)
+    assert child_runs(sweep_plan.config.tracking.uri) == [], "a worker's start-up is no point's failure"
+    client = MlflowClient(sweep_plan.config.tracking.uri)
+    experiment_id = client.get_experiment_by_name("cluster-test").experiment_id
+    (parent,) = client.search_runs([experiment_id], f"tags.sweep_id = '{sweep_plan.sweep_id}'")
+    assert parent.info.status == "FAILED" and parent.data.tags["runner.error"].startswith("WorkerStartupError: ")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -548,3 +552,14 @@ def test_a_slice_replica_spans_both_hosts_and_generates_the_single_process_token
     single = token_ids_by_point(single_plan.config.tracking.uri, tmp_path / "b")
     assert set(sliced) < set(single) and len(sliced) == 8
     assert sliced == {key: single[key] for key in sliced} and all(len(ids) > 0 for ids in sliced.values())
+
+
+def test_slice_replicas_that_cannot_get_their_platform_end_the_sweep_with_the_reason_and_fail_no_point(
+    ray_cluster, tmp_path, cache_dir
+) -> None:
+    slice_cluster = on_test_cluster(ray_cluster, workers=1, replica="slice", hosts_per_replica=2, platform="tpu")
+    sweep_plan = plan_sweep(tmp_path, cache_dir, SAME_BUCKET_PROMPTS[:1], {**GRID, "features": [3]}, slice_cluster)
+    with pytest.raises(WorkerStartupError, match=r"replica-0/host-\d@.* cannot start its accelerator: "):
+        run_sweep(sweep_plan, cache_dir=cache_dir, output_dir=tmp_path,
+                  executor=SliceExecutor(sweep_plan, cache_dir, sweep_plan.config.cluster))
+    assert child_runs(sweep_plan.config.tracking.uri) == [], "a replica's start-up is no point's failure"

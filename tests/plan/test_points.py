@@ -6,7 +6,16 @@ import pytest
 
 from runner.config.schema import ExperimentConfig
 from runner.errors import PlanError
-from runner.plan.points import SAEEvalPoint, SteeringPoint, expand_points, model_id, pack_jobs, sweep_id
+from runner.plan.points import (
+    SAEEvalPoint,
+    SteeringPoint,
+    check_grid_size,
+    expand_points,
+    grid_size,
+    model_id,
+    pack_jobs,
+    sweep_id,
+)
 
 SAE_IDS = {20: "gemma-scope-2b-pt-res/layer_20/width_16k/average_l0_71", 21: "sae-21"}
 
@@ -181,3 +190,41 @@ def test_a_combination_at_scale_zero_is_not_a_baseline():
     (point, *_) = expand_points(make_config(steering__combinations=[zero], steering__layers=[],
                                             steering__features=[], steering__scales=None), SAE_IDS)
     assert not point.is_baseline and point.generation_key == point.point_key
+
+
+def test_the_scales_of_an_ablation_share_one_generation():
+    points = expand_points(make_config(steering__mode="ablate", steering__scales=[0, 10, 20]), SAE_IDS)
+    assert len(points) == 2 * 2 * 3 * 3 * 2, "every point asked for is still its own result"
+    assert len({p.point_key for p in points}) == len(points)
+    cells = {(p.prompt_index, p.layer, p.feature, p.seed) for p in points}
+    assert len({p.generation_key for p in points}) == len(cells), "one generation per ablated cell, not per scale"
+
+
+def test_a_grid_beyond_the_point_limit_is_refused_by_its_count_before_it_is_expanded(monkeypatch):
+    config = make_config(steering__features=list(range(1000)), steering__scales=list(range(500)),
+                         steering__seeds=list(range(10)))
+    assert grid_size(config) == 2 * 2 * 1000 * 500 * 10
+    with pytest.raises(PlanError) as refused:
+        expand_points(config, SAE_IDS)
+    assert str(refused.value) == (
+        "steering: 2 prompts x 2 layers x 1,000 features x 500 scales x 10 seeds is 20,000,000 points (allowed: at "
+        "most 1,000,000; set RUNNER_MAX_POINTS to raise the limit, or split the sweep)"
+    )
+    monkeypatch.setenv("RUNNER_MAX_POINTS", "47")
+    with pytest.raises(PlanError, match="is 48 points"):
+        check_grid_size(make_config())
+    monkeypatch.setenv("RUNNER_MAX_POINTS", "lots")
+    with pytest.raises(PlanError, match="RUNNER_MAX_POINTS: 'lots' is not allowed"):
+        check_grid_size(make_config())
+
+
+def test_an_evaluation_grid_of_every_layer_is_counted_once_the_layers_are_known(monkeypatch):
+    config = ExperimentConfig.model_validate({
+        "name": "eval", "model": {"source": "kaggle", "variant": "gemma2-2b"},
+        "sae": {"source": "huggingface", "release": "gemma-scope-2b-pt-res"},
+        "sae_eval": {"layers": "all", "widths": ["16k", "65k"], "l0s": ["canonical"]},
+    })
+    monkeypatch.setenv("RUNNER_MAX_POINTS", "10")
+    check_grid_size(config)  # 2 SAEs per layer while the layer count is unknown
+    with pytest.raises(PlanError, match="is 52 points"):
+        check_grid_size(config, num_layers=26)

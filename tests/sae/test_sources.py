@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from penzai import pz
 
-from runner.config.schema import HuggingFaceSAEConfig, LocalSAEConfig
+from runner.config.schema import HuggingFaceSAEConfig, LocalSAEConfig, SyntheticSAEConfig
 from runner.errors import ConfigError, SAEError
 from runner.nn import measurement
 from runner.sae.params import load_sae, random_sae_arrays, write_params_npz
-from runner.sae.sources import calibration_tokens, resolve_sae_files
+from runner.sae.sources import calibration_tokens, resolve_sae_file, resolve_sae_files
 
 
 def test_huggingface_sae_is_fetched_by_its_gemma_scope_path(monkeypatch, tmp_path: Path) -> None:
@@ -111,3 +111,16 @@ def test_synthetic_saes_fire_near_the_requested_l0_on_unseen_text(tiny_model, ti
         mean_l0 = (features > 0).sum(-1).mean()
         assert 8 < mean_l0 < 32, (layer, mean_l0)  # calibrated to 16 on other text
         assert abs(int(sae.path.parent.name.removeprefix("average_l0_")) - 16) <= 2
+
+
+@pytest.mark.parametrize(
+    ("model_id", "site", "expected"),
+    [
+        ("synthetic:tiny:seed0", "res", "synthetic:layer_1/width_256/target_l0_16/seed0@tiny:seed0"),
+        ("local:/models/tiny", "res", "synthetic:layer_1/width_256/target_l0_16/seed0@local:/models/tiny"),
+        ("synthetic:small:seed3", "mlp", "synthetic-mlp:layer_1/width_256/target_l0_16/seed0@small:seed3"),
+    ],
+)
+def test_a_synthetic_sae_id_names_its_source_once_then_its_folders_and_model(model_id, site, expected) -> None:
+    file = resolve_sae_file(SyntheticSAEConfig(site=site), 1, width="256", l0=16, model_id=model_id)
+    assert file.sae_id == expected

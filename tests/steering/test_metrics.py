@@ -193,6 +193,22 @@ def test_sampler_sums_become_per_token_means() -> None:
     assert steering_metrics.steering_point_metrics(0, 0.0, 0.0, 0.0) == {"gen/measured_tokens": 0.0}
 
 
+def test_a_kl_that_rounds_below_zero_is_reported_as_zero() -> None:
+    # What the teacher-forced program returns at scale 0: two passes equal up to float32 rounding, so a KL of
+    # -1.7e-8 (the value a sweep logged); entropies are left as they are.
+    prompt_len, generated = 2, np.asarray([[5, 6, EOS_ID]])
+    per_position = {name: np.zeros((1, 5), np.float32) for name in
+                    ("nll", "kl_steered_base", "kl_base_steered", "entropy_base", "entropy_steered")}
+    per_position["kl_base_steered"][0, 1:3] = -1.7e-8
+    per_position["kl_steered_base"][0, 1:3] = 2e-3
+    per_position["entropy_base"][0, 1:3] = 1.5
+    per_position.update(logit_lens_mass=np.zeros((1, 5)), concept=np.zeros((1, 5)), lens_tokens=np.zeros((1, K), int))
+    (computed,) = steering_metrics._point_metrics(per_position, prompt_len, generated, [0])
+    assert computed.metrics["steer/kl_base_steered"] == 0.0
+    assert computed.metrics["steer/kl_steered_base"] == pytest.approx(2e-3)
+    assert computed.metrics["steer/entropy_base"] == pytest.approx(1.5)
+
+
 def test_generation_is_read_up_to_its_first_eos() -> None:
     generated = np.asarray([[5, 6, EOS_ID, 7, 8, PAD_ID], [9, 9, 9, 9, 9, 9], [EOS_ID, 4, 4, PAD_ID, PAD_ID, PAD_ID]])
     assert [steering_metrics.measured_tokens(row) for row in generated] == [[5, 6], [9] * 6, []]

@@ -28,3 +28,10 @@ def test_sweep_status_of_an_unknown_sweep_has_no_parent(store, request):
         "experiment_id": experiment_id, "sweep_id": sid, "parent_run_id": None, "parent_status": None,
         "num_points": None, "children": {},
     }
+
+
+def test_reading_a_local_store_that_does_not_exist_does_not_create_it(tmp_path):
+    database = tmp_path / "mlflow.db"
+    summary = sweep_status(f"sqlite:///{database}", "nothing-yet", "0123456789abcdef")
+    assert summary["parent_run_id"] is None and summary["children"] == {}
+    assert not database.exists()
