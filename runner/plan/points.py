@@ -20,6 +20,8 @@ from runner.errors import PlanError
 _NOT_IN_KEY = frozenset({"neuronpedia_url"})
 #: Fields that do not change an unsteered (baseline) generation.
 _NOT_IN_GENERATION_KEY = frozenset({"neuronpedia_url", "layer", "feature", "sae_id", "positions"})
+#: Fields that vary along one steering curve (a curve is everything else: layer, feature, mode, positions, ...).
+_NOT_IN_CURVE_KEY = frozenset({"neuronpedia_url", "prompt_index", "prompt", "scale", "seed"})
 #: MLflow params named otherwise than the point field they hold.
 _PARAM_FIELD = {"model": "model_id", "l0_target": "l0"}
 
@@ -81,9 +83,20 @@ class SteeringPoint:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_IN_GENERATION_KEY}
         return _digest({"baseline": fields})
 
+    @functools.cached_property
+    def curve_key(self) -> str:
+        """16 hex digits naming the point's steering curve: the same intervention (layer, feature, mode,
+        positions, SAE, model, sampling settings) at every scale, prompt and seed of the sweep."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_IN_CURVE_KEY}
+        return _digest({"curve": fields})
+
     def params(self) -> dict[str, str]:
         """Returns the MLflow params of this point (all strings; None as "None"), in `PARAM_NAMES` order."""
         return _params(self)
+
+    def param_values(self) -> dict[str, Any]:
+        """The values behind `params`, with their types (int, float, str or None), in `PARAM_NAMES` order."""
+        return _param_values(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,10 +144,15 @@ class SAEEvalPoint:
 Point = SteeringPoint | SAEEvalPoint
 
 
+def _param_values(point: Point) -> dict[str, Any]:
+    """The point's `PARAM_NAMES` fields, in that order."""
+    fields = dataclasses.asdict(point)
+    return {name: fields[_PARAM_FIELD.get(name, name)] for name in point.PARAM_NAMES}
+
+
 def _params(point: Point) -> dict[str, str]:
     """The point's `PARAM_NAMES` fields as MLflow params (`str` of each value), in that order."""
-    fields = dataclasses.asdict(point)
-    return {name: str(fields[_PARAM_FIELD.get(name, name)]) for name in point.PARAM_NAMES}
+    return {name: str(value) for name, value in _param_values(point).items()}
 
 
 @dataclasses.dataclass(frozen=True)
