@@ -190,12 +190,13 @@ class SweepRun:
         opened = time.perf_counter()
         self._spool = Spool(self._spool_path)
         self._tracker = SweepTracker(config.tracking.uri, config.tracking.experiment)
-        parent_run_id = self._tracker.open_sweep(config, self._plan.sweep_id, len(self._plan.points))
+        parent_run_id = self._tracker.open_sweep(config, self._plan.sweep_id, self._plan.points)
         done = self._tracker.finished_point_keys()
         by_key: dict[str, Point] = {point.point_key: point for point in self._plan.points}
-        spooled = [r for r in self._spool.read() if r.point_key in by_key and r.point_key not in done]
-        for result in spooled:
-            self._tracker.log_point(by_key[result.point_key], result)
+        spooled = list({r.point_key: r for r in self._spool.read() if r.point_key in by_key and r.point_key not in done}
+                       .values())
+        if spooled:
+            self._tracker.log_results([by_key[result.point_key] for result in spooled], spooled)
         self._spool.clear()
         seconds = time.perf_counter() - opened
         self._tracker.warm_up_plots()

@@ -13,7 +13,10 @@ from mlflow import MlflowClient
 
 from runner.config.loading import load_experiment
 from runner.driver import run_sweep
+from runner.plan.points import sweep_id
 from runner.plan.prepare import prepare_sweep
+from runner.tracking.records import PointRecord
+from runner.tracking.search import sweep_parent, sweep_records
 
 STEERING = {"layers": [1, 2], "features": [3, 40], "scales": [0, 30], "seeds": [0]}
 
@@ -40,13 +43,14 @@ def child_runs(uri: str, experiment: str) -> list:
     return [run for run in runs if "mlflow.parentRunId" in run.data.tags]
 
 
-def token_ids_by_point(uri: str, experiment: str, scratch: Path) -> dict[str, list[int]]:
-    client = MlflowClient(uri)
-    ids = {}
-    for run in child_runs(uri, experiment):
-        path = client.download_artifacts(run.info.run_id, "generation.json", str(scratch))
-        ids[run.data.tags["point_key"]] = json.loads(Path(path).read_text())["token_ids"]
-    return ids
+def point_records(config) -> list[PointRecord]:
+    """The sweep's point records, read back from its parent run."""
+    parent = sweep_parent(config.tracking.uri, config.tracking.experiment, sweep_id(config))
+    return list(sweep_records(config.tracking.uri, parent).values())
+
+
+def token_ids_by_point(config) -> dict[str, tuple[int, ...]]:
+    return {record.point_key: record.token_ids for record in point_records(config)}
 
 
 @pytest.fixture(scope="module")
@@ -58,25 +62,29 @@ def finished_sweep(tmp_path_factory, cache_dir):
     return config, plan, summary
 
 
-def test_every_point_is_one_finished_child_run(finished_sweep) -> None:
+def test_every_point_finishes_once_and_every_curve_is_a_finished_child_run(finished_sweep) -> None:
     config, plan, summary = finished_sweep
     assert summary.points_total == 2 * 2 * 2 * 2 == summary.points_finished
+    records = point_records(config)
+    assert sorted(record.point_key for record in records) == sorted(p.point_key for p in plan.points)
+    assert {record.status for record in records} == {"FINISHED"}
     runs = child_runs(config.tracking.uri, config.name)
-    assert sorted(run.data.tags["point_key"] for run in runs) == sorted(p.point_key for p in plan.points)
+    assert sorted((run.data.params["layer"], run.data.params["feature"]) for run in runs) == [
+        ("1", "3"), ("1", "40"), ("2", "3"), ("2", "40")]
     assert {run.info.status for run in runs} == {"FINISHED"}
+    assert {run.data.metrics["curve/points_finished"] for run in runs} == {4.0}, "2 prompts x 2 scales"
     parent = MlflowClient(config.tracking.uri).get_run(summary.parent_run_id)
     assert parent.info.status == "FINISHED"
 
 
-def test_child_runs_carry_params_tags_and_metrics(finished_sweep) -> None:
+def test_each_point_carries_its_params_and_metrics(finished_sweep) -> None:
     config, plan, _ = finished_sweep
-    run = next(r for r in child_runs(config.tracking.uri, config.name) if r.data.params["scale"] == "30.0")
-    params = run.data.params
+    record = next(r for r in point_records(config) if r.params["scale"] == 30.0)
     assert {"model", "sae_id", "layer", "feature", "scale", "seed", "temperature", "prompt_index",
-            "max_new_tokens"} <= set(params)
-    assert params["model"] == "synthetic:tiny:seed0" and params["sae_id"].startswith("synthetic:")
-    assert run.data.tags["sweep_id"] == plan.sweep_id
-    metrics = run.data.metrics
+            "max_new_tokens"} <= set(record.params)
+    assert record.params["model"] == "synthetic:tiny:seed0" and record.params["sae_id"].startswith("synthetic:")
+    assert record.curve_key in {p.curve_key for p in plan.points} and record.worker
+    metrics = record.metrics
     assert metrics["gen/measured_tokens"] > 0
     assert 0 < metrics["steer/l0"] < 256
     assert 0 <= metrics["steer/feature_firing_rate"] <= 1
@@ -84,10 +92,10 @@ def test_child_runs_carry_params_tags_and_metrics(finished_sweep) -> None:
 
 def test_steering_changes_the_feature_reading(finished_sweep) -> None:
     config, _, _ = finished_sweep
-    by_scale: dict[str, list[float]] = {"0.0": [], "30.0": []}
-    for run in child_runs(config.tracking.uri, config.name):
-        by_scale[run.data.params["scale"]].append(run.data.metrics["steer/feature_activation"])
-    assert min(by_scale["30.0"]) > max(by_scale["0.0"])
+    by_scale: dict[float, list[float]] = {0.0: [], 30.0: []}
+    for record in point_records(config):
+        by_scale[record.params["scale"]].append(record.metrics["steer/feature_activation"])
+    assert min(by_scale[30.0]) > max(by_scale[0.0])
 
 
 def test_greedy_sweep_is_reproducible_and_a_rerun_resumes(finished_sweep, tmp_path, cache_dir) -> None:
@@ -95,15 +103,12 @@ def test_greedy_sweep_is_reproducible_and_a_rerun_resumes(finished_sweep, tmp_pa
     again = load_experiment(write_experiment(tmp_path))  # same sweep, fresh tracking database
     summary = run_sweep(prepare_sweep(again, cache_dir), cache_dir=cache_dir)
     assert summary.points_finished == len(plan.points)
-    first, second = tmp_path / "first", tmp_path / "second"
-    first.mkdir(), second.mkdir()
-    assert token_ids_by_point(again.tracking.uri, again.name, second) == token_ids_by_point(
-        config.tracking.uri, config.name, first
-    )
+    assert token_ids_by_point(again) == token_ids_by_point(config)
 
     resumed = run_sweep(prepare_sweep(again, cache_dir), cache_dir=cache_dir)
     assert (resumed.points_skipped, resumed.points_finished) == (len(plan.points), 0)
-    assert len(child_runs(again.tracking.uri, again.name)) == len(plan.points)
+    assert len(point_records(again)) == len(plan.points)
+    assert len(child_runs(again.tracking.uri, again.name)) == 4
 
 
 def test_a_whole_sweep_compiles_once(finished_sweep) -> None:
@@ -113,24 +118,24 @@ def test_a_whole_sweep_compiles_once(finished_sweep) -> None:
 
 def test_every_point_carries_the_judge_free_steering_metrics(finished_sweep) -> None:
     config, _, _ = finished_sweep
-    runs = child_runs(config.tracking.uri, config.name)
+    records = point_records(config)
     expected = {"steer/nll", "steer/perplexity", "steer/kl_steered_base", "steer/kl_base_steered",
                 "steer/concept_rate", "steer/concept_activation", "steer/logit_lens_mass", "gen/distinct_1",
                 "gen/distinct_2", "gen/longest_repeat"}
-    for run in runs:
-        assert expected <= set(run.data.metrics), sorted(expected - set(run.data.metrics))
-    nll_by_scale: dict[str, list[float]] = {"0.0": [], "30.0": []}
-    for run in runs:
-        nll_by_scale[run.data.params["scale"]].append(run.data.metrics["steer/nll"])
-        if run.data.params["scale"] == "0.0":
-            assert abs(run.data.metrics["steer/kl_steered_base"]) < 1e-5
+    for record in records:
+        assert expected <= set(record.metrics), sorted(expected - set(record.metrics))
+    nll_by_scale: dict[float, list[float]] = {0.0: [], 30.0: []}
+    for record in records:
+        nll_by_scale[record.params["scale"]].append(record.metrics["steer/nll"])
+        if record.params["scale"] == 0.0:
+            assert abs(record.metrics["steer/kl_steered_base"]) < 1e-5
     # Steering pushes generations away from what the unsteered model expects: mean NLL rises with the scale.
-    assert sum(nll_by_scale["30.0"]) / len(nll_by_scale["30.0"]) > sum(nll_by_scale["0.0"]) / len(nll_by_scale["0.0"])
+    assert np.mean(nll_by_scale[30.0]) > np.mean(nll_by_scale[0.0])
 
 
-def test_scale_zero_points_share_one_baseline_generation_per_prompt(finished_sweep, tmp_path) -> None:
+def test_scale_zero_points_share_one_baseline_generation_per_prompt(finished_sweep) -> None:
     config, plan, _ = finished_sweep
-    ids = token_ids_by_point(config.tracking.uri, config.name, tmp_path)
+    ids = token_ids_by_point(config)
     baselines: dict[int, set[tuple[int, ...]]] = {}
     for point in plan.points:
         if point.is_baseline:
