@@ -15,6 +15,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # MLflow's usage telemetry wraps every client call (half the cost of logging a point) and phones home.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Ending a run on a tracking server would read the run back and print a link to it (one line per child run).
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 # MLflow's HTTP client retries a call for minutes before it reports an unreachable server; runner's tracking
 # thread does the retrying (tracking.retry_timeout_s), with results kept meanwhile.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -405,6 +407,13 @@ def bench(
     compilation_cache: Annotated[
         bool, typer.Option(help="Let the --end-to-end workers reuse compiled programs from earlier runs.")
     ] = True,
+    tracking: Annotated[
+        str, typer.Option(help="Where --end-to-end logs: sqlite (a new database) or server (a real `mlflow "
+                               "server` started on loopback).")
+    ] = "sqlite",
+    tutorial: Annotated[
+        bool, typer.Option(help="Also time the tutorial's loop on the --end-to-end sweep's points.")
+    ] = True,
 ) -> None:
     """Benchmark runner against the Gemma Scope tutorial's loop; prints one JSON line.
 
@@ -413,14 +422,17 @@ def bench(
     """
     import json
 
-    from runner.bench.end_to_end import END_TO_END_EXPERIMENT, run_end_to_end
+    from runner.bench.end_to_end import END_TO_END_EXPERIMENT, TRACKING_STORES, run_end_to_end
     from runner.bench.sampler import run_benchmark
     from runner.errors import ConfigError
 
     if end_to_end:
         try:
+            if tracking not in TRACKING_STORES:
+                raise ConfigError(f"--tracking: {tracking!r} is not allowed (allowed: {', '.join(TRACKING_STORES)})")
             figures = run_end_to_end(experiment=experiment or END_TO_END_EXPERIMENT, cache_dir=_cache_dir(cache_dir),
-                                     tutorial_points=baseline_points, compilation_cache=compilation_cache)
+                                     tutorial_points=baseline_points, compilation_cache=compilation_cache,
+                                     tracking=tracking, tutorial=tutorial)
         except RunnerError as error:
             raise _fail(error) from None
         typer.echo(json.dumps(figures))

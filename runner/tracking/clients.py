@@ -21,8 +21,9 @@ from mlflow.utils.validation import MAX_ENTITIES_PER_BATCH, MAX_METRICS_PER_BATC
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
-#: Requests in flight at once to a tracking server.
-SERVER_PARALLELISM = 8
+#: Requests in flight at once to a tracking server (as many as `mlflow server` has workers by default; more only
+#: queued up behind them in measurements here).
+SERVER_PARALLELISM = 4
 
 
 def is_server(uri: str) -> bool:

@@ -6,8 +6,9 @@ Logging a batch of results (one job's points) is:
    then on the points count as logged, and a rerun of the sweep skips them;
 2. a child run for each curve the batch completes (every point of the curve has a record): created with its tags,
    its points table uploaded (`points.json`: params, metrics, text and token ids of each point), then its params
-   and metrics in one `log_batch` (for every metric, the mean over prompts and seeds at step = the scale's index
-   on the curve, `steer/scale` itself at each step, and the `curve/*` summaries of `runner.tracking.curves`),
+   and metrics in one `log_batch` (for each main metric, `runner.tracking.curves.CURVE_METRICS`, the mean over
+   prompts and seeds at step = the scale's index on the curve, `steer/scale` itself at each step, and the
+   `curve/*` summaries),
    then ended FINISHED, or FAILED when some of its points failed;
 3. the parent's progress (`points_finished`, `points_failed`).
 
@@ -268,15 +269,15 @@ SUMMARY_COLUMNS = (curves.SCALE_AT_TARGET, curves.NLL_AT_TARGET, curves.KL_AT_TA
 
 
 def curve_metrics(plan: curves.CurvePlan, finished: Sequence[PointRecord], failed: int) -> list[Metric]:
-    """A curve run's metrics: each metric's mean per scale at step = the scale's index, `steer/scale` at each
-    step, the `curve/*` summaries and point counts at step 0."""
+    """A curve run's metrics: the mean per scale of each of `CURVE_METRICS` at step = the scale's index,
+    `steer/scale` at each step, the `curve/*` summaries and point counts at step 0."""
     now = now_ms()
     means = curves.scale_means(finished)
     metrics = []
     for scale, values in means.items():
         step = plan.step(scale)
         metrics.append(Metric(curves.SCALE_METRIC, scale, now, step))
-        metrics.extend(Metric(name, value, now, step) for name, value in sorted(values.items()))
+        metrics.extend(Metric(name, values[name], now, step) for name in curves.CURVE_METRICS if name in values)
     summary = {**curves.summarize(means), curves.POINTS_FINISHED: len(finished), curves.POINTS_FAILED: failed}
     metrics.extend(Metric(name, float(value), now, 0) for name, value in sorted(summary.items()))
     return metrics

@@ -41,6 +41,18 @@ POINTS_FINISHED = "curve/points_finished"
 POINTS_FAILED = "curve/points_failed"
 #: The confidence of every interval over prompts and seeds.
 CONFIDENCE = 0.95
+#: The metrics a curve run logs per scale (its steps): the main steering metrics. Every metric of every point is
+#: in the run's points table.
+CURVE_METRICS = (
+    "steer/feature_activation",
+    CONCEPT_METRIC,
+    "steer/logit_lens_mass",
+    "steer/l0",
+    NLL_METRIC,
+    KL_METRIC,
+    "gen/distinct_2",
+    "gen/num_tokens",
+)
 #: Point params that vary along a curve, so are not the curve run's params.
 _ALONG_THE_CURVE = ("scale", "seed", "prompt_index")
 _MAX_PARAM_CHARS = 6000
@@ -114,10 +126,10 @@ def _param_text(text: str) -> str:
 def mean_interval(mean: Any, std: Any, count: Any, confidence: float = CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
     """The `confidence` interval of a mean over `count` samples with standard deviation `std` (ddof 1): Student's
     t, `mean -/+ t(count - 1) * std / sqrt(count)`. NaN where fewer than two samples give no interval."""
-    from scipy import stats
+    from scipy.special import stdtrit  # Student's t quantile; scipy.stats would take a second to import
 
     mean, std, count = (np.asarray(value, np.float64) for value in (mean, std, count))
-    half = stats.t.ppf(0.5 + confidence / 2, np.maximum(count - 1, 1)) * std / np.sqrt(np.maximum(count, 1))
+    half = stdtrit(np.maximum(count - 1, 1), 0.5 + confidence / 2) * std / np.sqrt(np.maximum(count, 1))
     half = np.where(count >= 2, half, np.nan)
     return mean - half, mean + half
 

@@ -18,6 +18,7 @@ import numpy as np
 from runner.tracking.curves import (
     CONCEPT_METRIC,
     CONCEPT_TARGET,
+    CURVE_METRICS,
     KL_METRIC,
     NLL_METRIC,
     rank_curves,
@@ -33,17 +34,8 @@ FEATURES_PER_PAGE = 100
 #: Curves in each half (most and least steerable) of a layer's steerability figure.
 STEERABILITY_CURVES = 5
 STEERABILITY_METRICS = (CONCEPT_METRIC, NLL_METRIC, KL_METRIC)
-#: What a steering sweep's heatmaps show (every metric is in the tables and on the curve runs).
-HEATMAP_METRICS = (
-    "steer/feature_activation",
-    "steer/concept_rate",
-    "steer/logit_lens_mass",
-    "steer/l0",
-    "steer/nll",
-    "steer/kl_steered_base",
-    "gen/distinct_2",
-    "gen/num_tokens",
-)
+#: What a steering sweep's heatmaps show: the metrics its curve runs log per scale.
+HEATMAP_METRICS = CURVE_METRICS
 FRONTIER_PLOT = "sae_frontier.png"
 BY_LAYER_PLOT = "sae_by_layer.png"
 
@@ -82,7 +74,7 @@ def write_steering_plots(frame: pd.DataFrame, summaries: Mapping[str, Mapping[st
 def write_heatmaps(frame: pd.DataFrame, out_dir: Path, metrics: Sequence[str] = HEATMAP_METRICS,
                    features_per_page: int = FEATURES_PER_PAGE) -> list[Path]:
     """Writes `heatmap_layer<L>_p<i>.png`: per layer, a panel per metric of its mean over prompts and seeds,
-    features down (every feature, `features_per_page` to a figure) and scales across; each metric's colours span
+    features down (every feature, at most `features_per_page` to a figure) and scales across; each metric's colours span
     its range over the whole layer, so pages compare. Returns the files written."""
     metrics = [metric for metric in metrics if metric in frame.columns]
     if not metrics:
@@ -96,15 +88,10 @@ def write_heatmaps(frame: pd.DataFrame, out_dir: Path, metrics: Sequence[str] = 
         features = sorted(of_layer.index.get_level_values("feature").unique())
         grids = {metric: of_layer[metric].unstack("scale").reindex(index=features, columns=scales).to_numpy()
                  for metric in metrics}
-        pages = [features[start:start + features_per_page] for start in range(0, len(features), features_per_page)]
-        for number, page in enumerate(pages, start=1):
-            rows = slice((number - 1) * features_per_page, (number - 1) * features_per_page + len(page))
-            title = f"layer {layer}: mean over prompts and seeds"
-            if len(pages) > 1:
-                title += f" (features {page[0]}-{page[-1]}, page {number} of {len(pages)})"
-            path = out_dir / f"heatmap_layer{layer}_p{number}.png"
-            _draw_heatmap_page(grids, rows, page, scales, title, path)
-            written.append(path)
+        pages = -(-len(features) // features_per_page)
+        written += _draw_heatmap_pages(grids, features, scales, -(-len(features) // pages),  # pages alike
+                                       f"layer {layer}: mean over prompts and seeds",
+                                       out_dir / f"heatmap_layer{layer}_p{{}}.png")
     return written
 
 
@@ -113,15 +100,17 @@ _PANEL_WIDTH, _PANEL_GAP, _ROW_HEIGHT = 1.55, 0.2, 0.13
 _LEFT, _RIGHT, _TOP, _BOTTOM, _COLORBAR = 0.6, 0.15, 1.05, 0.55, 0.09
 
 
-def _draw_heatmap_page(grids: Mapping[str, np.ndarray], rows: slice, features: Sequence[int],
-                       scales: Sequence[float], title: str, path: Path) -> None:
-    """One page of a layer's heatmaps: a panel per metric (its colour bar above it), `features` down."""
+def _draw_heatmap_pages(grids: Mapping[str, np.ndarray], features: Sequence[int], scales: Sequence[float],
+                        rows: int, title: str, path_pattern: Path) -> list[Path]:
+    """A layer's heatmap pages: a panel per metric (its colour bar above it), `rows` features down. One figure is
+    drawn and its images and labels re-filled for every page (the last one padded with empty rows)."""
     import matplotlib as mpl
 
-    height = _TOP + _ROW_HEIGHT * max(len(features), 6) + _BOTTOM
+    height = _TOP + _ROW_HEIGHT * max(rows, 6) + _BOTTOM
     width = _LEFT + len(grids) * (_PANEL_WIDTH + _PANEL_GAP) - _PANEL_GAP + _RIGHT
     figure = _figure(width, height, constrained=False)
     ticks = list(range(0, len(scales), max(1, -(-len(scales) // 8))))
+    images, first_panel = [], None
     for index, (metric, values) in enumerate(grids.items()):
         left = (_LEFT + index * (_PANEL_WIDTH + _PANEL_GAP)) / width
         panel = figure.add_axes((left, _BOTTOM / height, _PANEL_WIDTH / width,
@@ -131,8 +120,9 @@ def _draw_heatmap_page(grids: Mapping[str, np.ndarray], rows: slice, features: S
         low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         if high <= low:  # a constant metric: one colour, its value in the middle of the bar
             low, high = low - (abs(low) or 1.0) / 2, high + (abs(high) or 1.0) / 2
-        image = panel.imshow(values[rows], aspect="auto", interpolation="nearest", cmap="viridis",
-                             norm=mpl.colors.Normalize(low, high))
+        image = panel.imshow(np.full((rows, len(scales)), np.nan), aspect="auto", interpolation="nearest",
+                             cmap="viridis", norm=mpl.colors.Normalize(low, high))
+        images.append((image, values))
         colorbar = figure.colorbar(image, cax=bar, orientation="horizontal")
         colorbar.ax.xaxis.set_ticks_position("top")
         colorbar.ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(3))
@@ -141,12 +131,30 @@ def _draw_heatmap_page(grids: Mapping[str, np.ndarray], rows: slice, features: S
         bar.set_title(metric, fontsize=7, pad=9)
         panel.set_xticks(ticks, [f"{scales[i]:g}" for i in ticks], fontsize=6, rotation=90)
         panel.set_xlabel("scale", fontsize=6)
-        panel.set_yticks(range(len(features)), [str(feature) for feature in features] if index == 0 else [])
-        panel.tick_params(axis="y", labelsize=6, length=2)
-        if index == 0:
+        if index == 0:  # tick objects are most of the drawing time: the feature labels are on the first panel only
+            panel.set_yticks(range(rows))
+            panel.tick_params(axis="y", labelsize=6, length=2)
             panel.set_ylabel("feature", fontsize=7)
-    figure.suptitle(title, fontsize=9, y=1 - 0.08 / height, va="top")
-    figure.savefig(path, dpi=80)
+            first_panel = panel
+        else:
+            panel.set_yticks([])
+    heading = figure.suptitle(title, fontsize=9, y=1 - 0.08 / height, va="top")
+    pages = -(-len(features) // rows)
+    written = []
+    for number in range(1, pages + 1):
+        start = (number - 1) * rows
+        page = list(features[start:start + rows])
+        for image, values in images:
+            filled = np.full((rows, len(scales)), np.nan)
+            filled[: len(page)] = values[start:start + len(page)]
+            image.set_data(filled)
+        first_panel.set_yticklabels([str(feature) for feature in page] + [""] * (rows - len(page)))
+        if pages > 1:
+            heading.set_text(f"{title} (features {page[0]}-{page[-1]}, page {number} of {pages})")
+        path = Path(str(path_pattern).format(number))
+        figure.savefig(path, dpi=80)
+        written.append(path)
+    return written
 
 
 def write_steerability(frame: pd.DataFrame, summaries: Mapping[str, Mapping[str, float]], path: Path,

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -48,6 +49,9 @@ from runner.tracking.sqlite import checkpoint_sqlite_tracking, tune_sqlite_track
 _log = logging.getLogger(__name__)
 
 SweepStatus = Literal["FINISHED", "FAILED", "KILLED"]
+#: The parent's progress metrics (`points_finished`, `points_failed`) are logged at most this often while the
+#: sweep runs, and when it closes.
+PROGRESS_INTERVAL_S = 5.0
 
 
 class SweepTracker:
@@ -68,7 +72,7 @@ class SweepTracker:
     Args:
       uri: The tracking server or database.
       experiment_name: The MLflow experiment (created when missing).
-      parallelism: Requests in flight at once (`TrackingClients`); by default 8 to a server, 1 to a local store.
+      parallelism: Requests in flight at once (`TrackingClients`); by default 4 to a server, 1 to a local store.
     """
 
     def __init__(self, uri: str, experiment_name: str, parallelism: int | None = None) -> None:
@@ -83,6 +87,7 @@ class SweepTracker:
         self._num_points = 0
         self._parent_artifact_uri = ""
         self._children: ChildRuns | None = None
+        self._progress_logged = -PROGRESS_INTERVAL_S
 
     @property
     def experiment_id(self) -> str | None:
@@ -156,9 +161,13 @@ class SweepTracker:
         checkpoint_sqlite_tracking(self.uri)
 
     def warm_up_plots(self) -> None:
-        """Loads the plotting library now (about half a second), e.g. while the workers start, rather than when
-        the sweep closes."""
+        """Loads what closing the sweep needs now (matplotlib and its font, pandas, SciPy's t quantiles, jinja2:
+        about a second), e.g. while the workers start, rather than when the sweep closes."""
+        import importlib
+
         plots.warm_up()
+        for module in ("pandas", "scipy.special", "jinja2"):
+            importlib.import_module(module)
 
     def log_sweep_metrics(self, metrics: Mapping[str, float]) -> None:
         """Logs metrics of the whole sweep on its parent run (e.g. `preemptions`, `worker_crashes`)."""
@@ -216,8 +225,12 @@ class SweepTracker:
 
     # -- internals ----------------------------------------------------------------------------------------------
 
-    def _progress(self, parent: str) -> Callable[[MlflowClient], None]:
-        """The request that logs the sweep's progress on the parent (`points_finished`, `points_failed`)."""
+    def _progress(self, parent: str) -> Callable[[MlflowClient], None] | None:
+        """The request that logs the sweep's progress on the parent (`points_finished`, `points_failed`), at most
+        every `PROGRESS_INTERVAL_S`; None when it is not due."""
+        if time.monotonic() - self._progress_logged < PROGRESS_INTERVAL_S:
+            return None
+        self._progress_logged = time.monotonic()
         children = self._require_children()
 
         def log_progress(client: MlflowClient) -> None:
