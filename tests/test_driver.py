@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +15,18 @@ import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
+from typer.testing import CliRunner
 
+from runner.cli import app
 from runner.config.loading import load_experiment
 from runner.driver import run_sweep
+from runner.execution.local import LocalExecutor
+from runner.execution.workers import SteeringWorker
 from runner.plan.points import sweep_id
 from runner.plan.prepare import prepare_sweep
 from runner.tracking.records import PointRecord
 from runner.tracking.search import sweep_parent, sweep_records
+from tests.mlflow_server import kill_process_group
 
 STEERING = {"layers": [1, 2], "features": [3, 40], "scales": [0, 30], "seeds": [0]}
 
@@ -211,3 +221,101 @@ def test_a_rerun_of_an_evaluation_sweep_skips_every_finished_sae(evaluation_swee
     again = run_sweep(prepare_sweep(config, cache_dir), cache_dir=cache_dir)
     assert (again.points_skipped, again.points_finished) == (len(plan.points), 0)
     assert len(child_runs(config.tracking.uri, config.name)) == len(plan.points)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Failures and a killed driver: every point exactly once
+
+
+class FailingFirstJob(LocalExecutor):
+    """Runs jobs locally, but the first job of the sweep raises (its points fail)."""
+
+    def run(self, jobs, on_result, on_failure) -> None:
+        def fail_first(job, results) -> None:
+            if job is jobs[0]:
+                on_failure(job, "RuntimeError: injected failure", 1)
+            else:
+                on_result(job, results)
+
+        super().run(jobs, fail_first, on_failure)
+
+
+def test_a_failed_point_runs_again_on_the_next_run_and_only_it(tmp_path, cache_dir) -> None:
+    config = load_experiment(write_experiment(tmp_path, name="fails-once"))
+    plan = prepare_sweep(config, cache_dir)
+    worker = SteeringWorker(**plan.worker_args(), cache_dir=cache_dir)
+    first = run_sweep(plan, cache_dir=cache_dir, executor=FailingFirstJob(plan, cache_dir, worker))
+    failed = {point.point_key for point in plan.jobs[0].points}
+    assert (first.points_finished, first.points_failed) == (16 - len(failed), len(failed))
+    assert {r.point_key for r in point_records(config) if r.status == "FAILED"} == failed
+
+    computed = []
+
+    class Recording(LocalExecutor):
+        def run(self, jobs, on_result, on_failure) -> None:
+            computed.extend(point.point_key for job in jobs for point in job.points)
+            super().run(jobs, on_result, on_failure)
+
+    second = run_sweep(plan, cache_dir=cache_dir, executor=Recording(plan, cache_dir, worker))
+    assert set(computed) == failed, "only the failed points run again"
+    assert (second.points_finished, second.points_failed, second.points_skipped) == (len(failed), 0, 16 - len(failed))
+    records = point_records(config)
+    assert len(records) == 16 and {record.status for record in records} == {"FINISHED"}
+    assert MlflowClient(config.tracking.uri).get_run(second.parent_run_id).info.status == "FINISHED"
+
+
+def write_large_experiment(directory: Path) -> Path:
+    """2,000 points on the tiny model: 2 prompts x 50 features x 10 scales x 2 seeds, 8 tokens each."""
+    config = {
+        "name": "killed-at-2000",
+        "model": {"source": "synthetic", "preset": "tiny"},
+        "sae": {"source": "synthetic", "target_l0": 16},
+        "prompts": ["The most iconic structure on Earth is", "Once upon a time"],
+        "steering": {"layers": [1], "features": list(range(50)), "scales": [0, 5, 10, 20, 30, 40, 60, 80, 120, 160],
+                     "seeds": [0, 1]},
+        "sampling": {"max_new_tokens": 8, "temperature": 0.7},
+        "tracking": {"uri": "sqlite:///mlflow.db"},
+        "cluster": {"workers": 1, "resources": {"CPU": 1}},
+    }
+    path = directory / "experiment.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_a_driver_killed_mid_sweep_finishes_every_point_exactly_once_when_run_again(tmp_path, cache_dir,
+                                                                                   monkeypatch) -> None:
+    path = write_large_experiment(tmp_path)
+    config = load_experiment(path, ["tracking.uri=sqlite:///" + str(tmp_path / "mlflow.db")])
+    command = [sys.executable, "-m", "runner.cli", "run", str(path), "--cache-dir", str(cache_dir)]
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    with (tmp_path / "first-run.log").open("w") as log:
+        driver = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            while len(list(tmp_path.glob("mlruns/*/*/artifacts/points/*.json"))) < 8:  # 8 of 32 jobs logged
+                assert driver.poll() is None, (tmp_path / "first-run.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the sweep did not get going"
+                time.sleep(0.05)
+            driver.send_signal(signal.SIGKILL)
+            driver.wait()
+        finally:
+            driver.kill()
+            kill_process_group(driver.pid)  # the local Ray it started
+
+    before = {record.point_key for record in point_records(config)}
+    assert 8 * 50 < len(before) < 2000, f"killed mid-sweep ({len(before)} of 2000 logged)"
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{2000 - len(before)} points finished, 0 failed, {len(before)} already done" in again.stdout
+
+    monkeypatch.chdir(tmp_path)
+    exported = CliRunner().invoke(app, ["export", str(path), "--format", "parquet", "--out", "points.parquet"])
+    assert exported.exit_code == 0, exported.output
+    frame = pd.read_parquet(tmp_path / "points.parquet")
+    plan_keys = {point.point_key for point in prepare_sweep(config, cache_dir).points}
+    assert len(frame) == 2000 and set(frame["point_key"]) == plan_keys, "every point exactly once"
+    assert frame["run_id"].notna().all() and frame["run_id"].nunique() == 50, "each point in its curve's run"
+    curves = child_runs(config.tracking.uri, config.name)
+    assert len(curves) == 50 and {run.info.status for run in curves} == {"FINISHED"}

@@ -259,11 +259,12 @@ class CurveRuns:
                 "points": len(plan.point_keys),
                 "points_finished": sum(record.status == "FINISHED" for record in records),
                 "points_failed": sum(record.status == "FAILED" for record in records),
-                **{name: summary.get(name) for name in SUMMARY_COLUMNS},
+                **{name: summary.get(name) for name in SUMMARY_COLUMNS}, **summary,
                 "neuronpedia_url": plan.neuronpedia_url}
 
 
-#: The summaries every row of `curves.json` has (empty where a curve has none).
+#: The summaries every row of `curves.json` has (empty where a curve has none); any other summary a curve has
+#: gets a column too.
 SUMMARY_COLUMNS = (curves.SCALE_AT_TARGET, curves.NLL_AT_TARGET, curves.KL_AT_TARGET, curves.MAX_CONCEPT,
                    curves.SCALE_AT_MAX_CONCEPT)
 
