@@ -17,7 +17,7 @@ carries the digest of the records it summarises (tag `runner.curve_digest`, logg
 table): a run whose digest or status does not match the records (a driver killed while logging it; a failed point
 that finished on a later run) is deleted and logged again, when the sweep is opened or its points change.
 
-When the sweep closes, the parent gets the sweep's tables (`generations.json`: every finished point;
+When the sweep closes, the parent gets the sweep's tables (`generations.parquet`: every finished point;
 `curves.json`: every curve's summaries and run), its plots (heatmaps per layer, the most and least steerable
 curves) and `report.html`.
 """
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -61,8 +60,6 @@ from runner.tracking.layout import (
 from runner.tracking.records import PointRecord, download_records, table_document, write_batch
 from runner.tracking.runs import SweepRuns, now_ms, terminate_quietly, truncate
 
-_log = logging.getLogger(__name__)
-
 ROLE = "curve"
 
 
@@ -87,7 +84,9 @@ class CurveRuns:
         self._points = {point.point_key: point for point in points}
         self._records: dict[str, PointRecord] = {}
         self._runs: dict[str, _CurveRun] = {}
-        self._stale: list[str] = []  # run ids of extra runs of a curve (a crash between creating and deleting)
+        # Older active runs of a curve than its newest (none unless the store was changed by hand): deleted when
+        # curves are next logged.
+        self._stale: list[str] = []
 
     # -- opening ------------------------------------------------------------------------------------------------
 
@@ -233,7 +232,8 @@ class CurveRuns:
         finished = [record for record in self._records.values() if record.status == "FINISHED"]
         if not finished:
             return []
-        (directory / TABLE_ARTIFACT).write_text(json.dumps(table_document(finished)), encoding="utf-8")
+        table = table_document(finished)
+        pd.DataFrame(table["data"], columns=table["columns"]).to_parquet(directory / TABLE_ARTIFACT, index=False)
         frame = pd.DataFrame([record.row() for record in finished])
         summaries = self.curve_summaries()
         curve_rows = [self._curve_row(plan, summaries.get(key, {})) for key, plan in self._plans.items()
@@ -254,13 +254,13 @@ class CurveRuns:
     def _curve_row(self, plan: curves.CurvePlan, summary: Mapping[str, float]) -> dict[str, Any]:
         records = [self._records[key] for key in plan.point_keys if key in self._records]
         run = self._runs.get(plan.curve_key)
-        return {"curve_key": plan.curve_key, "run_id": run.run_id if run is not None else None,
-                "layer": plan.layer, "feature": plan.feature, "mode": plan.mode, "positions": plan.positions,
+        return {"layer": plan.layer, "feature": plan.feature,
+                **{name: summary.get(name) for name in SUMMARY_COLUMNS}, **summary,
                 "points": len(plan.point_keys),
                 "points_finished": sum(record.status == "FINISHED" for record in records),
                 "points_failed": sum(record.status == "FAILED" for record in records),
-                **{name: summary.get(name) for name in SUMMARY_COLUMNS}, **summary,
-                "neuronpedia_url": plan.neuronpedia_url}
+                "mode": plan.mode, "positions": plan.positions, "neuronpedia_url": plan.neuronpedia_url,
+                "run_id": run.run_id if run is not None else None, "curve_key": plan.curve_key}
 
 
 #: The summaries every row of `curves.json` has (empty where a curve has none); any other summary a curve has

@@ -29,8 +29,10 @@ TAG_LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"
 CONFIG_ARTIFACT = "config/experiment.yaml"
 #: The parent's folder of point records: one JSON file per logged batch of a steering sweep.
 POINTS_DIR = "points"
-#: The parent's table of a steering sweep (one row per finished point) and of an SAE evaluation (one per SAE).
-TABLE_ARTIFACT = "generations.json"
+#: The parent's table of a steering sweep: one row per finished point, as Parquet (`mlflow.load_table` reads it;
+#: the UI's table view, which stalls on thousands of JSON rows, does not show it).
+TABLE_ARTIFACT = "generations.parquet"
+#: The parent's table of an SAE evaluation: one row per SAE.
 SAE_TABLE_ARTIFACT = "sae_metrics.json"
 #: The parent's table of a steering sweep's curves (one row per curve: its summary metrics and run id).
 CURVES_TABLE_ARTIFACT = "curves.json"

@@ -34,6 +34,10 @@ RecordStatus = Literal["FINISHED", "FAILED"]
 RECORD_FORMAT = 1
 #: How a sweep's points are sorted in every table: as the sweep expands them.
 SORT_COLUMNS = ("prompt_index", "layer", "feature", "scale", "seed")
+#: The columns an MLflow table of points starts with (the point, its text, the main metrics); the others follow.
+TABLE_COLUMNS_FIRST = ("layer", "feature", "scale", "prompt_index", "seed", "text", "steer/concept_rate",
+                       "steer/feature_activation", "steer/logit_lens_mass", "steer/nll", "steer/kl_steered_base",
+                       "gen/distinct_2", "gen/num_tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,10 +154,12 @@ def download_records(repository: ArtifactRepository, scratch: Path) -> dict[str,
 
 def table_document(records: Iterable[PointRecord]) -> dict[str, list]:
     """The records as an MLflow table (`{"columns": [...], "data": [...]}`, what `mlflow.log_table` writes and
-    `mlflow.load_table` reads), one row per record (`PointRecord.row`) sorted like the sweep; a metric that is not
-    finite is null, as pandas writes it."""
+    `mlflow.load_table` reads), one row per record (`PointRecord.row`) sorted like the sweep, the columns a reader
+    scans first (`TABLE_COLUMNS_FIRST`) leading; a metric that is not finite is null, as pandas writes it."""
     rows = sorted((record.row() for record in records), key=lambda row: tuple(row[c] for c in SORT_COLUMNS))
-    columns = list(dict.fromkeys(column for row in rows for column in row))
+    present = list(dict.fromkeys(column for row in rows for column in row))
+    first = [column for column in TABLE_COLUMNS_FIRST if column in present]
+    columns = first + [column for column in present if column not in first]
     return {"columns": columns, "data": [[_json_value(row.get(column)) for column in columns] for row in rows]}
 
 

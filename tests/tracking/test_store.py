@@ -123,14 +123,14 @@ def test_the_parent_holds_the_records_the_sweep_tables_plots_and_report(sweep, t
     assert Path(client.download_artifacts(parent_id, "config/experiment.yaml", str(tmp_path))).read_text() == \
         config.to_yaml()
 
-    generations = client.load_table(parent.info.experiment_id, "generations.json", run_ids=[parent_id])
+    generations = client.load_table(parent.info.experiment_id, "generations.parquet", run_ids=[parent_id])
     assert sorted(generations.point_key) == sorted(p.point_key for p in points)
     curves = client.load_table(parent.info.experiment_id, "curves.json", run_ids=[parent_id])
     by_feature = {row.feature: row for row in curves.itertuples()}
     assert by_feature[5].run_id in {run.info.run_id for run in curve_runs(client, parent_id)}
     assert by_feature[5]._asdict()["points_finished"] == 12
     logged = json.loads(parent.data.tags["mlflow.loggedArtifacts"])
-    assert [entry["path"] for entry in logged] == ["generations.json", "curves.json"]
+    assert [entry["path"] for entry in logged] == ["generations.parquet", "curves.json"]
 
     assert {a.path for a in client.list_artifacts(parent_id, "plots")} == {
         "plots/heatmap_layer1_p1.png", "plots/steerability_layer1.png"}
@@ -176,7 +176,7 @@ def test_a_rerun_skips_finished_points_and_every_point_is_logged_once(sweep):
     assert parent.info.status == "FINISHED" and parent.data.metrics["points_finished"] == 24.0
     assert len(client.search_runs([parent.info.experiment_id], "tags.`runner.role` = 'sweep'")) == 1
     assert len(curve_runs(client, parent_id)) == 2
-    table = client.load_table(parent.info.experiment_id, "generations.json", run_ids=[parent_id])
+    table = client.load_table(parent.info.experiment_id, "generations.parquet", run_ids=[parent_id])
     assert sorted(table.point_key) == sorted(p.point_key for p in points), "earlier points read back from MLflow"
     status = status_of(config, sid)
     assert (status["points"], status["children"], status["kind"]) == ({"FINISHED": 24}, {"FINISHED": 2}, "steering")
