@@ -189,7 +189,9 @@ def expand_points(
     sae_ids: Mapping[int, str],
     neuronpedia: Callable[[int, int], str | None] | None = None,
 ) -> list[SteeringPoint]:
-    """Returns every point of the sweep in the order prompts x layers x features x scales x seeds.
+    """Returns every point of the sweep, curve by curve: in the order layers x features x prompts x scales x seeds,
+    so that the jobs finish one steering curve (a layer and feature over every prompt, scale and seed) after
+    another, and each curve can be logged while the sweep goes on.
 
     Args:
       config: The experiment.
@@ -222,9 +224,9 @@ def expand_points(
             sae_id=sae_ids[layer],
             neuronpedia_url=neuronpedia(layer, feature) if neuronpedia is not None else None,
         )
-        for prompt_index, prompt in enumerate(config.prompts)
         for layer in steering.layers
         for feature in steering.features
+        for prompt_index, prompt in enumerate(config.prompts)
         for scale in steering.scales
         for seed in steering.seeds
     ]
