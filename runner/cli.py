@@ -20,6 +20,8 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # MLflow logs at INFO by default (e.g. each time it creates a database's tables); runner prints what matters.
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+# Ending a run on a tracking server would read the run back and print a link to it (one line per child run).
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 # MLflow's HTTP client retries a call for minutes before it reports an unreachable server; runner's tracking
 # thread does the retrying (tracking.retry_timeout_s), with results kept meanwhile.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -233,7 +235,8 @@ def run(
             if resume:
                 from runner.tracking.search import sweep_status
 
-                state = sweep_status(config.tracking.uri, config.tracking.experiment, sweep_plan.sweep_id)
+                state = sweep_status(config.tracking.uri, config.tracking.experiment, sweep_plan.sweep_id,
+                                     count_points=False)
                 if state.get("parent_status") is None:
                     raise RunnerError(f"{file}: --resume given but sweep {sweep_plan.sweep_id} has no run yet in "
                                       f"{uri}; run without --resume to start it")
@@ -350,14 +353,20 @@ def runs(file: ExperimentFile, set_: Overrides = None) -> None:
         typer.echo("no runs yet")
         return
     typer.echo(f"parent run {status['parent_run_id']}: {status['parent_status']}")
-    children: dict[str, int] = status["children"]
-    num_points = status["num_points"] if status["num_points"] is not None else sum(children.values())
-    order = ["FINISHED", "FAILED", "KILLED", "RUNNING"]
-    statuses = [s for s in order if s in children] + sorted(set(children) - set(order))
-    counts = [f"{children[s]} {s}" for s in statuses]
-    not_started = max(num_points - sum(children.values()), 0)
-    typer.echo(f"{num_points} points: {', '.join([*counts, f'{not_started} not started'])}")
+    points: dict[str, int] = status["points"]
+    num_points = status["num_points"] if status["num_points"] is not None else sum(points.values())
+    not_started = max(num_points - sum(points.values()), 0)
+    typer.echo(f"{num_points} points: {', '.join([*_by_status(points), f'{not_started} not started'])}")
+    if status["kind"] == "steering":
+        curves = status["children"]
+        typer.echo(f"{sum(curves.values())} curve runs: {', '.join(_by_status(curves)) or 'none yet'}")
     typer.echo(f"view: {_runs_page(config.tracking.uri, status['experiment_id'])}")
+
+
+def _by_status(counts: dict[str, int]) -> list[str]:
+    """`["3 FINISHED", "1 FAILED"]`: counts by MLflow status, finished first."""
+    order = ["FINISHED", "FAILED", "KILLED", "RUNNING"]
+    return [f"{counts[s]} {s}" for s in [s for s in order if s in counts] + sorted(set(counts) - set(order))]
 
 
 @app.command()
@@ -394,6 +403,55 @@ def export(
     except RunnerError as error:
         raise _fail(error) from None
     typer.echo(f"wrote {len(frame)} rows to {path}")
+
+
+@app.command()
+def report(
+    file: ExperimentFile,
+    set_: Overrides = None,
+    feature: Annotated[
+        list[int] | None,
+        typer.Option("--feature", help="A feature to show (repeatable) [default: the most steerable curves].",
+                     show_default=False),
+    ] = None,
+    top: Annotated[int, typer.Option(help="Curves shown when no --feature is given.")] = 6,
+    out: Annotated[
+        Path | None, typer.Option(help="Output file [default: <name>-<sweep id>-report.html].", show_default=False)
+    ] = None,
+) -> None:
+    """Write a steering sweep's report (per feature: generations at each scale and prompt beside the unsteered
+    ones, with their metrics) to a self-contained HTML file."""
+    from mlflow.exceptions import MlflowException
+
+    from runner.config.loading import load_experiment
+    from runner.errors import ConfigError
+    from runner.plan import points as plan
+    from runner.tracking.report import write_report
+    from runner.tracking.search import sweep_parent, sweep_records
+
+    try:
+        config = load_experiment(file, set_ or [])
+        if config.kind != "steering":
+            raise ConfigError(f"{file}: an SAE evaluation sweep has no steering report (its plots and "
+                              "sae_metrics.json are on its parent run)")
+        if top < 1:
+            raise ConfigError(f"--top: {top} is not allowed (allowed: >= 1)")
+        sweep_id = plan.sweep_id(config)
+        path = out or Path(f"{config.name}-{sweep_id[:8]}-report.html")
+        if path.is_dir():
+            raise ConfigError(f"--out: {path} is a directory (allowed: a file path)")
+        try:
+            parent = sweep_parent(config.tracking.uri, config.tracking.experiment, sweep_id)
+            if parent is None:
+                raise RunnerError(f"sweep {sweep_id} of {config.name!r} has no runs in {config.tracking.uri}; "
+                                  "run it first")
+            records = sweep_records(config.tracking.uri, parent).values()
+        except MlflowException as error:
+            raise RunnerError(f"tracking.uri: cannot read {config.tracking.uri}: {error.message}") from None
+        written = write_report(path, records, sweep_id=sweep_id, features=feature or (), top=top)
+    except RunnerError as error:
+        raise _fail(error) from None
+    typer.echo(f"wrote {written}")
 
 
 @app.command()
@@ -463,6 +521,13 @@ def bench(
     compilation_cache: Annotated[
         bool, typer.Option(help="Let the --end-to-end workers reuse compiled programs from earlier runs.")
     ] = True,
+    tracking: Annotated[
+        str, typer.Option(help="Where --end-to-end logs: sqlite (a new database) or server (a real `mlflow "
+                               "server` started on loopback).")
+    ] = "sqlite",
+    tutorial: Annotated[
+        bool, typer.Option(help="Also time the tutorial's loop on the --end-to-end sweep's points.")
+    ] = True,
 ) -> None:
     """Benchmark runner against the Gemma Scope tutorial's loop; prints one JSON line.
 
@@ -471,14 +536,17 @@ def bench(
     """
     import json
 
-    from runner.bench.end_to_end import END_TO_END_EXPERIMENT, run_end_to_end
+    from runner.bench.end_to_end import END_TO_END_EXPERIMENT, TRACKING_STORES, run_end_to_end
     from runner.bench.sampler import run_benchmark
     from runner.errors import ConfigError
 
     if end_to_end:
         try:
+            if tracking not in TRACKING_STORES:
+                raise ConfigError(f"--tracking: {tracking!r} is not allowed (allowed: {', '.join(TRACKING_STORES)})")
             figures = run_end_to_end(experiment=experiment or END_TO_END_EXPERIMENT, cache_dir=_cache_dir(cache_dir),
-                                     tutorial_points=baseline_points, compilation_cache=compilation_cache)
+                                     tutorial_points=baseline_points, compilation_cache=compilation_cache,
+                                     tracking=tracking, tutorial=tutorial)
         except RunnerError as error:
             raise _fail(error) from None
         typer.echo(json.dumps(figures))

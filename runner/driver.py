@@ -266,13 +266,13 @@ class SweepRun:
         self._spool = Spool(self._spool_path)
         reach_store(config.tracking.uri, config.tracking.retry_timeout_s)  # a new local store: created safely
         self._tracker = SweepTracker(config.tracking.uri, config.tracking.experiment)
-        parent_run_id = self._tracker.open_sweep(_as_logged(config), self._plan.sweep_id, len(self._plan.points))
+        parent_run_id = self._tracker.open_sweep(_as_logged(config), self._plan.sweep_id, self._plan.points)
         done = self._tracker.finished_point_keys()
         by_key: dict[str, Point] = {point.point_key: point for point in self._plan.points}
-        unlogged = [r for r in self._spool.read() if r.point_key not in done]
+        unlogged = list({r.point_key: r for r in self._spool.read() if r.point_key not in done}.values())
         spooled = [r for r in unlogged if r.point_key in by_key]
-        for result in spooled:
-            self._tracker.log_point(by_key[result.point_key], result)
+        if spooled:
+            self._tracker.log_results([by_key[result.point_key] for result in spooled], spooled)
         finished_metrics, later = {}, {}
         if self._plan.search is not None:
             finished_metrics = self._tracker.finished_point_metrics()

@@ -25,6 +25,8 @@ _NOT_IN_KEY = frozenset({"neuronpedia_url"})
 _NOT_IN_GENERATION_KEY = frozenset({"neuronpedia_url", "layer", "feature", "sae_id", "positions"})
 #: Fields that do not change an ablation (the feature is clamped to 0 whatever the scale).
 _NOT_IN_ABLATION_KEY = frozenset({"neuronpedia_url", "scale"})
+#: Fields that vary along one steering curve (a curve is everything else: layer, feature, mode, positions, ...).
+_NOT_IN_CURVE_KEY = frozenset({"neuronpedia_url", "prompt_index", "prompt", "scale", "seed"})
 #: MLflow params named otherwise than the point field they hold.
 _PARAM_FIELD = {"model": "model_id", "l0_target": "l0"}
 #: Most points a sweep may have (`RUNNER_MAX_POINTS` overrides it): a bigger grid is refused before it is expanded.
@@ -129,13 +131,24 @@ class SteeringPoint:
             return self.point_key
         return _digest({"baseline": self._key_fields(_NOT_IN_GENERATION_KEY)})
 
+    @functools.cached_property
+    def curve_key(self) -> str:
+        """16 hex digits naming the point's steering curve: the same intervention (layer, feature, mode,
+        positions, SAE, model, sampling settings) at every scale, prompt and seed of the sweep."""
+        return _digest({"curve": self._key_fields(_NOT_IN_CURVE_KEY)})
+
     def params(self) -> dict[str, str]:
         """Returns the MLflow params of this point (all strings; None as "None"), in `PARAM_NAMES` order; a
         combination adds `combined_with` (e.g. `L12F10004 add 40`, `; `-separated)."""
-        params = _params(self)
+        return {name: str(value) for name, value in self.param_values().items()}
+
+    def param_values(self) -> dict[str, Any]:
+        """The values behind `params`, with their types (int, float, str or None), in `PARAM_NAMES` order; a
+        combination adds `combined_with`."""
+        values = _param_values(self)
         if self.combined_with:
-            params["combined_with"] = "; ".join(intervention.describe() for intervention in self.combined_with)
-        return params
+            values["combined_with"] = "; ".join(intervention.describe() for intervention in self.combined_with)
+        return values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,10 +196,15 @@ class SAEEvalPoint:
 Point = SteeringPoint | SAEEvalPoint
 
 
+def _param_values(point: Point) -> dict[str, Any]:
+    """The point's `PARAM_NAMES` fields, in that order."""
+    fields = dataclasses.asdict(point)
+    return {name: fields[_PARAM_FIELD.get(name, name)] for name in point.PARAM_NAMES}
+
+
 def _params(point: Point) -> dict[str, str]:
     """The point's `PARAM_NAMES` fields as MLflow params (`str` of each value), in that order."""
-    fields = dataclasses.asdict(point)
-    return {name: str(fields[_PARAM_FIELD.get(name, name)]) for name in point.PARAM_NAMES}
+    return {name: str(value) for name, value in _param_values(point).items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,8 +305,10 @@ def expand_points(
     neuronpedia: Callable[[int, int], str | None] | None = None,
     scales: Mapping[tuple[int, int], Sequence[float]] | None = None,
 ) -> list[SteeringPoint]:
-    """Returns every point of the sweep: the grid in the order prompts x layers x features x scales x seeds, then
-    the combinations in the order prompts x combinations x seeds.
+    """Returns every point of the sweep, curve by curve: the grid in the order layers x features x prompts x scales x
+    seeds, so that the jobs finish one steering curve (a layer and feature over every prompt, scale and seed) after
+    another, and each curve can be logged while the sweep goes on; then the combinations in the order combinations
+    x prompts x seeds.
 
     Args:
       config: The experiment.
@@ -331,9 +351,9 @@ def expand_points(
             sae_id=sae_ids[layer],
             neuronpedia_url=neuronpedia(layer, feature) if neuronpedia is not None else None,
         )
-        for prompt_index, prompt in enumerate(config.prompts)
         for layer in steering.layers
         for feature in steering.features
+        for prompt_index, prompt in enumerate(config.prompts)
         for scale in scales_of(layer, feature)
         for seed in steering.seeds
     ]
@@ -362,8 +382,8 @@ def expand_points(
             neuronpedia_url=neuronpedia(own.layer, own.feature) if neuronpedia is not None else None,
             combined_with=tuple(others),
         )
-        for prompt_index, prompt in enumerate(config.prompts)
         for own, *others in combinations
+        for prompt_index, prompt in enumerate(config.prompts)
         for seed in steering.seeds
     ]
 

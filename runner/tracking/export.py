@@ -1,14 +1,12 @@
-"""A sweep's finished points as a table (one row per FINISHED child run), for `runner export`.
+"""A sweep's finished points as a table (one row per finished point), for `runner export`.
 
-Params, tags and metrics come from one paged run search; the generated text from the sweep's `generations.json`
-table when the parent has one, else from each run's `generation.json` artifact.
+A steering sweep's rows come from its point records on the parent run (`runner.tracking.records`), with the run
+of each point's curve; an SAE evaluation's from its child runs (one paged search).
 """
 
 from __future__ import annotations
 
 import csv
-import json
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -19,8 +17,9 @@ from runner.config.schema import ExperimentConfig
 from runner.errors import RunnerError
 from runner.files import atomic_path
 from runner.plan import points as plan
-from runner.tracking.layout import TABLE_ARTIFACT, TAG_PARENT, TAG_POINT_KEY, TAG_WORKER
-from runner.tracking.search import search_all, sweep_status
+from runner.tracking.layout import TAG_CURVE_KEY, TAG_PARENT, TAG_POINT_KEY, TAG_ROLE, TAG_WORKER
+from runner.tracking.records import records_frame
+from runner.tracking.search import search_all, sweep_parent, sweep_records
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,17 +27,14 @@ if TYPE_CHECKING:
 ExportFormat = Literal["csv", "parquet"]
 EXPORT_FORMATS: tuple[str, ...] = ("csv", "parquet")
 
-#: Params in the order points log them; they lead the table, metrics follow (after the prompt and text of a
-#: steering point).
-_PARAM_ORDER = {"steering": plan.SteeringPoint.PARAM_NAMES, "sae_eval": plan.SAEEvalPoint.PARAM_NAMES}
-_SORT_BY = {"steering": ["prompt_index", "layer", "feature", "scale", "seed"],
-            "sae_eval": ["layer", "site", "width", "l0_target"]}
+_SAE_SORT = ["layer", "site", "width", "l0_target"]
 
 
 def finished_points_frame(config: ExperimentConfig) -> pd.DataFrame:
-    """One row per FINISHED point of the config's sweep: point_key, run_id, params, (steering: prompt, text),
-    worker, metrics; sorted like the sweep (steering: prompt, layer, feature, scale, seed; SAE evaluation: layer,
-    site, width, l0).
+    """One row per FINISHED point of the config's sweep, sorted like the sweep (steering: prompt, layer, feature,
+    scale, seed; SAE evaluation: layer, site, width, l0). A steering point: point_key, curve_key, run_id (its
+    curve's run; empty while the curve is not complete), params, prompt, text, worker, attempt, metrics. An SAE:
+    point_key, run_id, params, worker, metrics.
 
     Raises:
       RunnerError: The sweep has no runs in `config.tracking.uri`.
@@ -46,20 +42,31 @@ def finished_points_frame(config: ExperimentConfig) -> pd.DataFrame:
     import pandas as pd
 
     uri, sweep_id = config.tracking.uri, plan.sweep_id(config)
-    status = sweep_status(uri, config.tracking.experiment, sweep_id)
-    if status["parent_run_id"] is None:
+    parent = sweep_parent(uri, config.tracking.experiment, sweep_id)
+    if parent is None:
         raise RunnerError(f"sweep {sweep_id} of {config.name!r} has no runs in {uri}; run it first")
     client = MlflowClient(tracking_uri=uri)
-    runs = search_all(client, status["experiment_id"],
-                      f"tags.`{TAG_PARENT}` = '{status['parent_run_id']}' AND attributes.status = 'FINISHED'")
-    texts = _texts_from_sweep_table(client, status["parent_run_id"]) if config.kind == "steering" else {}
-    with tempfile.TemporaryDirectory(prefix="runner-export-") as tmp:
-        rows = [_row(client, run, config, texts, Path(tmp)) for run in runs if TAG_POINT_KEY in run.data.tags]
-    frame = pd.DataFrame(rows)
+    children = search_all(client, parent.info.experiment_id,
+                          f"tags.`{TAG_PARENT}` = '{parent.info.run_id}' AND attributes.status != 'RUNNING'")
+    if config.kind == "steering":
+        return _steering_frame(uri, parent, children)
+    frame = pd.DataFrame([_sae_row(run) for run in children
+                          if run.info.status == "FINISHED" and TAG_POINT_KEY in run.data.tags])
     if frame.empty:
         return frame
-    sort_by = [c for c in _SORT_BY[config.kind] if c in frame.columns]
-    return frame.sort_values(sort_by, kind="stable").reset_index(drop=True)
+    return frame.sort_values(_SAE_SORT, kind="stable").reset_index(drop=True)
+
+
+def _steering_frame(uri: str, parent: Run, children: list[Run]) -> pd.DataFrame:
+    """The finished points of a steering sweep's records, each with its curve's run id."""
+    finished = [record for record in sweep_records(uri, parent).values() if record.status == "FINISHED"]
+    frame = records_frame(finished, token_ids=False)
+    if frame.empty:
+        return frame
+    curve_runs = {run.data.tags[TAG_CURVE_KEY]: run.info.run_id for run in children
+                  if run.data.tags.get(TAG_ROLE) == "curve" and TAG_CURVE_KEY in run.data.tags}
+    frame.insert(2, "run_id", frame["curve_key"].map(curve_runs))
+    return frame
 
 
 def write_frame(frame: pd.DataFrame, path: Path, file_format: ExportFormat) -> Path:
@@ -96,41 +103,14 @@ def parse_param(value: str) -> int | float | str | None:
     return value
 
 
-def _row(client: MlflowClient, run: Run, config: ExperimentConfig, texts: dict[str, str], tmp: Path) -> dict[str, Any]:
-    key = run.data.tags[TAG_POINT_KEY]
-    names = _PARAM_ORDER[config.kind]
-    params = {name: parse_param(run.data.params[name]) for name in names if name in run.data.params}
-    if config.kind == "sae_eval":
-        params["l0_target"] = run.data.params.get("l0_target")  # "canonical" or a number, kept as written
-        point = {}
-    else:
-        prompt_index = params.get("prompt_index")
-        in_range = isinstance(prompt_index, int) and prompt_index < len(config.prompts)
-        text = texts.get(key)
-        if text is None:
-            path = client.download_artifacts(run.info.run_id, "generation.json", str(tmp))
-            text = json.loads(Path(path).read_text(encoding="utf-8"))["text"]
-        point = {"prompt": config.prompts[prompt_index] if in_range else None, "text": text}
+def _sae_row(run: Run) -> dict[str, Any]:
+    params = {name: parse_param(run.data.params[name]) for name in plan.SAEEvalPoint.PARAM_NAMES
+              if name in run.data.params}
+    params["l0_target"] = run.data.params.get("l0_target")  # "canonical" or a number, kept as written
     return {
-        "point_key": key,
+        "point_key": run.data.tags[TAG_POINT_KEY],
         "run_id": run.info.run_id,
         **params,
-        **point,
         "worker": run.data.tags.get(TAG_WORKER),
         **dict(sorted(run.data.metrics.items())),
     }
-
-
-def _texts_from_sweep_table(client: MlflowClient, parent_run_id: str) -> dict[str, str]:
-    """point_key -> text from the parent's generations table (empty when the sweep never closed)."""
-    import pandas as pd
-
-    if TABLE_ARTIFACT not in {artifact.path for artifact in client.list_artifacts(parent_run_id)}:
-        return {}
-    with tempfile.TemporaryDirectory(prefix="runner-export-") as tmp:
-        table = pd.read_json(client.download_artifacts(parent_run_id, TABLE_ARTIFACT, tmp), orient="split",
-                             dtype={"point_key": str, "text": str})
-    if not {"point_key", "text"} <= set(table.columns):
-        return {}
-    return dict(zip(table["point_key"], table["text"], strict=True))
-

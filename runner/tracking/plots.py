@@ -1,7 +1,7 @@
 """The PNG plots a sweep's parent run carries (matplotlib, no pyplot global state).
 
-- Steering sweeps: one figure per feature, every metric (mean over prompts and seeds) against the scale, one line
-  per layer.
+- Steering sweeps: per layer, heatmaps of the main metrics (feature x scale, mean over prompts and seeds; every
+  feature, over several pages when there are many) and the most and least steerable curves with 95% bands.
 - SAE evaluation sweeps: the sparsity-fidelity frontier (`lm/delta_loss` against `sae/l0`, one curve per layer)
   and FVU and L0 against the layer (one line per width).
 - Per SAE: the histogram of `log10(feature density + 1e-10)`.
@@ -9,32 +9,33 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from runner.tracking.curves import (
+    CONCEPT_METRIC,
+    CONCEPT_TARGET,
+    CURVE_METRICS,
+    KL_METRIC,
+    NLL_METRIC,
+    rank_curves,
+    scale_statistics,
+)
+
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
-_log = logging.getLogger(__name__)
-
-#: More features than this get no per-feature plot (each PNG costs ~0.2 s); the table still has every row.
-MAX_FEATURE_PLOTS = 100
-#: What a steering sweep's per-feature figure shows (every metric is in the table and on the child runs).
-FEATURE_PLOT_METRICS = (
-    "steer/feature_activation",
-    "steer/concept_rate",
-    "steer/logit_lens_mass",
-    "steer/l0",
-    "steer/nll",
-    "steer/kl_steered_base",
-    "gen/distinct_2",
-    "gen/num_tokens",
-)
+#: Features in one heatmap figure; a layer with more gets several pages.
+FEATURES_PER_PAGE = 100
+#: Curves in each half (most and least steerable) of a layer's steerability figure.
+STEERABILITY_CURVES = 5
+STEERABILITY_METRICS = (CONCEPT_METRIC, NLL_METRIC, KL_METRIC)
+#: What a steering sweep's heatmaps show: the metrics its curve runs log per scale.
+HEATMAP_METRICS = CURVE_METRICS
 FRONTIER_PLOT = "sae_frontier.png"
 BY_LAYER_PLOT = "sae_by_layer.png"
 
@@ -55,64 +56,142 @@ def warm_up() -> None:
     figure.savefig(io.BytesIO(), format="png", dpi=20)
 
 
-def write_feature_plots(
-    frame: pd.DataFrame, out_dir: Path, metrics: Sequence[str] = FEATURE_PLOT_METRICS
-) -> list[Path]:
-    """Writes `feature_<i>.png` per feature of a steering sweep's table: each of `metrics` that the table has
-    (mean over prompts and seeds) against scale, one line per layer. Returns the files written.
-
-    One figure is drawn and its lines re-filled for every feature, which halves the time matplotlib takes.
-    """
-    metrics = [metric for metric in metrics if metric in frame.columns]
-    if not metrics or frame.empty or not {"feature", "layer", "scale"} <= set(frame.columns):
+def write_steering_plots(frame: pd.DataFrame, summaries: Mapping[str, Mapping[str, float]], out_dir: Path,
+                         metrics: Sequence[str] = HEATMAP_METRICS) -> list[Path]:
+    """Writes a steering sweep's figures from its table of finished points (`records_frame`) and its curves'
+    summaries (`runner.tracking.curves.summarize`, by curve key): the heatmaps of every layer (`write_heatmaps`)
+    and its most and least steerable curves (`write_steerability`). Returns the files written."""
+    if frame.empty or not {"layer", "feature", "scale", "curve_key"} <= set(frame.columns):
         return []
-    features = sorted(frame["feature"].unique())
-    if len(features) > MAX_FEATURE_PLOTS:
-        _log.warning("plotting the first %d of %d features", MAX_FEATURE_PLOTS, len(features))
-    layers = sorted(frame["layer"].unique())
-    means = frame.groupby(["feature", "layer", "scale"])[metrics].mean().sort_index()
-    from matplotlib.ticker import MaxNLocator
+    written = write_heatmaps(frame, out_dir, metrics)
+    for layer, of_layer in frame.groupby("layer", sort=True):
+        keys = set(of_layer["curve_key"])
+        written += write_steerability(of_layer, {key: value for key, value in summaries.items() if key in keys},
+                                      out_dir / f"steerability_layer{layer}.png")
+    return written
 
-    columns = min(4, len(metrics))
-    rows = -(-len(metrics) // columns)
-    figure = _figure(3.2 * columns, 2.6 * rows, constrained=False)  # a fixed layout: 10x faster to save
-    grid = figure.subplots(rows, columns, sharex=True, squeeze=False).flat
-    scales = sorted(frame["scale"].unique())
-    panels = []
-    # Tick labels are most of matplotlib's drawing time: the x axis is shared (labels on the bottom row only) and
-    # ticked at the sweep's scales, the y axis gets at most 5 ticks.
-    for index, (metric, axes) in enumerate(zip(metrics, grid, strict=False)):
-        lines = {layer: axes.plot([], [], marker="o", markersize=3, label=f"layer {layer}")[0] for layer in layers}
-        axes.set_title(metric, fontsize=8)
-        axes.tick_params(labelsize=7)
-        axes.yaxis.set_major_locator(MaxNLocator(5))
-        if len(scales) <= 8:
-            axes.set_xticks(scales)
-        else:
-            axes.xaxis.set_major_locator(MaxNLocator(8))
-        if index >= len(metrics) - columns:
-            axes.set_xlabel("scale", fontsize=7)
-            axes.xaxis.set_tick_params(labelbottom=True)
-        panels.append((metric, axes, lines))
-    for axes in grid:  # cells of the last row left over
-        axes.set_visible(False)
-    panels[-1][1].legend(fontsize=6)
-    figure.subplots_adjust(left=0.06, right=0.98, bottom=0.1, top=0.88, wspace=0.3, hspace=0.45)
+
+def write_heatmaps(frame: pd.DataFrame, out_dir: Path, metrics: Sequence[str] = HEATMAP_METRICS,
+                   features_per_page: int = FEATURES_PER_PAGE) -> list[Path]:
+    """Writes `heatmap_layer<L>_p<i>.png`: per layer, a panel per metric of its mean over prompts and seeds,
+    features down (every feature, at most `features_per_page` to a figure) and scales across; each metric's colours span
+    its range over the whole layer, so pages compare. Returns the files written."""
+    metrics = [metric for metric in metrics if metric in frame.columns]
+    if not metrics:
+        return []
     out_dir.mkdir(parents=True, exist_ok=True)
+    means = frame.groupby(["layer", "feature", "scale"])[metrics].mean()
+    scales = sorted(frame["scale"].unique())
     written = []
-    for feature in features[:MAX_FEATURE_PLOTS]:
-        of_feature = means.loc[feature]
-        for metric, axes, lines in panels:
-            for layer, line in lines.items():
-                series = of_feature[metric].loc[layer] if layer in of_feature.index.get_level_values(0) else None
-                line.set_data(*((series.index, series.values) if series is not None else ([], [])))
-            axes.relim()
-            axes.autoscale_view()
-        figure.suptitle(f"feature {feature}", fontsize=10)
-        path = out_dir / f"feature_{feature}.png"
-        figure.savefig(path, dpi=72)
+    for layer in sorted(frame["layer"].unique()):
+        of_layer = means.loc[layer]
+        features = sorted(of_layer.index.get_level_values("feature").unique())
+        grids = {metric: of_layer[metric].unstack("scale").reindex(index=features, columns=scales).to_numpy()
+                 for metric in metrics}
+        pages = -(-len(features) // features_per_page)
+        written += _draw_heatmap_pages(grids, features, scales, -(-len(features) // pages),  # pages alike
+                                       f"layer {layer}: mean over prompts and seeds",
+                                       out_dir / f"heatmap_layer{layer}_p{{}}.png")
+    return written
+
+
+#: The heatmap page layout, in inches.
+_PANEL_WIDTH, _PANEL_GAP, _ROW_HEIGHT = 1.55, 0.2, 0.13
+_LEFT, _RIGHT, _TOP, _BOTTOM, _COLORBAR = 0.6, 0.15, 1.05, 0.55, 0.09
+
+
+def _draw_heatmap_pages(grids: Mapping[str, np.ndarray], features: Sequence[int], scales: Sequence[float],
+                        rows: int, title: str, path_pattern: Path) -> list[Path]:
+    """A layer's heatmap pages: a panel per metric (its colour bar above it), `rows` features down. One figure is
+    drawn and its images and labels re-filled for every page (the last one padded with empty rows)."""
+    import matplotlib as mpl
+
+    height = _TOP + _ROW_HEIGHT * max(rows, 6) + _BOTTOM
+    width = _LEFT + len(grids) * (_PANEL_WIDTH + _PANEL_GAP) - _PANEL_GAP + _RIGHT
+    figure = _figure(width, height, constrained=False)
+    ticks = list(range(0, len(scales), max(1, -(-len(scales) // 8))))
+    images, first_panel = [], None
+    for index, (metric, values) in enumerate(grids.items()):
+        left = (_LEFT + index * (_PANEL_WIDTH + _PANEL_GAP)) / width
+        panel = figure.add_axes((left, _BOTTOM / height, _PANEL_WIDTH / width,
+                                 (height - _TOP - _BOTTOM) / height))
+        bar = figure.add_axes((left, (height - _TOP + 0.3) / height, _PANEL_WIDTH / width, _COLORBAR / height))
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        if high <= low:  # a constant metric: one colour, its value in the middle of the bar
+            low, high = low - (abs(low) or 1.0) / 2, high + (abs(high) or 1.0) / 2
+        image = panel.imshow(np.full((rows, len(scales)), np.nan), aspect="auto", interpolation="nearest",
+                             cmap="viridis", norm=mpl.colors.Normalize(low, high))
+        images.append((image, values))
+        colorbar = figure.colorbar(image, cax=bar, orientation="horizontal")
+        colorbar.ax.xaxis.set_ticks_position("top")
+        colorbar.ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(3))
+        colorbar.ax.xaxis.set_major_formatter(mpl.ticker.FuncFormatter(lambda value, _: f"{value:.3g}"))
+        colorbar.ax.tick_params(labelsize=5.5, pad=1, length=2)
+        bar.set_title(metric, fontsize=7, pad=9)
+        panel.set_xticks(ticks, [f"{scales[i]:g}" for i in ticks], fontsize=6, rotation=90)
+        panel.set_xlabel("scale", fontsize=6)
+        if index == 0:  # tick objects are most of the drawing time: the feature labels are on the first panel only
+            panel.set_yticks(range(rows))
+            panel.tick_params(axis="y", labelsize=6, length=2)
+            panel.set_ylabel("feature", fontsize=7)
+            first_panel = panel
+        else:
+            panel.set_yticks([])
+    heading = figure.suptitle(title, fontsize=9, y=1 - 0.08 / height, va="top")
+    pages = -(-len(features) // rows)
+    written = []
+    for number in range(1, pages + 1):
+        start = (number - 1) * rows
+        page = list(features[start:start + rows])
+        for image, values in images:
+            filled = np.full((rows, len(scales)), np.nan)
+            filled[: len(page)] = values[start:start + len(page)]
+            image.set_data(filled)
+        first_panel.set_yticklabels([str(feature) for feature in page] + [""] * (rows - len(page)))
+        if pages > 1:
+            heading.set_text(f"{title} (features {page[0]}-{page[-1]}, page {number} of {pages})")
+        path = Path(str(path_pattern).format(number))
+        figure.savefig(path, dpi=80)
         written.append(path)
     return written
+
+
+def write_steerability(frame: pd.DataFrame, summaries: Mapping[str, Mapping[str, float]], path: Path,
+                       count: int = STEERABILITY_CURVES, metrics: Sequence[str] = STEERABILITY_METRICS) -> list[Path]:
+    """Writes one layer's most and least steerable curves (`rank_curves` of `summaries`, `count` of each) from its
+    finished points: each of `metrics` against the scale, the mean over prompts and seeds with its 95% interval as
+    a band. Returns the file written (none without curves)."""
+    metrics = [metric for metric in metrics if metric in frame.columns]
+    ranked = rank_curves(summaries)
+    if not ranked or not metrics:
+        return []
+    groups = [("most steerable", ranked[:count]), ("least steerable", ranked[::-1][:count])]
+    statistics = scale_statistics(frame[frame["curve_key"].isin(ranked[:count] + ranked[-count:])], metrics)
+    features = dict(zip(frame["curve_key"], frame["feature"], strict=True))
+    figure = _figure(3.4 * len(metrics), 5.6, constrained=False)
+    grid = figure.subplots(2, len(metrics), squeeze=False)
+    for row, (label, keys) in enumerate(groups):
+        for column, metric in enumerate(metrics):
+            axes = grid[row][column]
+            for key in keys:
+                of_curve = statistics.loc[key, metric]
+                line = axes.plot(of_curve.index, of_curve["mean"], marker="o", markersize=2.5,
+                                 label=f"f{features[key]}")[0]
+                axes.fill_between(of_curve.index, of_curve["low"], of_curve["high"], alpha=0.18,
+                                  color=line.get_color(), linewidth=0)
+            if metric == CONCEPT_METRIC:
+                axes.axhline(CONCEPT_TARGET, color="grey", linewidth=0.6, linestyle="--")
+            axes.set_title(f"{label}: {metric}", fontsize=8)
+            axes.tick_params(labelsize=6)
+            axes.set_xlabel("scale", fontsize=7)
+        grid[row][0].legend(fontsize=6)
+    layer = frame["layer"].iloc[0]
+    figure.suptitle(f"layer {layer}: mean over prompts and seeds, 95% interval of the mean", fontsize=9)
+    figure.subplots_adjust(left=0.06, right=0.98, bottom=0.09, top=0.88, wspace=0.25, hspace=0.45)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=72)
+    return [path]
 
 
 def write_sae_eval_plots(frame: pd.DataFrame, out_dir: Path) -> list[Path]:

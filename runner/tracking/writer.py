@@ -208,12 +208,10 @@ class TrackingWriter:
         started = time.perf_counter()
         try:
             if isinstance(item, _Logged):
-                for point, result in zip(item.points, item.results, strict=True):
-                    self._tracker.log_point(point, result)
+                self._tracker.log_results(item.points, item.results)
                 self._on_logged(len(item.results), 0, sum(result.tokens for result in item.results))
             else:
-                for point in item.points:
-                    self._tracker.fail_point(point, item.error, attempt=item.attempt)
+                self._tracker.fail_points(item.points, item.error, attempt=item.attempt)
                 self._on_logged(0, len(item.points), 0)
         finally:
             self.busy_seconds += time.perf_counter() - started

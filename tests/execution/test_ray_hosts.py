@@ -11,7 +11,6 @@ import _thread
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -40,6 +39,8 @@ from runner.execution.workers import SteeringWorker
 from runner.plan.points import Job
 from runner.plan.prepare import SweepPlan, prepare_sweep
 from runner.results import PointResult
+from runner.tracking.records import PointRecord, read_batches
+from runner.tracking.search import sweep_records
 from tests.mlflow_server import DIRECT, MlflowServer, free_port, kill_process_group, rest
 
 # Workers unpickle the test's worker subclasses by value: this module is not importable on Ray's workers.
@@ -129,18 +130,27 @@ def plan_sweep(directory: Path, cache_dir: Path, prompts: list[str], grid: dict[
 
 
 def child_runs(uri: str, experiment: str = "cluster-test") -> list:
-    """Every child (point) run of the experiment."""
+    """Every child (steering curve) run of the experiment."""
     client = MlflowClient(uri)
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    return client.search_runs([experiment_id], "tags.`runner.role` = 'point'", max_results=1000)
+    return client.search_runs([experiment_id], "tags.`runner.role` = 'curve'", max_results=1000)
 
 
-def assert_each_point_finished_exactly_once(sweep_plan: SweepPlan) -> list:
-    runs = child_runs(sweep_plan.config.tracking.uri)
-    keys = sorted(run.data.tags["point_key"] for run in runs)
-    assert keys == sorted(point.point_key for point in sweep_plan.points), "one child run per point, no more"
-    assert {run.info.status for run in runs} == {"FINISHED"}
-    return runs
+def point_records(uri: str, experiment: str = "cluster-test") -> list[PointRecord]:
+    """Every point's record in the experiment's sweep (one per point)."""
+    client = MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    (parent,) = client.search_runs([experiment_id], "tags.`runner.role` = 'sweep'")
+    return list(sweep_records(uri, parent).values())
+
+
+def assert_each_point_finished_exactly_once(sweep_plan: SweepPlan) -> list[PointRecord]:
+    records = point_records(sweep_plan.config.tracking.uri)
+    keys = sorted(record.point_key for record in records)
+    assert keys == sorted(point.point_key for point in sweep_plan.points), "one record per point, no more"
+    assert {record.status for record in records} == {"FINISHED"}
+    assert {run.info.status for run in child_runs(sweep_plan.config.tracking.uri)} == {"FINISHED"}
+    return records
 
 
 class LoseAHostAfterTheFirstResult:
@@ -227,8 +237,8 @@ def spread_sweep(ray_cluster, tmp_path_factory, cache_dir) -> tuple[SweepPlan, S
 def test_a_sweep_spreads_over_both_hosts_and_finishes_every_point_once(spread_sweep) -> None:
     sweep_plan, summary, executor = spread_sweep
     assert (summary.points_finished, summary.points_failed) == (24, 0)
-    runs = assert_each_point_finished_exactly_once(sweep_plan)
-    workers = {run.data.tags["runner.worker"] for run in runs}
+    records = assert_each_point_finished_exactly_once(sweep_plan)
+    workers = {record.worker for record in records}
     assert len(workers) == 2, workers
     seen = executor.workers_seen
     assert len({info["node_id"] for info in seen}) == 2, "one worker per host"
@@ -250,12 +260,11 @@ def test_losing_a_host_mid_sweep_requeues_its_job_and_every_point_finishes_once(
     assert [event["kind"] for event in inner.lost_host_events] == ["preemption"], "the lost job was requeued"
     assert summary.faults == {"preemptions": 1, "worker_crashes": 0, "job_retries": 0}
     assert (summary.points_finished, summary.points_failed) == (24, 0)
-    runs = assert_each_point_finished_exactly_once(sweep_plan)
-    assert {run.data.tags["runner.attempt"] for run in runs} == {"1"}, "a lost host does not use an attempt"
-    preempted = [run for run in runs if run.data.tags.get("runner.preemptions") == "1"]
+    records = assert_each_point_finished_exactly_once(sweep_plan)
+    assert {record.attempt for record in records} == {1}, "a lost host does not use an attempt"
+    preempted = [record for record in records if record.tags.get("runner.preemptions") == "1"]
     assert len(preempted) == 4, "the requeued job's points carry the preemption"
-    assert not any("runner.worker_crashes" in run.data.tags and run.data.tags["runner.worker_crashes"] != "0"
-                   for run in runs)
+    assert not any(record.tags.get("runner.worker_crashes", "0") != "0" for record in records)
     parent = MlflowClient(sweep_plan.config.tracking.uri).get_run(summary.parent_run_id)
     assert parent.info.status == "FINISHED"
     assert (parent.data.metrics["preemptions"], parent.data.metrics["worker_crashes"]) == (1.0, 0.0)
@@ -265,22 +274,22 @@ def test_a_failing_job_fails_its_points_after_its_retries_and_the_rest_finish(fa
     sweep_plan, summary = failing_sweep
     assert (summary.points_finished, summary.points_failed) == (16, 8)
     assert summary.faults == {"preemptions": 0, "worker_crashes": 2, "job_retries": 2}
-    runs = {run.data.tags["point_key"]: run for run in child_runs(sweep_plan.config.tracking.uri)}
-    assert len(runs) == 24, "one child run per point, retries included"
+    records = {record.point_key: record for record in point_records(sweep_plan.config.tracking.uri)}
+    assert len(records) == 24, "one record per point, retries included"
     for index, job in enumerate(sweep_plan.jobs):
         for point in job.points:
-            run = runs[point.point_key]
+            record = records[point.point_key]
             if index == 1:
-                assert run.info.status == "FAILED"
-                assert run.data.tags["runner.attempt"] == "2", "1 try + max_job_retries=1"
-                assert "RuntimeError: injected failure on attempt 2" in run.data.tags["runner.error"]
+                assert record.status == "FAILED"
+                assert record.attempt == 2, "1 try + max_job_retries=1"
+                assert "RuntimeError: injected failure on attempt 2" in record.error
             elif index == 3:
-                assert run.info.status == "FAILED"
-                assert run.data.tags["runner.attempt"] == "1", "a crashed worker does not use the job's attempts"
-                assert "crashed its worker 2 times on hosts that stayed up" in run.data.tags["runner.error"]
+                assert record.status == "FAILED"
+                assert record.attempt == 1, "a crashed worker does not use the job's attempts"
+                assert "crashed its worker 2 times on hosts that stayed up" in record.error
             else:
-                assert run.info.status == "FINISHED"
-                assert run.data.tags["runner.attempt"] == ("2" if index == 2 else "1")
+                assert record.status == "FINISHED"
+                assert record.attempt == (2 if index == 2 else 1)
     parent = MlflowClient(sweep_plan.config.tracking.uri).get_run(summary.parent_run_id)
     assert parent.info.status == "FAILED"
 
@@ -330,6 +339,7 @@ def test_workers_on_a_platform_they_cannot_get_end_the_sweep_with_the_reason_and
     assert refused.value.stage == "device"
     assert " cannot start its accelerator: JAX could not start platform 'tpu': " in str(refused.value)
     assert child_runs(sweep_plan.config.tracking.uri) == [], "a worker's start-up is no point's failure"
+    assert point_records(sweep_plan.config.tracking.uri) == [], "no point is recorded, FAILED or otherwise"
     client = MlflowClient(sweep_plan.config.tracking.uri)
     experiment_id = client.get_experiment_by_name("cluster-test").experiment_id
     (parent,) = client.search_runs([experiment_id], f"tags.sweep_id = '{sweep_plan.sweep_id}'")
@@ -340,24 +350,15 @@ def test_workers_on_a_platform_they_cannot_get_end_the_sweep_with_the_reason_and
 # The driver killed and resumed (CLI, local Ray)
 
 
-def finished_children(database: Path) -> dict[str, str]:
-    """point_key -> run id of the FINISHED child runs, read straight from the sqlite file."""
-    with sqlite3.connect(database, timeout=30) as connection:
-        rows = connection.execute(
-            "select t.value, r.run_uuid from runs r join tags t on t.run_uuid = r.run_uuid "
-            "join tags role on role.run_uuid = r.run_uuid "
-            "where t.key = 'point_key' and role.key = 'runner.role' and role.value = 'point' "
-            "and r.status = 'FINISHED'"
-        ).fetchall()
-    return dict(rows)
+def finished_records(directory: Path) -> dict[str, PointRecord]:
+    """point_key -> record of the FINISHED points, read straight from the local store's artifact files."""
+    files = directory.glob("mlruns/*/*/artifacts/points/*.json")
+    return {key: record for key, record in read_batches(files).items() if record.status == "FINISHED"}
 
 
-def some_point_finished(database: Path) -> bool:
-    """Whether the sweep's database already holds a FINISHED child run (False while MLflow creates it)."""
-    try:
-        return database.exists() and bool(finished_children(database))
-    except sqlite3.OperationalError:  # tables not created yet, or locked by the migration
-        return False
+def some_point_finished(directory: Path) -> bool:
+    """Whether the sweep's store already holds a finished point."""
+    return bool(finished_records(directory))
 
 
 def runner_cli_env(jax_cache: Path) -> dict[str, str]:
@@ -372,14 +373,13 @@ def test_a_killed_driver_resumes_without_duplicates_or_reruns(ray_cluster, tmp_p
     grid = {"layers": [1], "features": [3, 17, 40, 41], "scales": [0, 30], "seeds": [0]}
     path = write_experiment(tmp_path, [SAME_BUCKET_PROMPTS[0], LONG_PROMPT], grid,
                             cluster=on_test_cluster(ray_cluster, workers=1))
-    database = tmp_path / "mlflow.db"
     command = [sys.executable, "-m", "runner.cli", "run", str(path), "--cache-dir", str(cache_dir)]
     log = (tmp_path / "first-run.log").open("w")
     driver = subprocess.Popen(command, env=runner_cli_env(jax_cache), stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 240
-        while not some_point_finished(database):
+        while not some_point_finished(tmp_path):
             assert driver.poll() is None, (tmp_path / "first-run.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no point finished in time"
             time.sleep(0.05)
@@ -390,18 +390,18 @@ def test_a_killed_driver_resumes_without_duplicates_or_reruns(ray_cluster, tmp_p
         kill_process_group(driver.pid)
         log.close()
 
-    before = finished_children(database)
+    before = finished_records(tmp_path)
     assert 0 < len(before) < 16, f"killed mid-sweep ({len(before)} of 16 finished)"
     resumed = subprocess.run([*command, "--resume"], env=runner_cli_env(jax_cache), capture_output=True,
                              text=True, timeout=300, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{16 - len(before)} points finished, 0 failed, {len(before)} already done" in resumed.stdout
 
-    after = finished_children(database)
+    after = finished_records(tmp_path)
     assert set(after) == {p.point_key for p in prepare_sweep(load_experiment(path), cache_dir).points}
     assert {key: after[key] for key in before} == before, "finished points were not run again"
-    runs = child_runs(f"sqlite:///{database}")
-    assert len(runs) == 16 and len({run.data.tags["point_key"] for run in runs}) == 16, "no duplicate child runs"
+    runs = child_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert len(runs) == 4 and len({run.data.tags["curve_key"] for run in runs}) == 4, "no duplicate curve runs"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -436,22 +436,20 @@ def test_a_sweep_logged_to_an_mlflow_server_reads_back_through_its_rest_api(
     search = {"experiment_ids": [experiment_id], "max_results": 100}
     children = rest(mlflow_server, "/api/2.0/mlflow/runs/search",
                     {**search, "filter": f"tags.`mlflow.parentRunId` = '{summary.parent_run_id}'"})["runs"]
-    assert len(children) == 4
-    by_key = {}
+    assert len(children) == 2, "a run per steering curve"
+    point_keys = []
     for run in children:
-        tags = {tag["key"]: tag["value"] for tag in run["data"]["tags"]}
         params = {param["key"]: param["value"] for param in run["data"]["params"]}
         metrics = {metric["key"]: metric["value"] for metric in run["data"]["metrics"]}
         assert run["info"]["status"] == "FINISHED"
-        assert params["layer"] == "1" and params["scale"] in ("0.0", "30.0")
-        assert metrics["gen/num_tokens"] > 0 and "steer/l0" in metrics
-        by_key[tags["point_key"]] = run["info"]["run_id"]
-    assert sorted(by_key) == sorted(point.point_key for point in sweep_plan.points)
-
-    run_id = next(iter(by_key.values()))
-    query = urllib.parse.urlencode({"run_uuid": run_id, "path": "generation.json"})
-    with DIRECT.open(f"{mlflow_server}/get-artifact?{query}", timeout=30) as response:
-        assert "token_ids" in json.loads(response.read())
+        assert params["layer"] == "1" and params["scales"] == "[0, 30]"
+        assert metrics["gen/num_tokens"] > 0 and "steer/l0" in metrics and metrics["curve/points_finished"] == 2
+        query = urllib.parse.urlencode({"run_uuid": run["info"]["run_id"], "path": "points.json"})
+        with DIRECT.open(f"{mlflow_server}/get-artifact?{query}", timeout=30) as response:
+            table = json.loads(response.read())
+        assert "token_ids" in table["columns"]
+        point_keys += [row[table["columns"].index("point_key")] for row in table["data"]]
+    assert sorted(point_keys) == sorted(point.point_key for point in sweep_plan.points)
     parent = rest(mlflow_server, f"/api/2.0/mlflow/runs/get?run_id={summary.parent_run_id}")["run"]
     assert parent["info"]["status"] == "FINISHED"
 
@@ -518,14 +516,9 @@ def experiment_file(sweep_plan: SweepPlan) -> Path:
 # A slice replica: one model spanning both simulated hosts (jax.distributed over loopback)
 
 
-def token_ids_by_point(uri: str, scratch: Path) -> dict[str, list[int]]:
-    """point_key -> generated token ids, read from each child run's `generation.json`."""
-    client = MlflowClient(uri)
-    ids = {}
-    for run in child_runs(uri):
-        path = client.download_artifacts(run.info.run_id, "generation.json", str(scratch))
-        ids[run.data.tags["point_key"]] = json.loads(Path(path).read_text())["token_ids"]
-    return ids
+def token_ids_by_point(uri: str) -> dict[str, tuple[int, ...]]:
+    """point_key -> generated token ids, read from the sweep's point records."""
+    return {record.point_key: record.token_ids for record in point_records(uri)}
 
 
 def test_a_slice_replica_spans_both_hosts_and_generates_the_single_process_tokens(
@@ -542,14 +535,13 @@ def test_a_slice_replica_spans_both_hosts_and_generates_the_single_process_token
     assert sorted(info["rank"] for info in members) == [0, 1]
     assert len({info["node_id"] for info in members}) == 2, "one member per host"
     assert {(info["device_count"], info["local_device_count"]) for info in members} == {(8, DEVICES_PER_HOST)}
-    runs = assert_each_point_finished_exactly_once(sweep_plan)
-    assert {run.data.tags["runner.worker"].split("@")[0] for run in runs} == {"replica-0"}
+    records = assert_each_point_finished_exactly_once(sweep_plan)
+    assert {record.worker.split("@")[0] for record in records} == {"replica-0"}
 
     # The same points generated by single-process workers (one host's 4 devices each), greedy: the same tokens.
     single_plan = spread_sweep[0]
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    sliced = token_ids_by_point(sweep_plan.config.tracking.uri, tmp_path / "a")
-    single = token_ids_by_point(single_plan.config.tracking.uri, tmp_path / "b")
+    sliced = token_ids_by_point(sweep_plan.config.tracking.uri)
+    single = token_ids_by_point(single_plan.config.tracking.uri)
     assert set(sliced) < set(single) and len(sliced) == 8
     assert sliced == {key: single[key] for key in sliced} and all(len(ids) > 0 for ids in sliced.values())
 

@@ -38,14 +38,15 @@ def make_config(**changes) -> ExperimentConfig:
     return ExperimentConfig.model_validate(data)
 
 
-def test_points_cover_the_grid_in_prompt_layer_feature_scale_seed_order():
+def test_points_cover_the_grid_curve_by_curve_in_layer_feature_prompt_scale_seed_order():
     points = expand_points(make_config(), SAE_IDS)
     assert len(points) == 2 * 2 * 3 * 2 * 2
-    order = [(p.prompt_index, p.layer, p.feature, p.scale, p.seed) for p in points]
-    assert order == sorted(order, key=lambda t: (t[0], [20, 21].index(t[1]), [3124, 10004, 1].index(t[2]), t[3], t[4]))
+    order = [(p.layer, p.feature, p.prompt_index, p.scale, p.seed) for p in points]
+    assert order == sorted(order, key=lambda t: ([20, 21].index(t[0]), [3124, 10004, 1].index(t[1]), t[2], t[3], t[4]))
     first = points[0]
     assert (first.prompt, first.layer, first.feature, first.scale, first.seed) == ("a", 20, 3124, 0.0, 0)
-    assert (points[1].seed, points[2].scale, points[4].feature) == (1, 154.0, 10004)
+    assert (points[1].seed, points[2].scale, points[4].prompt, points[8].feature) == (1, 154.0, "b", 10004)
+    assert len({p.curve_key for p in points[:8]}) == 1, "a curve's points come together"
     assert first.sae_id == SAE_IDS[20] and first.model_id == "kaggle:gemma2-2b"
     assert (first.temperature, first.top_k, first.top_p, first.max_new_tokens) == (0.5, 40, None, 8)
     assert (first.mode, first.positions) == ("add", "all")
@@ -158,10 +159,10 @@ def test_baseline_points_share_one_generation_per_prompt_and_seed():
 
 def test_jobs_hold_at_most_batch_size_distinct_generations():
     points = expand_points(make_config(), SAE_IDS)
-    jobs = pack_jobs(points, 4)
+    jobs = pack_jobs(points, 8)
     assert [p for job in jobs for p in job.points] == points
-    assert all(len({p.generation_key for p in job.points}) <= 4 for job in jobs)
-    assert max(len(job.points) for job in jobs) > 4, "shared baselines let a job carry more points than rows"
+    assert all(len({p.generation_key for p in job.points}) <= 8 for job in jobs)
+    assert max(len(job.points) for job in jobs) > 8, "shared baselines let a job carry more points than rows"
 
 
 COMBINATION = [{"layer": 20, "feature": 3124, "scale": 154}, {"layer": 21, "feature": 10004, "scale": 40,

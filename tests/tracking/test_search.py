@@ -21,12 +21,12 @@ def test_sweep_status_of_an_unknown_sweep_has_no_parent(store, request):
     sid = "0123456789abcdef"
     assert sweep_status(store, request.node.name, sid) == {
         "experiment_id": None, "sweep_id": sid, "parent_run_id": None, "parent_status": None, "num_points": None,
-        "children": {},
+        "kind": None, "children": {}, "points": {},
     }
     experiment_id = MlflowClient(store).create_experiment(request.node.name)
     assert sweep_status(store, request.node.name, sid) == {
         "experiment_id": experiment_id, "sweep_id": sid, "parent_run_id": None, "parent_status": None,
-        "num_points": None, "children": {},
+        "num_points": None, "kind": None, "children": {}, "points": {},
     }
 
 

@@ -26,6 +26,7 @@ from runner.execution.local import LocalExecutor
 from runner.plan.points import SteeringPoint
 from runner.plan.prepare import prepare_sweep
 from runner.results import PointResult
+from runner.tracking.export import finished_points_frame
 from runner.tracking.spool import Spool
 from runner.tracking.writer import RetryPolicy, TrackingWriter, is_transient
 from tests.mlflow_server import MlflowServer
@@ -43,8 +44,8 @@ def quick_http_failures(monkeypatch) -> None:
 
 
 class StandInTracker:
-    """Takes the `SweepTracker`'s place: `log_point` raises the next of `failures` (each after `slow_s` for the
-    first), or every time `always` when given, else records the point."""
+    """Takes the `SweepTracker`'s place: `log_results` raises the next of `failures` (each after `slow_s` for the
+    first), or every time `always` when given, else records the points."""
 
     uri = "http://tracking.example"
 
@@ -54,7 +55,7 @@ class StandInTracker:
         self.logged: list[str] = []
         self.failed: list[tuple[str, str, int]] = []
 
-    def log_point(self, point, result) -> str:
+    def log_results(self, points, results) -> None:
         self.calls += 1
         if self.calls == 1:
             time.sleep(self.slow_s)
@@ -62,12 +63,10 @@ class StandInTracker:
             raise self.always
         if self.failures:
             raise self.failures.pop(0)
-        self.logged.append(point.point_key)
-        return "run"
+        self.logged.extend(point.point_key for point in points)
 
-    def fail_point(self, point, error: str, attempt: int) -> str:
-        self.failed.append((point.point_key, error, attempt))
-        return "run"
+    def fail_points(self, points, error: str, attempt: int) -> None:
+        self.failed.extend((point.point_key, error, attempt) for point in points)
 
 
 def steering_point(feature: int) -> SteeringPoint:
@@ -242,10 +241,16 @@ class StopTheServerAfterTheFirstJob(LocalExecutor):
         self.restarted.set()
 
 
-def finished_children(server: MlflowServer, name: str) -> list:
+def exported_points(server: MlflowServer, sweep_plan) -> list[str]:
+    """The point keys `runner export` reads back from the server (one row per finished point)."""
+    return list(finished_points_frame(sweep_plan.config)["point_key"])
+
+
+def curve_run_statuses(server: MlflowServer, name: str) -> list[str]:
     client = MlflowClient(server.url)
     experiment = client.get_experiment_by_name(name)
-    return client.search_runs([experiment.experiment_id], "tags.`runner.role` = 'point'", max_results=100)
+    runs = client.search_runs([experiment.experiment_id], "tags.`runner.role` = 'curve'", max_results=100)
+    return sorted(run.info.status for run in runs)
 
 
 @pytest.fixture(scope="module")
@@ -265,9 +270,8 @@ def test_a_server_that_comes_back_gets_every_result_once(server, worker, tmp_pat
 
     assert executor.restarted.is_set(), "the server was down while results were waiting"
     assert (summary.points_finished, summary.points_failed) == (8, 0)
-    runs = finished_children(server, "outage-short")
-    assert sorted(run.data.tags["point_key"] for run in runs) == sorted(p.point_key for p in sweep_plan.points)
-    assert {run.info.status for run in runs} == {"FINISHED"}
+    assert sorted(exported_points(server, sweep_plan)) == sorted(p.point_key for p in sweep_plan.points)
+    assert curve_run_statuses(server, "outage-short") == ["FINISHED"] * 2
     assert MlflowClient(server.url).get_run(summary.parent_run_id).info.status == "FINISHED"
     assert not spool_path(tmp_path, sweep_plan.sweep_id).exists()
 
@@ -292,9 +296,8 @@ def test_a_server_down_too_long_stops_the_sweep_and_the_rerun_logs_the_spool_wit
 
     assert summary.points_from_spool == len(spooled)
     assert not set(again.computed) & {r.point_key for r in spooled}, "spooled results are not computed again"
-    runs = finished_children(server, "outage-long")
-    assert sorted(run.data.tags["point_key"] for run in runs) == sorted(p.point_key for p in sweep_plan.points)
-    assert {run.info.status for run in runs} == {"FINISHED"}
+    assert sorted(exported_points(server, sweep_plan)) == sorted(p.point_key for p in sweep_plan.points)
+    assert curve_run_statuses(server, "outage-long") == ["FINISHED"] * 2
     assert MlflowClient(server.url).get_run(summary.parent_run_id).info.status == "FINISHED"
     assert not spool_path(tmp_path, sweep_plan.sweep_id).exists()
 
