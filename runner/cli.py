@@ -40,7 +40,7 @@ logging.getLogger("mlflow").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
 
 from pathlib import Path  # noqa: E402
-from typing import Annotated  # noqa: E402
+from typing import Annotated, Any  # noqa: E402
 
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -82,6 +82,28 @@ def _fail(error: RunnerError, code: int = EXIT_ERROR) -> typer.Exit:
     console.print("[red]error:[/red] ", scrub(" ".join(str(error).splitlines())), sep="", highlight=False,
                   markup=True, soft_wrap=True)
     return typer.Exit(code=code)
+
+
+def _search_line(row: dict[str, Any]) -> str:
+    """One curve's search outcome in words, e.g. `search L1 f5: found scale 156.25 (target metric 0.83
+    [0.71, 0.95], n=6), kept scale 400; 5 rounds, 84 generations`."""
+    target = ""
+    if row["target_mean"] is not None:
+        interval = row["target_interval"]
+        spread = f" [{interval[0]:.3g}, {interval[1]:.3g}]" if interval is not None else ""
+        target = f" (target metric {row['target_mean']:.3g}{spread}, n={row['target_n']})"
+    if row["status"] == "found":
+        outcome = f"found scale {row['found_scale']:g}{target}"
+    elif row["status"] == "bound_violated":
+        outcome = f"found scale {row['found_scale']:g}{target}, beyond the bound"
+    elif row["status"] == "not_reached":
+        best = f"{row['best_scale']:g}" if row["best_scale"] is not None else "none"
+        outcome = f"target not reached; best scale tried {best}{target}"
+    else:
+        outcome = f"inconclusive: more prompts or seeds are needed{target}"
+    kept = f", kept scale {row['kept_scale']:g}" if row["kept_scale"] is not None else ""
+    return (f"search L{row['layer']} f{row['feature']}: {outcome}{kept}; {row['rounds']} rounds, "
+            f"{row['generations']} generations")
 
 
 def _resume_command(file: Path, overrides: list[str] | None, cache_dir: Path | None, address: str | None,
@@ -249,8 +271,11 @@ def run(
             raise typer.Exit(code=EXIT_INTERRUPTED) from None
 
         where = config.cluster.address or "a local Ray"
+        size = (f"{len(sweep_plan.points)} points" if sweep_plan.search is None else
+                f"a scale search of up to {sweep_plan.search.max_rounds} rounds, {len(sweep_plan.points)} points in "
+                "round 1")
         console.print(
-            f"sweep [bold]{config.name}[/bold] ({sweep_plan.sweep_id}): {len(sweep_plan.points)} points, "
+            f"sweep [bold]{config.name}[/bold] ({sweep_plan.sweep_id}): {size}, "
             f"{len(sweep_plan.jobs)} jobs of up to {sweep_plan.batch_size}, {config.cluster.workers} worker(s) on "
             f"{where}", highlight=False,
         )
@@ -270,8 +295,13 @@ def run(
                 elapsed = bar.tasks[task].elapsed or 1e-9
                 bar.update(task, completed=done, total=total, failed=failed, rate=f"{tokens / elapsed:,.0f}")
 
+            def search_round(number: int, points: int, to_run: int) -> None:
+                done = f"{points - to_run} already done" if to_run < points else "all to run"
+                bar.console.print(f"search round {number}: {points} points ({done})", highlight=False)
+
             try:
-                summary = run_sweep(sweep_plan, cache_dir=cache, executor=executor, progress=progress, lease=lease)
+                summary = run_sweep(sweep_plan, cache_dir=cache, executor=executor, progress=progress, lease=lease,
+                                    on_round=search_round)
             except LocalRayDied as error:
                 raise _fail(RunnerError(f"{error}; run `{resume_command}` to resume (finished points are "
                                         "skipped)"), EXIT_RESUMABLE) from None
@@ -297,6 +327,8 @@ def run(
         f"(MLflow logging {summary.tracking_seconds:.1f}s, {summary.tracking_wait_seconds:.1f}s of it not overlapped "
         "with the workers)"
     )
+    for row in summary.search:
+        typer.echo(_search_line(row))
     if summary_json is not None:
         from runner.files import write_text_atomically
 

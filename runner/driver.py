@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 
 #: The tag of a search point's result: the round that evaluated it.
 SEARCH_ROUND_TAG = "search/round"
+#: `(round, points of the round, points still to run)`, as a search round starts.
+RoundCallback = Callable[[int, int, int], None]
 
 
 def round_samples(points: Sequence[SteeringPoint], curve: tuple[int, int], scale: float,
@@ -49,6 +52,23 @@ def round_samples(points: Sequence[SteeringPoint], curve: tuple[int, int], scale
     """The samples of one curve's scale: the metrics of its finished points, by (prompt index, seed)."""
     return {(point.prompt_index, point.seed): metrics[point.point_key] for point in points
             if (point.layer, point.feature) == curve and point.scale == scale and point.point_key in metrics}
+
+
+def search_rows(searches: Mapping[tuple[int, int], CurveSearch]) -> list[dict[str, object]]:
+    """Each curve's search outcome as JSON-safe data: layer, feature, status, the found, kept and best scales
+    (None where unknown), the target metric's interval there, rounds and generations."""
+    rows: list[dict[str, object]] = []
+    for (layer, feature), search in searches.items():
+        summary = search.summary()
+        known = {name: (None if math.isnan(value) else value) for name, value in
+                 (("found_scale", summary.found_scale), ("kept_scale", summary.kept_scale),
+                  ("best_scale", summary.best_scale))}
+        target = summary.target_at_found
+        rows.append({"layer": layer, "feature": feature, "status": summary.status, **known,
+                     "target_mean": None if math.isnan(target.mean) else target.mean,
+                     "target_interval": [target.low, target.high] if math.isfinite(target.half_width) else None,
+                     "target_n": target.n, "rounds": summary.rounds, "generations": summary.generations})
+    return rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +98,7 @@ class SweepSummary:
     tracking_wait_seconds: float = 0.0
     points_from_spool: int = 0
     faults: dict[str, int] = dataclasses.field(default_factory=dict)
+    search: list[dict[str, object]] = dataclasses.field(default_factory=list)
 
 
 def spool_path(output_dir: Path, sweep_id: str) -> Path:
@@ -120,6 +141,7 @@ def run_sweep(
     progress: ProgressCallback | None = None,
     output_dir: Path | None = None,
     lease: SweepLease | None = None,
+    on_round: RoundCallback | None = None,
 ) -> SweepSummary:
     """Runs the planned sweep and logs every point to MLflow (this process is the only MLflow writer).
 
@@ -129,6 +151,7 @@ def run_sweep(
     while the executor goes on (`TrackingWriter`). `executor` defaults to a `LocalExecutor`. `progress` is called
     after every logged job with (points done, points to run, failures, tokens). `lease` is the sweep's lease
     (`claim_sweep`); without one, the sweep is claimed here, before the executor starts, and released at the end.
+    `on_round` is called as each round of a scale search starts, with (round, its points, those to run).
 
     Raises:
       TrackingUnavailable: The tracking server stayed unreachable for `tracking.retry_timeout_s` (at the start, or
@@ -142,7 +165,7 @@ def run_sweep(
     try:
         executor = executor if executor is not None else LocalExecutor(sweep_plan, cache_dir)
         spool = spool_path(output_dir if output_dir is not None else Path.cwd(), sweep_plan.sweep_id)
-        return SweepRun(sweep_plan, executor, spool, progress, lease).run()
+        return SweepRun(sweep_plan, executor, spool, progress, lease, on_round).run()
     finally:
         if own_lease:
             lease.release()
@@ -180,11 +203,15 @@ class SweepRun:
       executor: Where the jobs run.
       spool: The file where unlogged results wait (`spool_path`).
       progress: Called after every logged job (see `run_sweep`).
+      lease: The sweep's lease, checked before every result is handed on.
+      on_round: Called as each round of a scale search starts (see `run_sweep`).
     """
 
     def __init__(self, sweep_plan: SweepPlan, executor: JobExecutor, spool: Path,
-                 progress: ProgressCallback | None = None, lease: SweepLease | None = None):
+                 progress: ProgressCallback | None = None, lease: SweepLease | None = None,
+                 on_round: RoundCallback | None = None):
         self._plan = sweep_plan
+        self._on_round = on_round
         self._lease = lease
         self._executor = executor
         self._spool_path = spool
@@ -219,7 +246,7 @@ class SweepRun:
             waiting = time.perf_counter()
             writer.close()  # the results still queued when the last job came back
             if searches is not None:
-                self._tracker.log_search(self._plan.search, searches)
+                self._tracker.log_search(self._plan.search, *searches)
             self._tracker.log_sweep_metrics(faults)
             tracking_wait += time.perf_counter() - waiting
             finishing = background.submit(self.finish_tracking)  # the table and plots, while the workers shut down
@@ -252,6 +279,7 @@ class SweepRun:
             compilations=self._executor.compilations,
             points_from_spool=len(opened.spooled),
             faults=faults,
+            search=search_rows(searches[0]) if searches is not None else [],
         )
 
     def open_tracking(self) -> _Opened:
@@ -309,18 +337,19 @@ class SweepRun:
         return TrackingWriter(self._tracker, self._spool, policy, self.count_logged)
 
     def _run_search(self, opened: _Opened, writer: TrackingWriter
-                    ) -> tuple[dict[tuple[int, int], CurveSearch], dict[str, int]]:
+                    ) -> tuple[tuple[dict[tuple[int, int], CurveSearch], dict[tuple[int, int], str]], dict[str, int]]:
         """Runs a scale search round by round (`runner.plan.search`): each round's points are every unfinished
         curve's candidate scales on every prompt and seed, run together; their metrics narrow the brackets.
 
         A resumed search replays its rounds from the metrics of the points already logged, so it runs only the
-        points of the rounds it had not finished. Returns each `(layer, feature)` curve's search and the fault
-        counts of all rounds.
+        points of the rounds it had not finished. Returns each `(layer, feature)` curve's search and curve key,
+        and the fault counts of all rounds.
         """
         settings, steering = self._plan.search, self._plan.config.steering
         searches = {(layer, feature): CurveSearch(settings)
                     for layer in steering.layers for feature in steering.features}
         known = dict(opened.finished_metrics)
+        curve_keys: dict[tuple[int, int], str] = {}
         faults: dict[str, int] = {}
         self._points_total = 0
         round_number = 0
@@ -328,6 +357,8 @@ class SweepRun:
             round_number += 1
             points = self._plan.points_at(candidates)
             self._points_total += len(points)
+            curve_keys.update({(point.layer, point.feature): point.curve_key for point in points})
+            self._tracker.add_points(points)
             from_spool = [point for point in points
                           if point.point_key not in known and point.point_key in opened.spooled_later]
             if from_spool:
@@ -335,10 +366,11 @@ class SweepRun:
                 known.update({point.point_key: dict(opened.spooled_later[point.point_key].metrics)
                               for point in from_spool})
             todo = [point for point in points if point.point_key not in known]
+            if self._on_round is not None:
+                self._on_round(round_number, len(points), len(todo))
             if todo:
                 with self._counts_lock:
                     self._to_run += len(todo)
-                self._tracker.add_points(todo)
                 known.update(self._run_round(todo, writer, round_number))
                 for name, count in self._executor.fault_counts().items():
                     faults[name] = faults.get(name, 0) + count
@@ -346,7 +378,7 @@ class SweepRun:
                 for scale in scales:
                     searches[curve].record(scale, round_samples(points, curve, scale, known))
                 searches[curve].end_round()
-        return searches, faults
+        return (searches, curve_keys), faults
 
     def _run_round(self, points: list[SteeringPoint], writer: TrackingWriter, round_number: int
                    ) -> dict[str, dict[str, float]]:

@@ -17,9 +17,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Hashable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
-from scipy import stats as scipy_stats
+from scipy.special import stdtrit  # Student's t quantile; scipy.stats would take a second to import
 
 CONFIDENCE = 0.95
 
@@ -74,9 +75,18 @@ def mean_interval(samples: Iterable[float], confidence: float = CONFIDENCE) -> I
     mean = float(values.mean())
     if n == 1:
         return Interval(mean, -math.inf, math.inf, 1, confidence)
-    standard_error = float(values.std(ddof=1)) / math.sqrt(n)
-    half_width = float(scipy_stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * standard_error
-    return Interval(mean, mean - half_width, mean + half_width, n, confidence)
+    low, high = interval_bounds(mean, values.std(ddof=1), n, confidence)
+    return Interval(mean, float(low), float(high), n, confidence)
+
+
+def interval_bounds(mean: Any, std: Any, count: Any, confidence: float = CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
+    """The ends of the Student-t interval of means over `count` samples with standard deviation `std` (ddof 1),
+    elementwise: `mean -/+ t(count - 1) * std / sqrt(count)`; NaN where fewer than two samples give no interval.
+    (`mean_interval` of a table's columns at once.)"""
+    mean, std, count = (np.asarray(value, np.float64) for value in (mean, std, count))
+    half = stdtrit(np.maximum(count - 1, 1), 0.5 + confidence / 2) * std / np.sqrt(np.maximum(count, 1))
+    half = np.where(count >= 2, half, np.nan)
+    return mean - half, mean + half
 
 
 def paired_differences(

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,12 @@ class CurveRuns:
         self._plans = curves.plan_curves(points)
         self._points = {point.point_key: point for point in points}
         self._records: dict[str, PointRecord] = {}
+        # Every record the parent held when the sweep was opened, those of points not planned yet included (a
+        # search's later rounds): they join `_records` when `add_points` plans their points.
+        self._loaded: dict[str, PointRecord] = {}
         self._runs: dict[str, _CurveRun] = {}
+        self._search: dict[str, tuple[dict[str, float], dict[str, str]]] = {}
+        self._lock = threading.Lock()  # the tracking thread logs records while the driver plans a search's rounds
         # Older active runs of a curve than its newest (none unless the store was changed by hand): deleted when
         # curves are next logged.
         self._stale: list[str] = []
@@ -95,6 +101,7 @@ class CurveRuns:
         that are complete but have no current run."""
         with tempfile.TemporaryDirectory(prefix="runner-records-") as scratch:
             records = download_records(self._sweep.clients.artifacts(self._sweep.parent_artifact_uri), Path(scratch))
+        self._loaded = records
         self._records = {key: record for key, record in records.items() if key in self._points}
         for run in sorted(self._sweep.children(ROLE), key=lambda run: run.info.start_time):
             key = run.data.tags.get(TAG_CURVE_KEY)
@@ -102,6 +109,39 @@ class CurveRuns:
                 self._stale.append(self._runs[key].run_id)
             self._runs[key] = _CurveRun(run.info.run_id, run.info.status, run.data.tags.get(TAG_CURVE_DIGEST))
         self._log_due_curves(self._plans, [])
+
+    # -- a search's rounds ----------------------------------------------------------------------------------------
+
+    def add_points(self, points: Sequence[SteeringPoint]) -> None:
+        """Adds points to the sweep (a search round's): their curves are planned again with them."""
+        with self._lock:
+            self._points.update({point.point_key: point for point in points})
+            self._plans = curves.plan_curves(self._points.values())
+            self._records.update({point.point_key: self._loaded[point.point_key] for point in points
+                                  if point.point_key in self._loaded and point.point_key not in self._records})
+
+    def finished_point_metrics(self) -> dict[str, dict[str, float]]:
+        """The metrics of every point the parent held FINISHED when the sweep was opened (planned or not yet)."""
+        return {key: dict(record.metrics) for key, record in self._loaded.items() if record.status == "FINISHED"}
+
+    def log_search(self, summaries: Mapping[str, tuple[Mapping[str, float], Mapping[str, str]]]) -> None:
+        """Logs each curve's search summary (`search/*` metrics and tags, by curve key) on its current run, and
+        keeps it for the sweep's tables."""
+        with self._lock:
+            self._search.update({key: (dict(metrics), dict(tags)) for key, (metrics, tags) in summaries.items()})
+            tasks = [self._search_task(key) for key in summaries if key in self._runs]
+        self._sweep.clients.map(lambda client, task: task(client), tasks)
+
+    def _search_task(self, key: str) -> Callable[[MlflowClient], None]:
+        run_id = self._runs[key].run_id
+        metrics, tags = self._search[key]
+
+        def log(client: MlflowClient) -> None:
+            now = now_ms()
+            log_batch(client, run_id, metrics=[Metric(name, value, now, 0) for name, value in metrics.items()],
+                      tags=[RunTag(name, value) for name, value in tags.items()])
+
+        return log
 
     # -- points -------------------------------------------------------------------------------------------------
 
@@ -138,6 +178,10 @@ class CurveRuns:
     def _log_records(self, records: list[PointRecord], also: Callable[[MlflowClient], None] | None) -> None:
         """Uploads the records not logged yet as one file, then logs the curves they complete. Logging the same
         batch again (a retry) writes the same file and logs only the curves still due."""
+        with self._lock:
+            self._log_records_locked(records, also)
+
+    def _log_records_locked(self, records: list[PointRecord], also: Callable[[MlflowClient], None] | None) -> None:
         new = [record for record in records if self._is_news(record)]
         if new:
             with tempfile.TemporaryDirectory(prefix="runner-batch-") as scratch:
@@ -203,9 +247,13 @@ class CurveRuns:
                 table.write_text(json.dumps(table_document(finished)), encoding="utf-8")
                 self._sweep.clients.artifacts(run.info.artifact_uri).log_artifact(str(table))
             digest = _digest(records)
-            log_batch(client, run.info.run_id, metrics=curve_metrics(plan, finished, len(failed)),
+            search_metrics, search_tags = self._search.get(plan.curve_key, ({}, {}))
+            now = now_ms()
+            log_batch(client, run.info.run_id,
+                      metrics=[*curve_metrics(plan, finished, len(failed)),
+                               *(Metric(name, value, now, 0) for name, value in search_metrics.items())],
                       params=[Param(name, value) for name, value in plan.params.items()],
-                      tags=[RunTag(TAG_CURVE_DIGEST, digest)])
+                      tags=[RunTag(TAG_CURVE_DIGEST, digest), *(RunTag(k, v) for k, v in search_tags.items())])
             client.set_terminated(run.info.run_id, status)
         except BaseException as error:
             terminate_quietly(client, run.info.run_id, "FAILED", f"{type(error).__name__}: {error}")
@@ -249,7 +297,8 @@ class CurveRuns:
         for record in self._records.values():
             if record.status == "FINISHED":
                 by_curve.setdefault(record.curve_key, []).append(record)
-        return {key: curves.summarize(curves.scale_means(records)) for key, records in by_curve.items()}
+        return {key: {**curves.summarize(curves.scale_means(records)), **self._search.get(key, ({}, {}))[0]}
+                for key, records in by_curve.items()}
 
     def _curve_row(self, plan: curves.CurvePlan, summary: Mapping[str, float]) -> dict[str, Any]:
         records = [self._records[key] for key in plan.point_keys if key in self._records]
@@ -260,7 +309,8 @@ class CurveRuns:
                 "points_finished": sum(record.status == "FINISHED" for record in records),
                 "points_failed": sum(record.status == "FAILED" for record in records),
                 "mode": plan.mode, "positions": plan.positions, "neuronpedia_url": plan.neuronpedia_url,
-                "run_id": run.run_id if run is not None else None, "curve_key": plan.curve_key}
+                "run_id": run.run_id if run is not None else None, "curve_key": plan.curve_key,
+                **self._search.get(plan.curve_key, ({}, {}))[1]}
 
 
 #: The summaries every row of `curves.json` has (empty where a curve has none); any other summary a curve has

@@ -3,7 +3,7 @@ across the sweep's scales, aggregated over its prompts and seeds.
 
 - `plan_curves`: the curves a sweep's points form, each with the points it needs and its MLflow params.
 - `scale_statistics`: per curve and scale, each metric's mean over the finished points, the 95% interval of that
-  mean (Student's t over the prompts x seeds, `mean_interval`) and the number of points.
+  mean (Student's t over the prompts x seeds, `runner.stats.interval_bounds`) and the number of points.
 - `summarize`: a curve's summary metrics (`curve/*`): the smallest scale at which the mean `steer/concept_rate`
   reaches 0.5, the NLL and KL there, and the largest concept rate reached.
 - `rank_curves`: the curves from most to least steerable by those summaries.
@@ -15,11 +15,10 @@ import dataclasses
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from runner.plan.points import SteeringPoint
+from runner.stats import interval_bounds
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -39,8 +38,6 @@ MAX_CONCEPT = "curve/max_concept_rate"
 SCALE_AT_MAX_CONCEPT = "curve/scale_at_max_concept_rate"
 POINTS_FINISHED = "curve/points_finished"
 POINTS_FAILED = "curve/points_failed"
-#: The confidence of every interval over prompts and seeds.
-CONFIDENCE = 0.95
 #: The metrics a curve run logs per scale (its steps): the main steering metrics. Every metric of every point is
 #: in the run's points table.
 CURVE_METRICS = (
@@ -123,22 +120,11 @@ def _param_text(text: str) -> str:
     return text if len(text) <= _MAX_PARAM_CHARS else text[: _MAX_PARAM_CHARS - 3] + "..."
 
 
-def mean_interval(mean: Any, std: Any, count: Any, confidence: float = CONFIDENCE) -> tuple[np.ndarray, np.ndarray]:
-    """The `confidence` interval of a mean over `count` samples with standard deviation `std` (ddof 1): Student's
-    t, `mean -/+ t(count - 1) * std / sqrt(count)`. NaN where fewer than two samples give no interval."""
-    from scipy.special import stdtrit  # Student's t quantile; scipy.stats would take a second to import
-
-    mean, std, count = (np.asarray(value, np.float64) for value in (mean, std, count))
-    half = stdtrit(np.maximum(count - 1, 1), 0.5 + confidence / 2) * std / np.sqrt(np.maximum(count, 1))
-    half = np.where(count >= 2, half, np.nan)
-    return mean - half, mean + half
-
-
 def scale_statistics(frame: pd.DataFrame, metrics: Sequence[str], by: Sequence[str] = ("curve_key", "scale")
                      ) -> pd.DataFrame:
     """Per group of `by` (a curve and scale by default) of a points table (`records_frame`): for each of `metrics`
-    the table has, its `mean`, the `low` and `high` ends of its 95% interval (`mean_interval`) and the count `n`.
-    Columns are (metric, statistic)."""
+    the table has, its `mean`, the `low` and `high` ends of its 95% interval (`runner.stats.interval_bounds`) and
+    the count `n`. Columns are (metric, statistic)."""
     import pandas as pd
 
     metrics = [metric for metric in metrics if metric in frame.columns]
@@ -146,7 +132,7 @@ def scale_statistics(frame: pd.DataFrame, metrics: Sequence[str], by: Sequence[s
     mean, std, count = grouped.mean(), grouped.std(ddof=1), grouped.count()
     parts = {}
     for metric in metrics:
-        low, high = mean_interval(mean[metric], std[metric], count[metric])
+        low, high = interval_bounds(mean[metric], std[metric], count[metric])
         parts[metric] = pd.DataFrame({"mean": mean[metric], "low": low, "high": high, "n": count[metric]},
                                      index=mean.index)
     return pd.concat(parts, axis=1) if parts else pd.DataFrame(index=mean.index)

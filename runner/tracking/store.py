@@ -27,6 +27,7 @@ from mlflow.exceptions import MlflowException
 from runner.config.schema import ExperimentConfig
 from runner.errors import RunnerError, TrackingUnavailable
 from runner.plan.points import Point, SteeringPoint
+from runner.plan.search import CurveSearch, SearchSettings
 from runner.redaction import scrub
 from runner.results import Result
 from runner.tracking import plots
@@ -210,6 +211,34 @@ class SweepTracker:
         """The point keys that already finished (read when the sweep was opened, and logged since)."""
         self._require_open()
         return self._require_children().finished_point_keys()
+
+    def add_points(self, points: Sequence[SteeringPoint]) -> None:
+        """Adds a search round's points to the open steering sweep (their curves are planned with them)."""
+        self._require_open()
+        self._curve_runs().add_points(points)
+
+    def finished_point_metrics(self) -> dict[str, dict[str, float]]:
+        """The metrics of every point of the steering sweep that finished before it was opened, by point key (what
+        a search replays its rounds from)."""
+        self._require_open()
+        return self._curve_runs().finished_point_metrics()
+
+    def log_search(self, settings: SearchSettings, searches: Mapping[tuple[int, int], CurveSearch],
+                   curve_keys: Mapping[tuple[int, int], str]) -> None:
+        """Logs each curve's scale-search summary on its curve run (`search/*` metrics, the `search/status` tag;
+        `SearchSummary.metrics`/`tags`), and keeps them for the sweep's curve table."""
+        self._require_open()
+        summaries = {}
+        for curve, search in searches.items():
+            summary = search.summary()
+            summaries[curve_keys[curve]] = (summary.metrics(), summary.tags(settings))
+        self._curve_runs().log_search(summaries)
+
+    def _curve_runs(self) -> CurveRuns:
+        children = self._require_children()
+        if not isinstance(children, CurveRuns):
+            raise RunnerError("a steering sweep's operation on an SAE evaluation sweep")
+        return children
 
     def log_results(self, points: Sequence[Point], results: Sequence[Result]) -> None:
         """Logs a batch of finished points (a job's) and the sweep's progress. A point that already finished

@@ -7,6 +7,7 @@ import pytest
 
 from runner.config.schema import ExperimentConfig
 from runner.plan.points import expand_points
+from runner.stats import interval_bounds
 from runner.tracking import curves
 
 
@@ -37,17 +38,17 @@ def test_a_curve_is_one_intervention_across_the_scales_prompts_and_seeds() -> No
 
 
 def test_the_interval_of_a_mean_is_students_t() -> None:
-    low, high = curves.mean_interval([2.5], [np.std([1, 2, 3, 4], ddof=1)], [4])
+    low, high = interval_bounds([2.5], [np.std([1, 2, 3, 4], ddof=1)], [4])
     half = 3.182446305 * np.std([1, 2, 3, 4], ddof=1) / 2  # t(3) at 97.5%
     assert (low[0], high[0]) == pytest.approx((2.5 - half, 2.5 + half))
-    single = curves.mean_interval([1.0], [np.nan], [1])
+    single = interval_bounds([1.0], [np.nan], [1])
     assert np.isnan(single[0][0]) and np.isnan(single[1][0]), "one sample has no interval"
 
 
 def test_the_interval_covers_the_true_mean_about_95_times_in_100() -> None:
     rng = np.random.default_rng(0)
     samples = rng.normal(3.0, 2.0, size=(2000, 6))
-    low, high = curves.mean_interval(samples.mean(1), samples.std(1, ddof=1), np.full(2000, 6))
+    low, high = interval_bounds(samples.mean(1), samples.std(1, ddof=1), np.full(2000, 6))
     assert 0.93 < np.mean((low <= 3.0) & (high >= 3.0)) < 0.97
 
 
