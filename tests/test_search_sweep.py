@@ -136,6 +136,13 @@ def test_each_evaluation_is_a_point_tagged_with_its_round_and_the_curve_carries_
     assert curve.data.metrics["search/rounds"] == row["rounds"]
     assert curve.data.metrics["search/generations"] == row["generations"]
     assert curve.data.metrics["search/target_low"] >= 0.5 and curve.data.metrics["search/target_n"] == 6
+    # Each scale's mean on the curve run comes with its interval over the 6 prompts x seeds.
+    history = {name: {m.step: m.value for m in client.get_metric_history(curve.info.run_id, name)}
+               for name in ("steer/nll", "steer/nll_ci_low", "steer/nll_ci_high", "steer/samples")}
+    assert set(history["steer/nll"]) == set(history["steer/nll_ci_low"]) == set(history["steer/samples"])
+    for step, mean in history["steer/nll"].items():
+        assert history["steer/nll_ci_low"][step] <= mean <= history["steer/nll_ci_high"][step]
+        assert history["steer/samples"][step] == 6
 
 
 def test_a_target_no_scale_reaches_ends_not_reached_with_the_best_scale_tried(constructed_sae, tmp_path,

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from runner.stats import Interval, mean_interval, paired_differences
+from runner.stats import Interval, interval_bounds, mean_interval, paired_differences
 
 
 def test_the_interval_covers_the_true_mean_in_at_least_90_of_100_seeded_trials() -> None:
@@ -50,3 +50,18 @@ def test_differences_are_paired_by_prompt_and_seed() -> None:
     steered = {(0, 0): 3.0, (0, 1): 5.0, (1, 0): 4.0}
     baseline = {(0, 0): 2.5, (0, 1): 4.0, (2, 0): 9.9}
     assert paired_differences(steered, baseline) == [0.5, 1.0]
+
+
+def test_the_interval_of_a_mean_is_students_t() -> None:
+    low, high = interval_bounds([2.5], [np.std([1, 2, 3, 4], ddof=1)], [4])
+    half = 3.182446305 * np.std([1, 2, 3, 4], ddof=1) / 2  # t(3) at 97.5%
+    assert (low[0], high[0]) == pytest.approx((2.5 - half, 2.5 + half))
+    single = interval_bounds([1.0], [np.nan], [1])
+    assert np.isnan(single[0][0]) and np.isnan(single[1][0]), "one sample has no interval"
+
+
+def test_the_interval_covers_the_true_mean_about_95_times_in_100() -> None:
+    rng = np.random.default_rng(0)
+    samples = rng.normal(3.0, 2.0, size=(2000, 6))
+    low, high = interval_bounds(samples.mean(1), samples.std(1, ddof=1), np.full(2000, 6))
+    assert 0.93 < np.mean((low <= 3.0) & (high >= 3.0)) < 0.97

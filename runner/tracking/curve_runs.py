@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -320,15 +321,25 @@ SUMMARY_COLUMNS = (curves.SCALE_AT_TARGET, curves.NLL_AT_TARGET, curves.KL_AT_TA
 
 
 def curve_metrics(plan: curves.CurvePlan, finished: Sequence[PointRecord], failed: int) -> list[Metric]:
-    """A curve run's metrics: the mean per scale of each of `CURVE_METRICS` at step = the scale's index,
-    `steer/scale` at each step, the `curve/*` summaries and point counts at step 0."""
+    """A curve run's metrics: at step = the scale's index, `steer/scale`, and for each of `CURVE_METRICS` the mean
+    over prompts and seeds with its 95% interval (`<metric>_ci_low`, `<metric>_ci_high`, when there are two
+    samples or more) and the samples it is over (`steer/samples`); the `curve/*` summaries and point counts at
+    step 0."""
     now = now_ms()
     means = curves.scale_means(finished)
+    intervals = curves.scale_intervals(finished, curves.CURVE_METRICS)
     metrics = []
     for scale, values in means.items():
         step = plan.step(scale)
         metrics.append(Metric(curves.SCALE_METRIC, scale, now, step))
         metrics.extend(Metric(name, values[name], now, step) for name in curves.CURVE_METRICS if name in values)
+        at_scale = intervals.get(scale, {})
+        metrics.append(Metric(curves.SAMPLES_METRIC, float(max((i.n for i in at_scale.values()), default=0)),
+                              now, step))
+        for name, interval in at_scale.items():
+            if name in values and math.isfinite(interval.half_width):
+                metrics.extend([Metric(f"{name}_ci_low", interval.low, now, step),
+                                Metric(f"{name}_ci_high", interval.high, now, step)])
     summary = {**curves.summarize(means), curves.POINTS_FINISHED: len(finished), curves.POINTS_FAILED: failed}
     metrics.extend(Metric(name, float(value), now, 0) for name, value in sorted(summary.items()))
     return metrics

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from runner.plan.points import SteeringPoint
-from runner.stats import interval_bounds
+from runner.stats import Interval, interval_bounds, mean_interval
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from runner.tracking.records import PointRecord
 
 SCALE_METRIC = "steer/scale"
+#: A curve run's per-scale count of the samples (prompts x seeds) its means and intervals are over.
+SAMPLES_METRIC = "steer/samples"
 CONCEPT_METRIC = "steer/concept_rate"
 NLL_METRIC = "steer/nll"
 KL_METRIC = "steer/kl_steered_base"
@@ -149,6 +151,20 @@ def scale_means(records: Sequence[PointRecord]) -> dict[float, dict[str, float]]
     return {scale: {name: math.fsum(values) / len(values) for name, values in by_metric.items()
                     if all(math.isfinite(value) for value in values)}
             for scale, by_metric in sorted(sums.items())}
+
+
+def scale_intervals(records: Sequence[PointRecord], metrics: Sequence[str]) -> dict[float, dict[str, Interval]]:
+    """Per scale, each of `metrics`' mean over the finished `records` (prompts x seeds) with its 95% Student-t
+    interval and sample count (`runner.stats.mean_interval`; non-finite values are left out)."""
+    values: dict[float, dict[str, list[float]]] = {}
+    for record in records:
+        by_metric = values.setdefault(float(record.params["scale"]), {})
+        for name in metrics:
+            value = record.metrics.get(name)
+            if value is not None and math.isfinite(value):
+                by_metric.setdefault(name, []).append(value)
+    return {scale: {name: mean_interval(samples) for name, samples in by_metric.items()}
+            for scale, by_metric in sorted(values.items())}
 
 
 def summarize(means: Mapping[float, Mapping[str, float]]) -> dict[str, float]:

@@ -1,14 +1,17 @@
 """Steering curves: which points form a curve, their means per scale with 95% intervals, the summaries and the
 order from most to least steerable."""
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from runner.config.schema import ExperimentConfig
 from runner.plan.points import expand_points
-from runner.stats import interval_bounds
+from runner.results import PointResult
 from runner.tracking import curves
+from runner.tracking.records import PointRecord
 
 
 def sweep_points(mode: str = "add"):
@@ -37,19 +40,18 @@ def test_a_curve_is_one_intervention_across_the_scales_prompts_and_seeds() -> No
     assert not set(clamped) & set(plans), "another mode is another curve"
 
 
-def test_the_interval_of_a_mean_is_students_t() -> None:
-    low, high = interval_bounds([2.5], [np.std([1, 2, 3, 4], ddof=1)], [4])
-    half = 3.182446305 * np.std([1, 2, 3, 4], ddof=1) / 2  # t(3) at 97.5%
-    assert (low[0], high[0]) == pytest.approx((2.5 - half, 2.5 + half))
-    single = interval_bounds([1.0], [np.nan], [1])
-    assert np.isnan(single[0][0]) and np.isnan(single[1][0]), "one sample has no interval"
-
-
-def test_the_interval_covers_the_true_mean_about_95_times_in_100() -> None:
-    rng = np.random.default_rng(0)
-    samples = rng.normal(3.0, 2.0, size=(2000, 6))
-    low, high = interval_bounds(samples.mean(1), samples.std(1, ddof=1), np.full(2000, 6))
-    assert 0.93 < np.mean((low <= 3.0) & (high >= 3.0)) < 0.97
+def test_a_curve_run_gets_each_scale_s_mean_with_its_interval_and_sample_count() -> None:
+    points = [p for p in sweep_points() if (p.layer, p.feature) == (1, 3)]
+    records = [PointRecord.finished(point, PointResult(point.point_key, "x", (1,), {
+        "steer/nll": float(point.scale) + point.seed + 2 * point.prompt_index, "steer/kl_steered_base": math.nan}))
+        for point in points]
+    intervals = curves.scale_intervals(records, ["steer/nll", "steer/kl_steered_base"])
+    assert sorted(intervals) == [0.0, 10.0, 20.0]
+    at_ten = intervals[10.0]["steer/nll"]
+    samples = [10.0, 11.0, 12.0, 13.0]  # prompts 0/1 x seeds 0/1
+    assert (at_ten.mean, at_ten.n) == (np.mean(samples), 4)
+    assert at_ten.low == pytest.approx(np.mean(samples) - 3.182446305 * np.std(samples, ddof=1) / 2)
+    assert "steer/kl_steered_base" not in intervals[10.0], "non-finite samples are left out"
 
 
 def test_scale_statistics_of_a_points_table() -> None:
