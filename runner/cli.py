@@ -151,10 +151,13 @@ def validate(file: ExperimentFile, set_: Overrides = None) -> None:
     unit = "generations" if config.kind == "steering" else "SAEs"
     typer.echo(f"{file}: valid")
     typer.echo(
-        f"{config.kind} sweep {summary.sweep_id}: {summary.points} points in {summary.jobs} jobs of up to "
+        f"{config.kind} sweep {summary.sweep_id}: {'round 1: ' if config.search else ''}{summary.points} points in "
+        f"{summary.jobs} jobs of up to "
         f"{summary.job_size} {unit}, {config.cluster.workers} worker(s) with {config.cluster.resources}"
     )
     tokens = "generated tokens (at most)" if config.kind == "steering" else "evaluated tokens"
+    if config.search is not None:
+        tokens = "generated tokens in round 1"
     typer.echo(f"  {summary.grid}; {summary.tokens:,} {tokens}")
     if summary.replica is not None:
         typer.echo(f"  each of the {config.cluster.workers} slice replica(s): {summary.replica}")
