@@ -16,10 +16,14 @@ from typing import Any, ClassVar
 from runner.config.schema import ExperimentConfig, ModelConfig
 from runner.errors import PlanError
 
-#: Fields of `SteeringPoint` that do not change the generation, so stay out of its key.
-_NOT_IN_KEY = frozenset({"neuronpedia_url"})
+#: Fields of `SteeringPoint` that do not change the generation, so stay out of its key (`dtype` is what
+#: `model.dtype` resolved to, which `model_id` already fixes for a given checkpoint).
+_NOT_IN_KEY = frozenset({"neuronpedia_url", "dtype"})
 #: Fields that do not change an unsteered (baseline) generation.
-_NOT_IN_GENERATION_KEY = frozenset({"neuronpedia_url", "layer", "feature", "sae_id", "positions"})
+_NOT_IN_GENERATION_KEY = frozenset({"neuronpedia_url", "dtype", "layer", "feature", "sae_id", "positions"})
+#: Fields added after keys were first given out: left out of a key while they hold their default, so the points
+#: of earlier sweeps keep their keys.
+_KEYED_WHEN_SET = {"exclude_unknown_tokens": False}
 #: MLflow params named otherwise than the point field they hold.
 _PARAM_FIELD = {"model": "model_id", "l0_target": "l0"}
 
@@ -49,10 +53,13 @@ class SteeringPoint:
     model_id: str
     sae_id: str
     neuronpedia_url: str | None = None
+    exclude_unknown_tokens: bool = False
+    dtype: str = ""
 
     #: The MLflow params of a point, in the order they are logged and `runner export` writes them.
     PARAM_NAMES: ClassVar[tuple[str, ...]] = ("model", "sae_id", "layer", "feature", "scale", "seed", "temperature",
-                                              "top_k", "top_p", "mode", "positions", "prompt_index", "max_new_tokens")
+                                              "top_k", "top_p", "mode", "positions", "prompt_index", "max_new_tokens",
+                                              "dtype", "exclude_unknown_tokens")
 
     def __post_init__(self) -> None:
         # 10 and 10.0 must give the same key.
@@ -63,9 +70,8 @@ class SteeringPoint:
 
     @functools.cached_property
     def point_key(self) -> str:
-        """16 hex digits identifying the result: a hash of every field but `neuronpedia_url`."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_IN_KEY}
-        return _digest(fields)
+        """16 hex digits identifying the result: a hash of every field but `neuronpedia_url` and `dtype`."""
+        return _digest(_keyed_fields(self, _NOT_IN_KEY))
 
     @property
     def is_baseline(self) -> bool:
@@ -78,12 +84,19 @@ class SteeringPoint:
         one unsteered generation per (prompt, seed, sampling settings) serves them all."""
         if not self.is_baseline:
             return self.point_key
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in _NOT_IN_GENERATION_KEY}
-        return _digest({"baseline": fields})
+        return _digest({"baseline": _keyed_fields(self, _NOT_IN_GENERATION_KEY)})
 
     def params(self) -> dict[str, str]:
         """Returns the MLflow params of this point (all strings; None as "None"), in `PARAM_NAMES` order."""
         return _params(self)
+
+
+def _keyed_fields(point: SteeringPoint, left_out: frozenset[str]) -> dict[str, Any]:
+    return {
+        name: value
+        for name, value in dataclasses.asdict(point).items()
+        if name not in left_out and not (name in _KEYED_WHEN_SET and value == _KEYED_WHEN_SET[name])
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +114,7 @@ class SAEEvalPoint:
       text_digest: Hash of the evaluation tokens (`runner.sae_eval.text_sets.EvalTokens.digest`).
       context_length: Tokens per sequence, BOS included.
       num_sequences: Sequences evaluated.
+      dtype: What `model.dtype` resolved to (a param; not in the key, `model_id` fixes it).
     """
 
     layer: int
@@ -113,15 +127,18 @@ class SAEEvalPoint:
     text_digest: str
     context_length: int
     num_sequences: int
+    dtype: str = ""
 
     #: The MLflow params of a point, in the order they are logged and `runner export` writes them.
     PARAM_NAMES: ClassVar[tuple[str, ...]] = ("model", "sae_id", "layer", "site", "width", "l0_target", "text",
-                                              "text_digest", "context_length", "num_sequences")
+                                              "text_digest", "context_length", "num_sequences", "dtype")
 
     @functools.cached_property
     def point_key(self) -> str:
-        """16 hex digits identifying the result: a hash of every field."""
-        return _digest({"sae_eval": dataclasses.asdict(self)})
+        """16 hex digits identifying the result: a hash of every field but `dtype`."""
+        fields = dataclasses.asdict(self)
+        del fields["dtype"]
+        return _digest({"sae_eval": fields})
 
     def params(self) -> dict[str, str]:
         """Returns the MLflow params of this point (all strings), in `PARAM_NAMES` order."""
@@ -170,6 +187,7 @@ def expand_points(
     config: ExperimentConfig,
     sae_ids: Mapping[int, str],
     neuronpedia: Callable[[int, int], str | None] | None = None,
+    dtype: str = "",
 ) -> list[SteeringPoint]:
     """Returns every point of the sweep in the order prompts x layers x features x scales x seeds.
 
@@ -177,6 +195,7 @@ def expand_points(
       config: The experiment.
       sae_ids: The SAE id steered at each layer of `config.steering.layers`.
       neuronpedia: `(layer, feature) -> url or None`, the dashboard link of a feature.
+      dtype: What `model.dtype` resolves to (a param of every point).
 
     Raises:
       PlanError: A steered layer has no SAE id.
@@ -203,6 +222,8 @@ def expand_points(
             model_id=name,
             sae_id=sae_ids[layer],
             neuronpedia_url=neuronpedia(layer, feature) if neuronpedia is not None else None,
+            exclude_unknown_tokens=sampling.exclude_unknown_tokens,
+            dtype=dtype,
         )
         for prompt_index, prompt in enumerate(config.prompts)
         for layer in steering.layers
@@ -249,6 +270,7 @@ def expand_sae_eval_points(
     *,
     text: str,
     text_digest: str,
+    dtype: str = "",
 ) -> list[SAEEvalPoint]:
     """Returns every SAE of the evaluation grid in the order layers x widths x l0s.
 
@@ -257,6 +279,7 @@ def expand_sae_eval_points(
       layers: The evaluated blocks (`sae_eval.layers` with `all` resolved).
       sae_ids: The SAE id of each `(layer, width, l0)`, l0 as its string (`canonical`, `71`).
       text, text_digest: The evaluation text's description and token hash.
+      dtype: What `model.dtype` resolves to (a param of every point).
 
     Raises:
       PlanError: An SAE of the grid has no id.
@@ -279,6 +302,7 @@ def expand_sae_eval_points(
             text_digest=text_digest,
             context_length=grid.context_length,
             num_sequences=grid.num_sequences,
+            dtype=dtype,
         )
         for layer, width, l0 in keys
     ]
