@@ -13,15 +13,16 @@ import contextlib
 import dataclasses
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runner.errors import TrackingUnavailable
 from runner.execution.executor import JobExecutor, ProgressCallback
 from runner.execution.local import LocalExecutor
-from runner.plan.points import Point
+from runner.plan.points import Job, Point
 from runner.plan.prepare import SweepPlan
-from runner.results import Result
+from runner.results import FailedPoint, Result
 
 if TYPE_CHECKING:
     # MLflow is imported on the tracking set-up thread, while Ray and the workers start on this one.
@@ -57,6 +58,18 @@ class SweepSummary:
     tracking_wait_seconds: float = 0.0
     points_from_spool: int = 0
     faults: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def hand_over_results(writer: TrackingWriter, job: Job, results: Sequence[Result | FailedPoint]) -> None:
+    """Queues a job's results for the tracking thread: its finished points as results, each point the worker could
+    not finish (`FailedPoint`) as a failure with its own error."""
+    finished = [(point, result) for point, result in zip(job.points, results, strict=True)
+                if not isinstance(result, FailedPoint)]
+    if finished:
+        writer.put_results([point for point, _ in finished], [result for _, result in finished])
+    for point, result in zip(job.points, results, strict=True):
+        if isinstance(result, FailedPoint):
+            writer.put_failure([point], result.error, result.attempt)
 
 
 def spool_path(output_dir: Path, sweep_id: str) -> Path:
@@ -235,7 +248,7 @@ class SweepRun:
         try:
             self._executor.run(
                 self._plan.pack(remaining),
-                lambda job, results: writer.put_results(job.points, results),
+                lambda job, results: hand_over_results(writer, job, results),
                 lambda job, error, attempt: writer.put_failure(job.points, error, attempt),
             )
         except TrackingUnavailable:

@@ -37,7 +37,15 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from runner.config.schema import ClusterConfig
 from runner.execution.executor import FailureCallback, ResultCallback
-from runner.execution.faults import FaultPolicy, Task, classify, describe_ray_error, fault_counts, with_fault_tags
+from runner.execution.faults import (
+    FaultPolicy,
+    OutOfMemory,
+    Task,
+    classify,
+    describe_ray_error,
+    fault_counts,
+    with_fault_tags,
+)
 from runner.execution.host_actor import WorkerInfo, check_jax_platform, remove_stale_tpu_lockfile
 from runner.execution.ray_setup import (
     check_ray_address_reachable,
@@ -134,13 +142,16 @@ class SliceHostWorker:
             platform=platform,
             device_count=devices,
             local_device_count=jax.local_device_count(),
+            batch_size=self._worker.batch_size,
+            memory=self._worker.memory_note,
         )
 
-    def run_job(self, job: Job, attempt: int) -> list[Result]:
-        """Runs `job` with the other members; process 0 returns the results, the others nothing."""
+    def run_job(self, job: Job, attempt: int, batch_size: int | None = None) -> list[Result]:
+        """Runs `job` with the other members (in batches of at most `batch_size`, kept for later jobs); process 0
+        returns the results, the others nothing."""
         import jax
 
-        results = self._worker.run_job(job, attempt)
+        results = self._worker.run_job(job, attempt, batch_size)
         if jax.process_index() != 0:
             return []
         replica = self.name.split("/", 1)[0]
@@ -172,6 +183,7 @@ class _Gang:
         self.results: dict[ray.ObjectRef, list[Result] | SliceMemberInfo] = {}
         self.start_failures = 0
         self.last_error = ""
+        self.batch_cap: int | None = None  # after running out of memory: the most rows its (rebuilt) members use
         self._group, self._slice = self._reserve()
 
     def _reserve(self) -> tuple[PlacementGroup, SlicePlacementGroup | None]:
@@ -212,7 +224,8 @@ class _Gang:
     def submit(self, task: Task) -> None:
         """Sends the same job to every member."""
         self.task, self.results, self.state = task, {}, "busy"
-        self.refs = [member.run_job.remote(task.job, task.attempt) for member in self.members]
+        cap = min((size for size in (task.batch_size, self.batch_cap) if size is not None), default=None)
+        self.refs = [member.run_job.remote(task.job, task.attempt, cap) for member in self.members]
         self.pending = set(self.refs)
 
     def kill(self) -> None:
@@ -238,6 +251,12 @@ class _Gang:
         """The Ray nodes the members ran on (from their last start)."""
         return [info["node_id"] for info in self.infos] or [None]
 
+    def batch_for(self, task: Task) -> int | None:
+        """The batch its members run `task` at: their own (from their last start), capped by the caps."""
+        own = self.infos[0].get("batch_size") if self.infos else None
+        sizes = [size for size in (own, self.batch_cap, task.batch_size) if size is not None]
+        return min(sizes) if sizes else None
+
 
 class SliceExecutor:
     """Runs a sweep's jobs on `cluster.workers` slice replicas (a `runner.execution.executor.JobExecutor`).
@@ -259,6 +278,7 @@ class SliceExecutor:
         self._compilations = 0
         self._events: list[dict[str, str]] = []
         self._job_retries = 0
+        self._oom_retries = 0
         self._faults: FaultPolicy | None = None
         self._gangs: list[_Gang] | None = None
         self._owns_ray = False
@@ -276,7 +296,7 @@ class SliceExecutor:
 
     def fault_counts(self) -> dict[str, int]:
         """`preemptions`, `worker_crashes` and `job_retries` of the last run."""
-        return fault_counts(self._events, self._job_retries)
+        return fault_counts(self._events, self._job_retries, self._oom_retries)
 
     def start(self) -> None:
         """Writes the synthetic SAEs, starts (or joins) Ray and starts every replica's gang; does nothing when
@@ -316,6 +336,7 @@ class SliceExecutor:
             raise
         finally:
             self._events, self._job_retries = self._faults.classified_events(), self._faults.job_retries
+            self._oom_retries = self._faults.oom_retries
 
     def close(self) -> None:
         """Leaves `jax.distributed` on every replica, kills them, frees their placement groups and leaves Ray."""
@@ -367,7 +388,7 @@ class SliceExecutor:
             return
         task, gang.task, gang.state, gang.refs = gang.task, None, "idle", []
         results = cast(list[Result], values[0])  # rank 0 is process 0: it reports
-        on_result(task.job, with_fault_tags(results, task.lost_on_nodes))
+        on_result(task.job, with_fault_tags(results, task.lost_on_nodes, oom_retries=task.oom_retries))
 
     def _gang_failed(self, gang: _Gang, error: BaseException) -> None:
         was_starting, task = gang.state == "starting", gang.task
@@ -376,7 +397,11 @@ class SliceExecutor:
         gang.kill()
         _log.warning("slice replica %s failed: %s", gang.name, gang.last_error)
         if task is not None:
-            self._faults.handle(task, classify(error, node_ids), gang.name)
+            fault = classify(error, node_ids)
+            memory_note = gang.infos[0].get("memory", "") if gang.infos else ""
+            self._faults.handle(task, fault, gang.name, gang.batch_for(task), memory_note)
+            if isinstance(fault, OutOfMemory):
+                gang.batch_cap = task.batch_size
         if was_starting:
             gang.start_failures += 1
             if gang.start_failures >= MAX_GANG_START_FAILURES:
