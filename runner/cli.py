@@ -96,13 +96,19 @@ def validate(file: ExperimentFile, set_: Overrides = None) -> None:
     )
     tokens = "generated tokens (at most)" if config.kind == "steering" else "evaluated tokens"
     typer.echo(f"  {summary.grid}; {summary.tokens:,} {tokens}")
+    held = f", held as {summary.held_dtype} on {config.cluster.jax_platform()}" \
+        if summary.held_dtype != summary.dtype else ""
+    auto = " (auto: the checkpoint's stored dtype)" if config.model.dtype == "auto" else ""
+    typer.echo(f"  model dtype: {summary.dtype}{auto}{held}")
     if summary.memory_bytes is None:
         typer.echo("  memory per worker: unknown until the checkpoint is read (its architecture is not published)")
     else:
         model_bytes, sae_bytes, batch_bytes = summary.memory_parts
         typer.echo(
-            f"  memory per worker: about {summary.memory_bytes / 2**30:.1f} GiB (model {model_bytes / 2**30:.1f} GiB, "
-            f"SAEs {sae_bytes / 2**30:.2f} GiB, one batch {batch_bytes / 2**30:.2f} GiB, plus a 25% margin)"
+            f"  memory per worker (an estimate, made without weights or compilation): about "
+            f"{summary.memory_bytes / 2**30:.1f} GiB (model {model_bytes / 2**30:.1f} GiB, SAEs "
+            f"{sae_bytes / 2**30:.2f} GiB, a batch of {summary.job_size} {batch_bytes / 2**30:.2f} GiB); each worker "
+            "chooses its batch from XLA's compiled memory analysis on its own devices"
         )
 
 
@@ -199,10 +205,11 @@ def run(
         summary_json.write_text(json.dumps(dataclasses.asdict(summary), indent=2) + "\n", encoding="utf-8")
     faults = summary.faults
     if any(faults.values()):
+        oom = faults.get("oom_retries", 0)
         typer.echo(
             f"faults: {faults['preemptions']} preemption(s) and {faults['worker_crashes']} worker crash(es) "
             f"(jobs requeued), {faults['job_retries']} job retr{'y' if faults['job_retries'] == 1 else 'ies'} "
-            "after a job's own error"
+            f"after a job's own error, {oom} out-of-memory retr{'y' if oom == 1 else 'ies'} at half the batch"
         )
     typer.echo(f"parent run {summary.parent_run_id} in {config.tracking.uri}")
     typer.echo(f"view: {_runs_page(config.tracking.uri, summary.experiment_id)}")
@@ -285,48 +292,101 @@ def export(
 @app.command()
 def synth(
     out_dir: Annotated[Path, typer.Argument(help="Directory to write into (created).", show_default=False)],
-    preset: Annotated[str, typer.Option(help="Synthetic model preset: tiny or small.")] = "tiny",
+    preset: Annotated[str, typer.Option(help="Synthetic model preset: tiny, small, or the published Gemma2 shapes "
+                                             "gemma2-2b, gemma2-9b, gemma2-27b.")] = "tiny",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     model_format: Annotated[
-        str, typer.Option("--format", help="Checkpoint layout: kaggle (orbax) or huggingface (safetensors).")
+        str, typer.Option("--format", help="Checkpoint layout: kaggle (orbax) or huggingface (safetensors; tiny and "
+                                           "small only).")
     ] = "kaggle",
-    target_l0: Annotated[float, typer.Option(help="Mean L0 the synthetic SAEs are calibrated to.")] = 16.0,
+    target_l0: Annotated[float | None, typer.Option(
+        help="Mean L0 the synthetic SAEs are calibrated to [default: 16; 64 for the gemma2 presets].",
+        show_default=False)] = None,
+    sae_layers: Annotated[str | None, typer.Option(
+        help="Comma-separated layers to write SAEs for [default: every layer; gemma2-2b 6,12,20, gemma2-9b 9,20,31, "
+             "gemma2-27b 10,22,34].", show_default=False)] = None,
+    sae_width: Annotated[str | None, typer.Option(
+        help="SAE width label: a Gemma Scope width (16k, 65k, ...) or a latent count [default: 4 x d_model; 16k for "
+             "the gemma2 presets].", show_default=False)] = None,
 ) -> None:
-    """Write a synthetic Gemma2 model and an SAE for every layer, for offline pipelines (`source: local`)."""
-    from runner.errors import ConfigError
-
+    """Write a synthetic Gemma2 model and SAEs in the Gemma Scope layout, for offline pipelines (`source: local`)."""
     try:
-        _check_preset(preset)
-        if model_format not in ("kaggle", "huggingface"):
-            raise ConfigError(f"--format: {model_format!r} is not allowed (allowed: kaggle, huggingface)")
-        paths = write_synthetic_bundle(out_dir, preset, seed, model_format, target_l0)
+        spec = _synth_spec(preset, model_format, sae_layers, sae_width)
+        paths = write_synthetic_bundle(out_dir, preset, seed, model_format,
+                                       target_l0 if target_l0 is not None else (64.0 if spec[1] else 16.0),
+                                       layers=spec[0], width_label=spec[1])
     except RunnerError as error:
         raise _fail(error) from None
     for name, path in paths.items():
         typer.echo(f"{name}: {path}")
 
 
-def write_synthetic_bundle(out_dir: Path, preset: str, seed: int, model_format: str, target_l0: float) -> dict:
-    """Writes `out_dir/model` (Kaggle layout), optionally `out_dir/model-hf`, and `out_dir/saes` (every layer)."""
+def _synth_spec(preset: str, model_format: str, sae_layers: str | None,
+                sae_width: str | None) -> tuple[list[int] | None, str | None]:
+    """Checks `runner synth`'s options (one line per mistake); returns the SAE layers and width label asked for
+    (None: the preset's)."""
+    from runner.errors import ConfigError
+    from runner.model import synthetic
+
+    _check_preset(preset)
+    spec = synthetic.PRESETS[preset]
+    if model_format not in ("kaggle", "huggingface"):
+        raise ConfigError(f"--format: {model_format!r} is not allowed (allowed: kaggle, huggingface)")
+    if model_format == "huggingface" and spec.architecture.vocab_size > synthetic.SYNTHETIC_PRESETS["small"].vocab_size:
+        raise ConfigError(f"--format: huggingface is not written for --preset {preset} (allowed: kaggle; huggingface "
+                          "for tiny and small)")
+    layers = None
+    if sae_layers is not None:
+        try:
+            layers = sorted({int(layer) for layer in sae_layers.split(",")})
+        except ValueError:
+            raise ConfigError(f"--sae-layers: {sae_layers!r} is not allowed (allowed: comma-separated block "
+                              "indices, e.g. 6,12,20)") from None
+        bad = [layer for layer in layers if not 0 <= layer < spec.architecture.num_layers]
+        if bad:
+            raise ConfigError(f"--sae-layers: {bad} out of range (allowed: 0..{spec.architecture.num_layers - 1})")
+    width = sae_width if sae_width is not None else spec.sae_width
+    if width is not None:
+        import pydantic
+
+        from runner.config.schema import WidthLabel
+
+        try:
+            pydantic.TypeAdapter(WidthLabel).validate_python(width)
+        except pydantic.ValidationError:
+            raise ConfigError(f"--sae-width: {width!r} is not allowed (allowed: 16k, 32k, 65k, 131k, 262k, 524k, 1m, "
+                              "or a latent count)") from None
+    return layers, width
+
+
+def write_synthetic_bundle(
+    out_dir: Path, preset: str, seed: int, model_format: str, target_l0: float, *,
+    layers: list[int] | None = None, width_label: str | None = None,
+) -> dict:
+    """Writes `out_dir/model` (Kaggle layout), optionally `out_dir/model-hf`, and `out_dir/saes`: an SAE for every
+    layer of `layers` (default: the preset's `sae_layers`) at `width_label` (default: the preset's, else 4 x the
+    model width), in the Gemma Scope layout."""
     from runner.config.schema import LocalModelConfig
     from runner.model import hf_format, synthetic
     from runner.model.loading import load_model
-    from runner.sae.sources import write_synthetic_saes
+    from runner.sae.sources import width_latents, write_synthetic_saes
 
+    spec = synthetic.PRESETS[preset]
     model_dir = synthetic.write_synthetic_model(out_dir / "model", preset, seed)
     paths = {"model": model_dir}
     loaded = load_model(LocalModelConfig(path=model_dir), cache_dir=out_dir)
     if model_format == "huggingface":
-        flat = synthetic.synthetic_flat_params(synthetic.SYNTHETIC_PRESETS[preset], seed)
+        flat = synthetic.synthetic_flat_params(spec.architecture, seed, spec.dtype)
         hf_dir = hf_format.write_hf_checkpoint(flat, loaded.architecture, out_dir / "model-hf")
         (hf_dir / "tokenizer.model").write_bytes((model_dir / "tokenizer.model").read_bytes())
         paths["model-hf"] = hf_dir
-    width = 4 * loaded.architecture.embedding_dim
+    label = width_label or spec.sae_width or str(4 * loaded.architecture.embedding_dim)
     write_synthetic_saes(
-        loaded, range(loaded.architecture.num_layers), out_dir / "saes", width=width, target_l0=target_l0, seed=seed
+        loaded, layers if layers is not None else spec.sae_layers, out_dir / "saes", width=width_latents(label),
+        target_l0=target_l0, seed=seed, width_label=label,
     )
     paths["saes"] = out_dir / "saes"
-    paths["sae width"] = width
+    paths["sae width"] = label
     return paths
 
 

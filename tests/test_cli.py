@@ -172,4 +172,18 @@ def test_synth_writes_a_model_and_saes_that_a_local_sweep_runs_on(tmp_path, cach
 
 def test_synth_rejects_an_unknown_preset(tmp_path) -> None:
     code, stderr = run_cli("synth", str(tmp_path / "x"), "--preset", "huge")
-    assert code == 2 and stderr.strip() == "error: --preset: 'huge' is not allowed (allowed: tiny, small)"
+    assert code == 2 and stderr.strip() == (
+        "error: --preset: 'huge' is not allowed (allowed: tiny, small, gemma2-2b, gemma2-9b, gemma2-27b)"
+    )
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--sae-layers", "6,x"], "--sae-layers: '6,x' is not allowed (allowed: comma-separated block indices"),
+    (["--sae-layers", "3,26"], "--sae-layers: [26] out of range (allowed: 0..25)"),
+    (["--sae-width", "16q"], "--sae-width: '16q' is not allowed"),
+    (["--format", "huggingface"], "--format: huggingface is not written for --preset gemma2-2b"),
+])
+def test_synth_rejects_bad_options_before_writing_anything(tmp_path, options, message) -> None:
+    code, stderr = run_cli("synth", str(tmp_path / "x"), "--preset", "gemma2-2b", *options)
+    assert code == 2 and stderr.strip().startswith(f"error: {message}")
+    assert not (tmp_path / "x").exists()
