@@ -104,11 +104,13 @@ def validate(file: ExperimentFile, set_: Overrides = None) -> None:
         typer.echo("  memory per worker: unknown until the checkpoint is read (its architecture is not published)")
     else:
         model_bytes, sae_bytes, batch_bytes = summary.memory_parts
+        rows = "generations" if config.kind == "steering" else "sequences"
         typer.echo(
             f"  memory per worker (an estimate, made without weights or compilation): about "
             f"{summary.memory_bytes / 2**30:.1f} GiB (model {model_bytes / 2**30:.1f} GiB, SAEs "
-            f"{sae_bytes / 2**30:.2f} GiB, a batch of {summary.job_size} {batch_bytes / 2**30:.2f} GiB); each worker "
-            "chooses its batch from XLA's compiled memory analysis on its own devices"
+            f"{sae_bytes / 2**30:.2f} GiB, a batch of {summary.batch_rows} {rows} "
+            f"{batch_bytes / 2**30:.2f} GiB); each worker chooses its batch from XLA's compiled memory analysis on "
+            "its own devices"
         )
 
 
@@ -392,7 +394,8 @@ def write_synthetic_bundle(
 
 @app.command()
 def bench(
-    preset: Annotated[str, typer.Option(help="Synthetic model preset: tiny or small.")] = "small",
+    preset: Annotated[str, typer.Option(help="Synthetic model preset: tiny, small, gemma2-2b, gemma2-9b or "
+                                             "gemma2-27b (the gemma2 presets: --utilization).")] = "small",
     points: Annotated[int, typer.Option(help="Steering points to generate.")] = 64,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per point.")] = 32,
     batch_size: Annotated[int | None, typer.Option(help="Rows per batch [default: min(64, points)].")] = None,
@@ -409,17 +412,68 @@ def bench(
     compilation_cache: Annotated[
         bool, typer.Option(help="Let the --end-to-end workers reuse compiled programs from earlier runs.")
     ] = True,
+    utilization: Annotated[
+        bool, typer.Option("--utilization", help="Tokens/s, compiled memory, peak memory and utilization of the "
+                                                 "sampler per dtype and batch size (implied by the gemma2 presets).")
+    ] = False,
+    dtypes: Annotated[str, typer.Option(help="--utilization: comma-separated dtypes.")] = "float32,bfloat16",
+    batch_sizes: Annotated[str, typer.Option(help="--utilization: comma-separated batch sizes.")] = "1,8,32",
+    model_dir: Annotated[
+        Path | None, typer.Option(help="--utilization: the preset's model as `runner synth` wrote it (OUT_DIR/model) "
+                                       "[default: written to the cache directory].", show_default=False)
+    ] = None,
+    memory_table: Annotated[
+        bool, typer.Option("--memory-table", help="The batch and memory the planner picks for Gemma2 2B/9B/27B on "
+                                                  "v5e-8, v6e-8, H100-80GB and a 24 GB CPU host, from compiled "
+                                                  "memory analyses with abstract weights.")
+    ] = False,
+    models: Annotated[str, typer.Option(help="--memory-table: comma-separated Gemma2 presets.")] = (
+        "gemma2-2b,gemma2-9b,gemma2-27b"
+    ),
 ) -> None:
-    """Benchmark runner against the Gemma Scope tutorial's loop; prints one JSON line.
+    """Benchmark runner; prints one JSON line.
 
-    Without --end-to-end: the batched sampler alone on --points synthetic points. With it: the whole `runner run`
-    of a sweep in a fresh directory and process, against the tutorial's loop on the same points.
+    Without options: the batched sampler against the Gemma Scope tutorial's loop on --points synthetic points.
+    --end-to-end: the whole `runner run` of a sweep in a fresh directory and process, against the tutorial's loop
+    on the same points. --utilization: the sampler per dtype and batch size, with the machine's measured matmul
+    rate and memory bandwidth. --memory-table: computed, not measured, batches and memory for real sizes.
     """
     import json
 
     from runner.bench.end_to_end import END_TO_END_EXPERIMENT, run_end_to_end
     from runner.bench.sampler import run_benchmark
     from runner.errors import ConfigError
+
+    if memory_table:
+        from runner.bench.memory_table import run_memory_table
+
+        try:
+            typer.echo(json.dumps(run_memory_table(tuple(model.strip() for model in models.split(",")))))
+        except RunnerError as error:
+            raise _fail(error) from None
+        return
+    if utilization or preset.startswith("gemma2-"):
+        from runner.bench.utilization import run_utilization
+
+        try:
+            _check_preset(preset)
+            dtype_list = [dtype.strip() for dtype in dtypes.split(",")]
+            bad = [dtype for dtype in dtype_list if dtype not in ("float32", "bfloat16")]
+            if bad:
+                raise ConfigError(f"--dtypes: {bad} not allowed (allowed: float32, bfloat16)")
+            try:
+                sizes = [int(size) for size in batch_sizes.split(",")]
+            except ValueError:
+                raise ConfigError(f"--batch-sizes: {batch_sizes!r} is not allowed (allowed: comma-separated "
+                                  "integers >= 1)") from None
+            if any(size < 1 for size in sizes) or new_tokens < 1:
+                raise ConfigError("--batch-sizes and --new-tokens must be >= 1")
+            figures = run_utilization(preset=preset, cache_dir=_cache_dir(cache_dir), dtypes=dtype_list,
+                                      batch_sizes=sizes, new_tokens=new_tokens, model_dir=model_dir)
+        except RunnerError as error:
+            raise _fail(error) from None
+        typer.echo(json.dumps(figures))
+        return
 
     if end_to_end:
         try:

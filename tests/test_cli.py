@@ -187,3 +187,16 @@ def test_synth_rejects_bad_options_before_writing_anything(tmp_path, options, me
     code, stderr = run_cli("synth", str(tmp_path / "x"), "--preset", "gemma2-2b", *options)
     assert code == 2 and stderr.strip().startswith(f"error: {message}")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--utilization", "--preset", "small", "--dtypes", "float16"],
+     "--dtypes: ['float16'] not allowed (allowed: float32, bfloat16)"),
+    (["--utilization", "--preset", "small", "--batch-sizes", "1,x"], "--batch-sizes: '1,x' is not allowed"),
+    (["--utilization", "--preset", "huge"], "--preset: 'huge' is not allowed"),
+    (["--memory-table", "--models", "gemma2-2b,gemma2-3b"], "--models: ['gemma2-3b'] not allowed"),
+])
+def test_bench_rejects_bad_options_in_one_line_before_any_work(tmp_path, options, message) -> None:
+    code, stderr = run_cli("bench", "--cache-dir", str(tmp_path / "cache"), *options)
+    assert code == 2 and stderr.strip().startswith(f"error: {message}"), stderr
+    assert not (tmp_path / "cache").exists()

@@ -324,6 +324,8 @@ class SweepOutline:
       memory_parts: `(model, SAEs, per batch)` bytes of that estimate.
       dtype: What `model.dtype` resolves to (`auto`: the checkpoint's stored dtype).
       held_dtype: What the workers' platform holds the weights in (bfloat16 is held in float32 on CPU).
+      batch_rows: Rows of one batch the memory estimate is for (steering: generations; SAE evaluation:
+        sequences per pass).
     """
 
     sweep_id: str
@@ -336,6 +338,7 @@ class SweepOutline:
     memory_parts: tuple[int, int, int] | None
     dtype: str = ""
     held_dtype: str = ""
+    batch_rows: int = 0
 
 
 def outline(config: ExperimentConfig) -> SweepOutline:
@@ -378,4 +381,5 @@ def outline_of(sweep_plan: SweepPlan) -> SweepOutline:
         if estimate is not None else None,
         dtype=dtype,
         held_dtype="float32" if dtype == "bfloat16" and config.cluster.jax_platform() == "cpu" else dtype,
+        batch_rows=batch,
     )
