@@ -104,11 +104,16 @@ def model_flops_per_token(arch: Gemma2Architecture, context: float, sae_width: i
     return 2 * weights + attention + 2 * arch.embedding_dim * sae_width
 
 
+def parameter_bytes(model: Any) -> int:
+    """Bytes of a loaded model's distinct parameter values (`pz.Parameter` leaves hold them)."""
+    return memory.unique_bytes([parameter.value for parameter in pz.unbind_params(model)[1]])
+
+
 def decode_step_bytes(loaded: LoadedModel, sae: JumpReLUSAE, batch_size: int, context: float) -> int:
     """Bytes a decode step reads: every weight once (the unembedding reads the whole embedding table), the SAE of
     the steering site, and the KV cache of `context` positions."""
     arch = loaded.architecture
-    weights = memory.unique_bytes(pz.unbind_params(loaded.model)[1]) + memory.unique_bytes(sae)
+    weights = parameter_bytes(loaded.model) + memory.unique_bytes(sae)
     activation = jnp.dtype(loaded.model.metadata.activation_dtype).itemsize
     return int(weights + arch.kv_cache_bytes(batch_size, int(context), activation))
 
@@ -195,7 +200,7 @@ def run_utilization(
         sae = JumpReLUSAE.from_arrays(random_sae_arrays(arch.embedding_dim, width, seed=0))
         tokens = encode_prompt(loaded.tokenizer, PROMPT)
         prompt_len = prompt_bucket(len(tokens))
-        model_bytes = memory.unique_bytes(pz.unbind_params(loaded.model)[1])
+        model_bytes = parameter_bytes(loaded.model)
         for batch_size in batch_sizes:
             sampler = SteeringSampler(loaded.model, {layer: sae}, batch_size=batch_size, prompt_len=prompt_len,
                                       max_new_tokens=new_tokens, eos_id=-1)
