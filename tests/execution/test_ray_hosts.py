@@ -247,7 +247,7 @@ def test_losing_a_host_mid_sweep_requeues_its_job_and_every_point_finishes_once(
 
     assert executor.removed_node_id is not None
     assert [event["kind"] for event in inner.lost_host_events] == ["preemption"], "the lost job was requeued"
-    assert summary.faults == {"preemptions": 1, "worker_crashes": 0, "job_retries": 0}
+    assert summary.faults == {"preemptions": 1, "worker_crashes": 0, "job_retries": 0, "oom_retries": 0}
     assert (summary.points_finished, summary.points_failed) == (24, 0)
     runs = assert_each_point_finished_exactly_once(sweep_plan)
     assert {run.data.tags["runner.attempt"] for run in runs} == {"1"}, "a lost host does not use an attempt"
@@ -263,7 +263,7 @@ def test_losing_a_host_mid_sweep_requeues_its_job_and_every_point_finishes_once(
 def test_a_failing_job_fails_its_points_after_its_retries_and_the_rest_finish(failing_sweep) -> None:
     sweep_plan, summary = failing_sweep
     assert (summary.points_finished, summary.points_failed) == (16, 8)
-    assert summary.faults == {"preemptions": 0, "worker_crashes": 2, "job_retries": 2}
+    assert summary.faults == {"preemptions": 0, "worker_crashes": 2, "job_retries": 2, "oom_retries": 0}
     runs = {run.data.tags["point_key"]: run for run in child_runs(sweep_plan.config.tracking.uri)}
     assert len(runs) == 24, "one child run per point, retries included"
     for index, job in enumerate(sweep_plan.jobs):
