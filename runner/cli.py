@@ -159,15 +159,23 @@ def validate(file: ExperimentFile, set_: Overrides = None) -> None:
     if config.search is not None:
         tokens = "generated tokens in round 1"
     typer.echo(f"  {summary.grid}; {summary.tokens:,} {tokens}")
+    held = f", held as {summary.held_dtype} on {config.cluster.jax_platform()}" \
+        if summary.held_dtype != summary.dtype else ""
+    auto = " (auto: the checkpoint's stored dtype)" if config.model.dtype == "auto" else ""
+    typer.echo(f"  model dtype: {summary.dtype}{auto}{held}")
     if summary.replica is not None:
         typer.echo(f"  each of the {config.cluster.workers} slice replica(s): {summary.replica}")
     if summary.memory_bytes is None:
         typer.echo("  memory per worker: unknown until the checkpoint is read (its architecture is not published)")
     else:
         model_bytes, sae_bytes, batch_bytes = summary.memory_parts
+        rows = "generations" if config.kind == "steering" else "sequences"
         typer.echo(
-            f"  memory per worker: about {summary.memory_bytes / 2**30:.1f} GiB (model {model_bytes / 2**30:.1f} GiB, "
-            f"SAEs {sae_bytes / 2**30:.2f} GiB, one batch {batch_bytes / 2**30:.2f} GiB, plus a 25% margin)"
+            f"  memory per worker (an estimate, made without weights or compilation): about "
+            f"{summary.memory_bytes / 2**30:.1f} GiB (model {model_bytes / 2**30:.1f} GiB, SAEs "
+            f"{sae_bytes / 2**30:.2f} GiB, a batch of {summary.batch_rows} {rows} "
+            f"{batch_bytes / 2**30:.2f} GiB); each worker chooses its batch from XLA's compiled memory analysis on "
+            "its own devices"
         )
 
 
@@ -338,10 +346,11 @@ def run(
         write_text_atomically(summary_json, json.dumps(dataclasses.asdict(summary), indent=2) + "\n")
     faults = summary.faults
     if any(faults.values()):
+        oom = faults.get("oom_retries", 0)
         typer.echo(
             f"faults: {faults['preemptions']} preemption(s) and {faults['worker_crashes']} worker crash(es) "
             f"(jobs requeued), {faults['job_retries']} job retr{'y' if faults['job_retries'] == 1 else 'ies'} "
-            "after a job's own error"
+            f"after a job's own error, {oom} out-of-memory retr{'y' if oom == 1 else 'ies'} at half the batch"
         )
     if faults.get("slice_wait_s"):
         typer.echo(f"slice replicas waited {faults['slice_wait_s']} s in all for a slice after losing theirs")
@@ -492,54 +501,108 @@ def report(
 @app.command()
 def synth(
     out_dir: Annotated[Path, typer.Argument(help="Directory to write into (created).", show_default=False)],
-    preset: Annotated[str, typer.Option(help="Synthetic model preset: tiny or small.")] = "tiny",
+    preset: Annotated[str, typer.Option(help="Synthetic model preset: tiny, small, or the published Gemma2 shapes "
+                                             "gemma2-2b, gemma2-9b, gemma2-27b.")] = "tiny",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
     model_format: Annotated[
-        str, typer.Option("--format", help="Checkpoint layout: kaggle (orbax) or huggingface (safetensors).")
+        str, typer.Option("--format", help="Checkpoint layout: kaggle (orbax) or huggingface (safetensors; tiny and "
+                                           "small only).")
     ] = "kaggle",
-    target_l0: Annotated[float, typer.Option(help="Mean L0 the synthetic SAEs are calibrated to.")] = 16.0,
+    target_l0: Annotated[float | None, typer.Option(
+        help="Mean L0 the synthetic SAEs are calibrated to [default: 16; 64 for the gemma2 presets].",
+        show_default=False)] = None,
+    sae_layers: Annotated[str | None, typer.Option(
+        help="Comma-separated layers to write SAEs for [default: every layer; gemma2-2b 6,12,20, gemma2-9b 9,20,31, "
+             "gemma2-27b 10,22,34].", show_default=False)] = None,
+    sae_width: Annotated[str | None, typer.Option(
+        help="SAE width label: a Gemma Scope width (16k, 65k, ...) or a latent count [default: 4 x d_model; 16k for "
+             "the gemma2 presets].", show_default=False)] = None,
 ) -> None:
-    """Write a synthetic Gemma2 model and an SAE for every layer, for offline pipelines (`source: local`)."""
-    from runner.errors import ConfigError
-
+    """Write a synthetic Gemma2 model and SAEs in the Gemma Scope layout, for offline pipelines (`source: local`)."""
     try:
-        _check_preset(preset)
-        if model_format not in ("kaggle", "huggingface"):
-            raise ConfigError(f"--format: {model_format!r} is not allowed (allowed: kaggle, huggingface)")
-        paths = write_synthetic_bundle(out_dir, preset, seed, model_format, target_l0)
+        spec = _synth_spec(preset, model_format, sae_layers, sae_width)
+        paths = write_synthetic_bundle(out_dir, preset, seed, model_format,
+                                       target_l0 if target_l0 is not None else (64.0 if spec[1] else 16.0),
+                                       layers=spec[0], width_label=spec[1])
     except RunnerError as error:
         raise _fail(error) from None
     for name, path in paths.items():
         typer.echo(f"{name}: {path}")
 
 
-def write_synthetic_bundle(out_dir: Path, preset: str, seed: int, model_format: str, target_l0: float) -> dict:
-    """Writes `out_dir/model` (Kaggle layout), optionally `out_dir/model-hf`, and `out_dir/saes` (every layer)."""
+def _synth_spec(preset: str, model_format: str, sae_layers: str | None,
+                sae_width: str | None) -> tuple[list[int] | None, str | None]:
+    """Checks `runner synth`'s options (one line per mistake); returns the SAE layers and width label asked for
+    (None: the preset's)."""
+    from runner.errors import ConfigError
+    from runner.model import synthetic
+
+    _check_preset(preset)
+    spec = synthetic.PRESETS[preset]
+    if model_format not in ("kaggle", "huggingface"):
+        raise ConfigError(f"--format: {model_format!r} is not allowed (allowed: kaggle, huggingface)")
+    if model_format == "huggingface" and spec.architecture.vocab_size > synthetic.SYNTHETIC_PRESETS["small"].vocab_size:
+        raise ConfigError(f"--format: huggingface is not written for --preset {preset} (allowed: kaggle; huggingface "
+                          "for tiny and small)")
+    layers = None
+    if sae_layers is not None:
+        try:
+            layers = sorted({int(layer) for layer in sae_layers.split(",")})
+        except ValueError:
+            raise ConfigError(f"--sae-layers: {sae_layers!r} is not allowed (allowed: comma-separated block "
+                              "indices, e.g. 6,12,20)") from None
+        bad = [layer for layer in layers if not 0 <= layer < spec.architecture.num_layers]
+        if bad:
+            raise ConfigError(f"--sae-layers: {bad} out of range (allowed: 0..{spec.architecture.num_layers - 1})")
+    width = sae_width if sae_width is not None else spec.sae_width
+    if width is not None:
+        import pydantic
+
+        from runner.config.schema import WidthLabel
+
+        try:
+            pydantic.TypeAdapter(WidthLabel).validate_python(width)
+        except pydantic.ValidationError:
+            raise ConfigError(f"--sae-width: {width!r} is not allowed (allowed: 16k, 32k, 65k, 131k, 262k, 524k, 1m, "
+                              "or a latent count)") from None
+    return layers, width
+
+
+def write_synthetic_bundle(
+    out_dir: Path, preset: str, seed: int, model_format: str, target_l0: float, *,
+    layers: list[int] | None = None, width_label: str | None = None,
+) -> dict:
+    """Writes `out_dir/model` (Kaggle layout), optionally `out_dir/model-hf`, and `out_dir/saes`: an SAE for every
+    layer of `layers` (default: the preset's `sae_layers`) at `width_label` (default: the preset's, else 4 x the
+    model width), in the Gemma Scope layout."""
     from runner.config.schema import LocalModelConfig
     from runner.model import hf_format, synthetic
     from runner.model.loading import load_model
-    from runner.sae.sources import write_synthetic_saes
+    from runner.sae.sources import width_latents, write_synthetic_saes
 
+    spec = synthetic.PRESETS[preset]
     model_dir = synthetic.write_synthetic_model(out_dir / "model", preset, seed)
     paths = {"model": model_dir}
     loaded = load_model(LocalModelConfig(path=model_dir), cache_dir=out_dir)
     if model_format == "huggingface":
-        flat = synthetic.synthetic_flat_params(synthetic.SYNTHETIC_PRESETS[preset], seed)
+        flat = synthetic.synthetic_flat_params(spec.architecture, seed, spec.dtype)
         hf_dir = hf_format.write_hf_checkpoint(flat, loaded.architecture, out_dir / "model-hf")
         (hf_dir / "tokenizer.model").write_bytes((model_dir / "tokenizer.model").read_bytes())
         paths["model-hf"] = hf_dir
-    width = 4 * loaded.architecture.embedding_dim
+    label = width_label or spec.sae_width or str(4 * loaded.architecture.embedding_dim)
     write_synthetic_saes(
-        loaded, range(loaded.architecture.num_layers), out_dir / "saes", width=width, target_l0=target_l0, seed=seed
+        loaded, layers if layers is not None else spec.sae_layers, out_dir / "saes", width=width_latents(label),
+        target_l0=target_l0, seed=seed, width_label=label,
     )
     paths["saes"] = out_dir / "saes"
-    paths["sae width"] = width
+    paths["sae width"] = label
     return paths
 
 
 @app.command()
 def bench(
-    preset: Annotated[str, typer.Option(help="Synthetic model preset: tiny or small.")] = "small",
+    preset: Annotated[str, typer.Option(help="Synthetic model preset: tiny, small, gemma2-2b, gemma2-9b or "
+                                             "gemma2-27b (the gemma2 presets: --utilization).")] = "small",
     points: Annotated[int, typer.Option(help="Steering points to generate.")] = 64,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per point.")] = 32,
     batch_size: Annotated[int | None, typer.Option(help="Rows per batch [default: min(64, points)].")] = None,
@@ -563,17 +626,68 @@ def bench(
     tutorial: Annotated[
         bool, typer.Option(help="Also time the tutorial's loop on the --end-to-end sweep's points.")
     ] = True,
+    utilization: Annotated[
+        bool, typer.Option("--utilization", help="Tokens/s, compiled memory, peak memory and utilization of the "
+                                                 "sampler per dtype and batch size (implied by the gemma2 presets).")
+    ] = False,
+    dtypes: Annotated[str, typer.Option(help="--utilization: comma-separated dtypes.")] = "float32,bfloat16",
+    batch_sizes: Annotated[str, typer.Option(help="--utilization: comma-separated batch sizes.")] = "1,8,32",
+    model_dir: Annotated[
+        Path | None, typer.Option(help="--utilization: the preset's model as `runner synth` wrote it (OUT_DIR/model) "
+                                       "[default: written to the cache directory].", show_default=False)
+    ] = None,
+    memory_table: Annotated[
+        bool, typer.Option("--memory-table", help="The batch and memory the planner picks for Gemma2 2B/9B/27B on "
+                                                  "v5e-8, v6e-8, H100-80GB and a 24 GB CPU host, from compiled "
+                                                  "memory analyses with abstract weights.")
+    ] = False,
+    models: Annotated[str, typer.Option(help="--memory-table: comma-separated Gemma2 presets.")] = (
+        "gemma2-2b,gemma2-9b,gemma2-27b"
+    ),
 ) -> None:
-    """Benchmark runner against the Gemma Scope tutorial's loop; prints one JSON line.
+    """Benchmark runner; prints one JSON line.
 
-    Without --end-to-end: the batched sampler alone on --points synthetic points. With it: the whole `runner run`
-    of a sweep in a fresh directory and process, against the tutorial's loop on the same points.
+    Without options: the batched sampler against the Gemma Scope tutorial's loop on --points synthetic points.
+    --end-to-end: the whole `runner run` of a sweep in a fresh directory and process, against the tutorial's loop
+    on the same points. --utilization: the sampler per dtype and batch size, with the machine's measured matmul
+    rate and memory bandwidth. --memory-table: computed, not measured, batches and memory for real sizes.
     """
     import json
 
     from runner.bench.end_to_end import END_TO_END_EXPERIMENT, TRACKING_STORES, run_end_to_end
     from runner.bench.sampler import run_benchmark
     from runner.errors import ConfigError
+
+    if memory_table:
+        from runner.bench.memory_table import run_memory_table
+
+        try:
+            typer.echo(json.dumps(run_memory_table(tuple(model.strip() for model in models.split(",")))))
+        except RunnerError as error:
+            raise _fail(error) from None
+        return
+    if utilization or preset.startswith("gemma2-"):
+        from runner.bench.utilization import run_utilization
+
+        try:
+            _check_preset(preset)
+            dtype_list = [dtype.strip() for dtype in dtypes.split(",")]
+            bad = [dtype for dtype in dtype_list if dtype not in ("float32", "bfloat16")]
+            if bad:
+                raise ConfigError(f"--dtypes: {bad} not allowed (allowed: float32, bfloat16)")
+            try:
+                sizes = [int(size) for size in batch_sizes.split(",")]
+            except ValueError:
+                raise ConfigError(f"--batch-sizes: {batch_sizes!r} is not allowed (allowed: comma-separated "
+                                  "integers >= 1)") from None
+            if any(size < 1 for size in sizes) or new_tokens < 1:
+                raise ConfigError("--batch-sizes and --new-tokens must be >= 1")
+            figures = run_utilization(preset=preset, cache_dir=_cache_dir(cache_dir), dtypes=dtype_list,
+                                      batch_sizes=sizes, new_tokens=new_tokens, model_dir=model_dir)
+        except RunnerError as error:
+            raise _fail(error) from None
+        typer.echo(json.dumps(figures))
+        return
 
     if end_to_end:
         try:

@@ -29,7 +29,7 @@ from runner.plan.points import Job, Point, SteeringPoint
 from runner.plan.prepare import SweepPlan
 from runner.plan.search import CurveSearch, ScaleSamples, next_round
 from runner.redaction import redact_uri
-from runner.results import Result
+from runner.results import FailedPoint, Result
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -99,6 +99,18 @@ class SweepSummary:
     points_from_spool: int = 0
     faults: dict[str, int] = dataclasses.field(default_factory=dict)
     search: list[dict[str, object]] = dataclasses.field(default_factory=list)
+
+
+def hand_over_results(writer: TrackingWriter, job: Job, results: Sequence[Result | FailedPoint]) -> None:
+    """Queues a job's results for the tracking thread: its finished points as results, each point the worker could
+    not finish (`FailedPoint`) as a failure with its own error."""
+    finished = [(point, result) for point, result in zip(job.points, results, strict=True)
+                if not isinstance(result, FailedPoint)]
+    if finished:
+        writer.put_results([point for point, _ in finished], [result for _, result in finished])
+    for point, result in zip(job.points, results, strict=True):
+        if isinstance(result, FailedPoint):
+            writer.put_failure([point], result.error, result.attempt)
 
 
 def spool_path(output_dir: Path, sweep_id: str) -> Path:
@@ -386,10 +398,11 @@ class SweepRun:
         finished: dict[str, dict[str, float]] = {}
         round_tag = {SEARCH_ROUND_TAG: str(round_number)}
 
-        def on_result(job: Job, results: list[Result]) -> None:
+        def on_result(job: Job, results: list[Result | FailedPoint]) -> None:
             tagged = [dataclasses.replace(result, tags={**result.tags, **round_tag}) for result in results]
-            finished.update({result.point_key: dict(result.metrics) for result in tagged})
-            writer.put_results(job.points, tagged)
+            finished.update({result.point_key: dict(result.metrics) for result in tagged
+                             if not isinstance(result, FailedPoint)})
+            hand_over_results(writer, job, tagged)
 
         self._execute(points, writer, on_result)
         return finished
@@ -401,10 +414,10 @@ class SweepRun:
         Raises:
           TrackingUnavailable: The tracking thread gave up; the results not logged are in the spool.
         """
-        self._execute(remaining, writer, lambda job, results: writer.put_results(job.points, results))
+        self._execute(remaining, writer, lambda job, results: hand_over_results(writer, job, results))
 
     def _execute(self, points: Sequence[Point], writer: TrackingWriter,
-                 put_results: Callable[[Job, list[Result]], None]) -> None:
+                 put_results: Callable[[Job, list[Result | FailedPoint]], None]) -> None:
         """Runs the points' jobs on the executor, results to `put_results` (after checking the sweep's lease) and
         failures to the tracking thread (see `_run_jobs`)."""
 

@@ -7,6 +7,9 @@ Definitions: `docs/metrics.md#masking-and-aggregation` (the special-token and lo
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +20,17 @@ from runner.model.tokenizer import BOS_ID, EOS_ID, PAD_ID
 SPECIAL_TOKEN_IDS = (PAD_ID, EOS_ID, BOS_ID)
 #: Vocabulary entries processed at once by the chunked vocabulary sums.
 DEFAULT_VOCAB_CHUNK = 32768
+#: Positions (batch rows x sequence positions) whose logits over the vocabulary a teacher-forced pass holds at
+#: once (`seq_chunk_for`, `over_sequence_chunks`): at Gemma2's 256,128 rows one position's float32 logits are
+#: 1 MiB, so the chunks cost a fixed ~100 MiB whatever the batch and sequence, while each chunk's unembedding
+#: still multiplies a few dozen rows at once.
+LOGIT_POSITIONS = 32
+
+
+def seq_chunk_for(batch_size: int, seq_len: int, positions: int = LOGIT_POSITIONS) -> int:
+    """Sequence positions per chunk of a `[batch_size, seq_len]` teacher-forced pass: `positions / batch_size`,
+    at least 1 and at most `seq_len`."""
+    return max(1, min(seq_len, positions // max(batch_size, 1)))
 
 
 def special_token_mask(tokens: np.ndarray) -> np.ndarray:
@@ -52,6 +66,35 @@ def named_tokens(tokens: jax.Array) -> tuple[pz.nx.NamedArray, pz.nx.NamedArray]
         pz.nx.wrap(tokens).tag("batch", "seq"),
         pz.nx.wrap(token_positions(tokens)).tag("batch", "seq"),
     )
+
+
+def over_sequence_chunks(function: Callable[..., Any], sequences: Sequence[jax.Array], chunk: int) -> Any:
+    """`function` applied to consecutive `chunk`-position slices of `sequences` (`[B, S, ...]` arrays sharing S),
+    one slice after the other, with its outputs (`[R, chunk, ...]` each, R any leading size) written back into
+    `[R, S, ...]` arrays. When `chunk` does not divide S the last slice is shifted back to end at S (its first
+    positions are computed twice, to the same values); nothing is padded or copied.
+
+    A teacher-forced pass maps its final hidden states to logits and reduces them to per-position statistics
+    inside `function`, so `[B, S, vocabulary]` logits never exist at once.
+    """
+    length = sequences[0].shape[1]
+    chunk = min(chunk, length)
+    steps = -(-length // chunk)
+
+    def slices(start: jax.Array) -> list[jax.Array]:
+        return [jax.lax.dynamic_slice_in_dim(array, start, chunk, axis=1) for array in sequences]
+
+    shapes = jax.eval_shape(lambda: function(*slices(jnp.zeros((), jnp.int32))))
+    outputs = jax.tree.map(lambda spec: jnp.zeros((spec.shape[0], length, *spec.shape[2:]), spec.dtype), shapes)
+
+    def step(index: jax.Array, outputs: Any) -> Any:
+        start = jnp.minimum(index * chunk, length - chunk)
+        results = function(*slices(start))
+        return jax.tree.map(
+            lambda out, result: jax.lax.dynamic_update_slice_in_dim(out, result, start, axis=1), outputs, results
+        )
+
+    return jax.lax.fori_loop(0, steps, step, outputs)
 
 
 def _vocab_slices(vocab_size: int, chunk: int) -> list[slice]:

@@ -147,15 +147,25 @@ class LoweredProgram:
         self._lowered = lowered
         self._flat = flat
 
-    def compile(self) -> Callable[..., Any]:
+    def compile(self) -> CompiledProgram:
         """Compiles it (from the persistent XLA cache when enabled); returns a callable taking the arguments
         `lower` was given, in the same structure."""
-        compiled = self._lowered.compile()
-        if not self._flat:
-            return compiled
+        return CompiledProgram(self._lowered.compile(), flat=self._flat)
 
-        def call(*args: Any) -> Any:
-            return compiled(*jax.tree.leaves(args))
 
-        return call
+class CompiledProgram:
+    """A program compiled by `LoweredProgram.compile`: call it with the arguments `lower` was given; XLA's
+    `memory_analysis()` says what it needs (arguments, outputs, temporaries) on its devices."""
+
+    def __init__(self, compiled: Any, *, flat: bool):
+        self._compiled = compiled
+        self._flat = flat
+
+    def __call__(self, *args: Any) -> Any:
+        return self._compiled(*jax.tree.leaves(args)) if self._flat else self._compiled(*args)
+
+    def memory_analysis(self) -> Any:
+        """XLA's compiled memory analysis (`argument_size_in_bytes`, `output_size_in_bytes`,
+        `temp_size_in_bytes`, `alias_size_in_bytes`), per device."""
+        return self._compiled.memory_analysis()
 

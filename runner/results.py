@@ -106,4 +106,24 @@ class SAEEvalPointResult:
         return int(self.metrics.get("density/n_tokens", 0))
 
 
+@dataclasses.dataclass(frozen=True)
+class FailedPoint:
+    """A point of a job that could not be finished while the job's other points were (its result could not be
+    made: an error that would happen again). The driver logs it FAILED with the error, once, without retries.
+
+    Attributes:
+      point_key: The point's key.
+      error: What went wrong, in one line.
+      tags: Short texts about the point (MLflow tags).
+      worker: Which worker ran it.
+      attempt: The attempt of its job.
+    """
+
+    point_key: str
+    error: str
+    tags: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    worker: str = "local"
+    attempt: int = 1
+
+
 Result = PointResult | SAEEvalPointResult

@@ -193,7 +193,34 @@ def test_synth_writes_a_model_and_saes_that_a_local_sweep_runs_on(tmp_path, cach
 
 def test_synth_rejects_an_unknown_preset(tmp_path) -> None:
     code, stderr = run_cli("synth", str(tmp_path / "x"), "--preset", "huge")
-    assert code == 2 and stderr.strip() == "error: --preset: 'huge' is not allowed (allowed: tiny, small)"
+    assert code == 2 and stderr.strip() == (
+        "error: --preset: 'huge' is not allowed (allowed: tiny, small, gemma2-2b, gemma2-9b, gemma2-27b)"
+    )
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--sae-layers", "6,x"], "--sae-layers: '6,x' is not allowed (allowed: comma-separated block indices"),
+    (["--sae-layers", "3,26"], "--sae-layers: [26] out of range (allowed: 0..25)"),
+    (["--sae-width", "16q"], "--sae-width: '16q' is not allowed"),
+    (["--format", "huggingface"], "--format: huggingface is not written for --preset gemma2-2b"),
+])
+def test_synth_rejects_bad_options_before_writing_anything(tmp_path, options, message) -> None:
+    code, stderr = run_cli("synth", str(tmp_path / "x"), "--preset", "gemma2-2b", *options)
+    assert code == 2 and stderr.strip().startswith(f"error: {message}")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--utilization", "--preset", "small", "--dtypes", "float16"],
+     "--dtypes: ['float16'] not allowed (allowed: float32, bfloat16)"),
+    (["--utilization", "--preset", "small", "--batch-sizes", "1,x"], "--batch-sizes: '1,x' is not allowed"),
+    (["--utilization", "--preset", "huge"], "--preset: 'huge' is not allowed"),
+    (["--memory-table", "--models", "gemma2-2b,gemma2-3b"], "--models: ['gemma2-3b'] not allowed"),
+])
+def test_bench_rejects_bad_options_in_one_line_before_any_work(tmp_path, options, message) -> None:
+    code, stderr = run_cli("bench", "--cache-dir", str(tmp_path / "cache"), *options)
+    assert code == 2 and stderr.strip().startswith(f"error: {message}"), stderr
+    assert not (tmp_path / "cache").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -142,11 +142,17 @@ class _ModelSource(BaseModel):
         """Names the checkpoint, e.g. `kaggle:gemma2-2b` (the source and what it is within the source)."""
 
 
+#: Synthetic model sizes: two small ones and the published Gemma2 shapes (`runner.model.synthetic.PRESETS`).
+SyntheticPreset = Literal["tiny", "small", "gemma2-2b", "gemma2-9b", "gemma2-27b"]
+
+
 class SyntheticModelConfig(_ModelSource):
-    """A random Gemma2 of a preset size, written once under the cache directory (no download)."""
+    """A random Gemma2 of a preset size, written once under the cache directory (no download): `tiny` and `small`
+    in float32, or the published Gemma2 shapes (`gemma2-2b`, `gemma2-9b`, `gemma2-27b`) in bfloat16 with the padded
+    256,128-row vocabulary."""
 
     source: Literal["synthetic"] = "synthetic"
-    preset: Literal["tiny", "small"] = "tiny"
+    preset: SyntheticPreset = "tiny"
     seed: int = 0
 
     def checkpoint_name(self) -> str:
@@ -511,6 +517,9 @@ class SamplingConfig(BaseModel):
     top_k: int | None = Field(default=None, ge=1)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     batch_size: AutoOrPositive = "auto"
+    #: Never sample an id the tokenizer has no piece for (Gemma2's Kaggle checkpoints have 256,128 embedding rows
+    #: and 256,000 pieces). Off by default, so generations equal the reference implementation's.
+    exclude_unknown_tokens: bool = False
 
 
 class TrackingConfig(BaseModel):

@@ -5,8 +5,8 @@
 - `PreemptedHost`: the worker went away (actor died, node died, worker crashed, objects lost) and one of its Ray
   nodes is no longer alive.
 - `CrashedWorker`: the worker went away but its node is still alive: the job itself may have killed it.
-- `OutOfMemory`: the job raised XLA's `RESOURCE_EXHAUSTED` or Ray's `OutOfMemoryError` (`worker_died=False`), or
-  Ray's memory monitor killed the worker (`worker_died=True`).
+- `OutOfMemory`: the job raised XLA's `RESOURCE_EXHAUSTED`, runner's `DeviceOutOfMemory` or Ray's
+  `OutOfMemoryError` (`worker_died=False`), or Ray's memory monitor killed the worker (`worker_died=True`).
 - `RecurringError`: the job raised `RecurringJobError`: retrying cannot help.
 - `JobError`: anything else, the job's own error (a `RayTaskError`) or any other Ray error.
 
@@ -17,10 +17,11 @@ a job's fault: `startup_error` turns what its start-up raised into a `WorkerStar
 and carrying the first meaningful line of the cause (orbax's, sentencepiece's, XLA's), which the executor raises
 instead of failing any point.
 
-`FaultPolicy` decides the job's fate for both executors: a lost worker (a preemption, a crash, a worker killed
-for memory) sends it back to the front of the queue without using an attempt (after `max_worker_crashes` crashes
-it fails); a job error (an out-of-memory error included) is retried at the back of the queue until its attempts
-run out; a recurring error fails it at once. What happens to the worker stays with each executor.
+`FaultPolicy` decides the job's fate for every executor: a lost worker (a preemption, a crash) sends it back to
+the front of the queue without using an attempt (after `max_worker_crashes` crashes it fails); out of memory
+sends it back to the front with half the batch (the worker keeps the smaller size), down to 1, counted as an
+`oom_retry`; a job error is retried at the back of the queue until its attempts run out; a recurring error fails
+it at once. What happens to the worker stays with each executor.
 
 Ray marks a node dead only after its health checks fail (seconds), so a loss judged right after it happened can
 look like a crash: the lost nodes are kept with the task and judged again when its results come back and at the
@@ -58,9 +59,11 @@ LOST_WORKER_ERRORS: tuple[type[ray_errors.RayError], ...] = (
     ray_errors.ObjectLostError,  # OwnerDiedError, ObjectReconstructionFailedError, ...
     ray_errors.LocalRayletDiedError,
 )
-#: Tags of a point whose job lost its host to a preemption or its worker to a crash (absent: none).
+#: Tags of a point whose job lost its host to a preemption or its worker to a crash, or ran out of memory and was
+#: run again with a smaller batch (absent: none).
 TAG_PREEMPTIONS = "runner.preemptions"
 TAG_WORKER_CRASHES = "runner.worker_crashes"
+TAG_OOM_RETRIES = "runner.oom_retries"
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 #: The last line of a Python traceback that names the exception: `package.SomeError: message`.
@@ -69,6 +72,12 @@ _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\
 
 class RecurringJobError(Exception):
     """Raised by a worker's job when running it again would fail the same way: its points fail without retries."""
+
+
+class DeviceOutOfMemory(RuntimeError):
+    """Raised by a worker when a program of its batch does not fit the memory its device has now (checked before
+    the program runs, or XLA's `RESOURCE_EXHAUSTED` while it ran); the message names the model, the program, the
+    batch and the bytes needed and available."""
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -307,8 +316,9 @@ def _job_fault(cause: BaseException, node_ids: Sequence[str | None], message: st
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """Whether a job's exception says it ran out of memory: XLA's `RESOURCE_EXHAUSTED` or Ray's `OutOfMemoryError`."""
-    if isinstance(error, ray_errors.OutOfMemoryError):
+    """Whether a job's exception says it ran out of memory: XLA's `RESOURCE_EXHAUSTED`, `DeviceOutOfMemory` or
+    Ray's `OutOfMemoryError`."""
+    if isinstance(error, ray_errors.OutOfMemoryError | DeviceOutOfMemory):
         return True
     return isinstance(error, RuntimeError) and str(error).lstrip().startswith("RESOURCE_EXHAUSTED")
 
@@ -344,11 +354,15 @@ def worker_survived(fault: Fault) -> bool:
 @dataclasses.dataclass
 class Task:
     """A job waiting or running: `attempt` counts the job's own failures; `lost_on_nodes` holds the Ray node of
-    each worker the job lost (a node that died meanwhile: a preemption; one still alive: a worker crash)."""
+    each worker the job lost (a node that died meanwhile: a preemption; one still alive: a worker crash);
+    `batch_size` is the most rows a worker may run it in (None: the worker's own choice), halved on each of its
+    `oom_retries`."""
 
     job: Job
     attempt: int = 1
     lost_on_nodes: list[str | None] = dataclasses.field(default_factory=list)
+    batch_size: int | None = None
+    oom_retries: int = 0
 
 
 #: What `FaultPolicy.handle` did with a task: back to the front of the queue, to the back with an attempt used,
@@ -359,12 +373,14 @@ Decision = Literal["requeued", "retried", "failed"]
 class FaultPolicy:
     """What happens to a job after a fault, for host and slice replicas alike.
 
-    - A lost worker (`PreemptedHost`, `CrashedWorker`, `OutOfMemory` that killed the worker): the job goes back
-      to the front of the queue without using an attempt. A preemption is requeued without limit; a worker that
-      died on a node that is still alive may have been killed by the job itself, so after `max_worker_crashes`
-      such losses the job fails.
-    - The job's own error (`JobError`, `OutOfMemory` it raised): retried `max_job_retries` more times at the back
-      of the queue, then its points fail.
+    - A lost worker (`PreemptedHost`, `CrashedWorker`): the job goes back to the front of the queue without
+      using an attempt. A preemption is requeued without limit; a worker that died on a node that is still
+      alive may have been killed by the job itself, so after `max_worker_crashes` such losses the job fails.
+    - `OutOfMemory` (raised, or the worker killed for it): back to the front of the queue, without using an
+      attempt, with half the batch it ran at (`Task.batch_size`, which the executor also gives the worker for
+      its later jobs); a job that ran out of memory at a batch of 1 fails, with the message.
+    - The job's own error (`JobError`): retried `max_job_retries` more times at the back of the queue, then its
+      points fail.
     - `RecurringError`: its points fail at once.
 
     Args:
@@ -390,20 +406,27 @@ class FaultPolicy:
         self._alive_nodes = alive_nodes
         self._events: list[dict[str, str]] = []
         self.job_retries = 0
+        self.oom_retries = 0
 
-    def handle(self, task: Task, fault: Fault, worker: str) -> Decision:
-        """Requeues, retries or fails `task` after `fault` on `worker`; returns which."""
+    def handle(self, task: Task, fault: Fault, worker: str, batch_size: int | None = None,
+               memory_note: str = "") -> Decision:
+        """Requeues, retries or fails `task` after `fault` on `worker`; returns which.
+
+        Args:
+          task: The job's task.
+          fault: What happened (`classify`).
+          worker: The worker's name.
+          batch_size: The batch the worker ran the job at (for `OutOfMemory`; None: `task.batch_size`).
+          memory_note: What the worker's memory looked like (its last plan), added to an out-of-memory failure.
+        """
         match fault:
             case RecurringError(message=message):
                 self._on_failure(task.job, message, task.attempt)
                 return "failed"
             case PreemptedHost(message=message, node_id=node_id) | CrashedWorker(message=message, node_id=node_id):
                 return self._worker_lost(task, worker, node_id, message)
-            case OutOfMemory(message=message, node_id=node_id, worker_died=worker_died):
-                # No remedy of its own yet: handled as a crash of its worker, or as the job's error.
-                if worker_died:
-                    return self._worker_lost(task, worker, node_id, message)
-                return self._job_raised(task, message)
+            case OutOfMemory(message=message):
+                return self._out_of_memory(task, worker, batch_size or task.batch_size, message, memory_note)
             case JobError(message=message):
                 return self._job_raised(task, message)
             case _:
@@ -417,6 +440,19 @@ class FaultPolicy:
         self.job_retries += 1
         self._queue.append(Task(task.job, task.attempt + 1, task.lost_on_nodes))
         return "retried"
+
+    def _out_of_memory(self, task: Task, worker: str, batch_size: int | None, error: str, note: str) -> Decision:
+        if batch_size is not None and batch_size <= 1:
+            detail = f"; {note}" if note else ""
+            self._on_failure(task.job, f"out of memory at a batch of 1 on {worker}: {error}{detail}", task.attempt)
+            return "failed"
+        smaller = max(1, batch_size // 2) if batch_size is not None else 1
+        _log.warning("job %s ran out of memory on %s at a batch of %s; running it again at %d: %s",
+                     task.job.job_id, worker, batch_size, smaller, error)
+        task.batch_size, task.oom_retries = smaller, task.oom_retries + 1
+        self.oom_retries += 1
+        self._queue.appendleft(task)
+        return "requeued"
 
     def _worker_lost(self, task: Task, worker: str, node_id: str | None, error: str) -> Decision:
         self._events.append({"job_id": task.job.job_id, "worker": worker, "node_id": node_id or "", "error": error})
@@ -436,24 +472,31 @@ class FaultPolicy:
         return [{**event, "kind": kind} for event, kind in zip(self._events, kinds, strict=True)]
 
 
-def fault_counts(events: Sequence[Mapping[str, str]], job_retries: int) -> dict[str, int]:
-    """`preemptions`, `worker_crashes` and `job_retries` from classified lost-worker events."""
+def fault_counts(events: Sequence[Mapping[str, str]], job_retries: int, oom_retries: int = 0) -> dict[str, int]:
+    """`preemptions`, `worker_crashes`, `job_retries` and `oom_retries` from classified lost-worker events and the
+    policy's counts."""
     kinds = [event["kind"] for event in events]
     return {"preemptions": kinds.count(PreemptedHost.kind), "worker_crashes": kinds.count(CrashedWorker.kind),
-            "job_retries": job_retries}
+            "job_retries": job_retries, "oom_retries": oom_retries}
 
 
 def with_fault_tags(
     results: list[Result],
     lost_on_nodes: Sequence[str | None],
     alive_nodes: AliveNodes = alive_ray_nodes,
+    oom_retries: int = 0,
 ) -> list[Result]:
-    """Stamps `runner.preemptions` / `runner.worker_crashes` on the results of a job that lost workers."""
-    if not lost_on_nodes:
+    """Stamps `runner.preemptions` / `runner.worker_crashes` on the results of a job that lost workers, and
+    `runner.oom_retries` on those of a job run again with a smaller batch."""
+    tags: dict[str, str] = {}
+    if lost_on_nodes:
+        kinds = fault_kinds(lost_on_nodes, alive_nodes)
+        tags = {TAG_PREEMPTIONS: str(kinds.count(PreemptedHost.kind)),
+                TAG_WORKER_CRASHES: str(kinds.count(CrashedWorker.kind))}
+    if oom_retries:
+        tags[TAG_OOM_RETRIES] = str(oom_retries)
+    if not tags:
         return results
-    kinds = fault_kinds(lost_on_nodes, alive_nodes)
-    tags = {TAG_PREEMPTIONS: str(kinds.count(PreemptedHost.kind)),
-            TAG_WORKER_CRASHES: str(kinds.count(CrashedWorker.kind))}
     return [dataclasses.replace(result, tags={**result.tags, **tags}) for result in results]
 
 

@@ -45,8 +45,8 @@ class WorkerPlatformError(RunnerError):
     """A worker's JAX did not get the platform the cluster config asks for."""
 
 
-class WorkerInfo(TypedDict):
-    """Where a worker runs."""
+class WorkerInfo(TypedDict, total=False):
+    """Where a worker runs, and the batch it chose with what it expects of memory (`memory`: one line)."""
 
     name: str
     hostname: str
@@ -54,6 +54,8 @@ class WorkerInfo(TypedDict):
     pid: int
     platform: str
     device_count: int
+    batch_size: int
+    memory: str
 
 
 def processes_holding(path: Path) -> list[int]:
@@ -215,12 +217,15 @@ class HostWorker:
             pid=os.getpid(),
             platform=self.platform,
             device_count=self.device_count,
+            batch_size=self._worker.batch_size,
+            memory=self._worker.memory_note,
         )
 
-    def run_job(self, job: Job, attempt: int) -> list[Result]:
-        """Runs one job; every result names this worker and the attempt."""
+    def run_job(self, job: Job, attempt: int, batch_size: int | None = None) -> list[Result]:
+        """Runs one job (in batches of at most `batch_size`, which the worker keeps for later jobs); every result
+        names this worker and the attempt."""
         self._started()
-        results = self._worker.run_job(job, attempt)
+        results = self._worker.run_job(job, attempt, batch_size)
         return [dataclasses.replace(result, worker=self.name, attempt=attempt) for result in results]
 
     def compilations(self) -> int:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runner.execution.executor import FailureCallback, ResultCallback
+from runner.execution.faults import FaultPolicy, Task, classify, fault_counts, with_fault_tags
 from runner.plan.points import Job
 
 if TYPE_CHECKING:
@@ -16,13 +18,15 @@ if TYPE_CHECKING:
 
 class LocalExecutor:
     """Runs jobs in this process on one worker of the sweep's kind (built on first use, or `worker`: one already
-    built for the same model, SAEs and shapes, e.g. from an earlier sweep); a job's error fails its points.
+    built for the same model, SAEs and shapes, e.g. from an earlier sweep). A job's error fails its points; a job
+    that runs out of memory runs again at half the batch (`runner.execution.faults.FaultPolicy`).
     A `runner.execution.executor.JobExecutor`."""
 
     def __init__(self, sweep_plan: SweepPlan, cache_dir: Path, worker: SteeringWorker | SAEEvalWorker | None = None):
         self._plan = sweep_plan
         self._cache_dir = cache_dir
         self._worker = worker
+        self._oom_retries = 0
 
     @property
     def worker(self) -> SteeringWorker | SAEEvalWorker | None:
@@ -35,8 +39,8 @@ class LocalExecutor:
         return self._worker.compilations if self._worker is not None else 0
 
     def fault_counts(self) -> dict[str, int]:
-        """No host to lose, and no retries: a job's error fails its points at once."""
-        return {"preemptions": 0, "worker_crashes": 0, "job_retries": 0}
+        """No host to lose, and no retries of a job's own error; out-of-memory retries of the last run."""
+        return fault_counts([], 0, self._oom_retries)
 
     def start(self) -> None:
         """Nothing to start ahead: the worker is built by the first `run` that has jobs (a resumed sweep with
@@ -54,10 +58,16 @@ class LocalExecutor:
         if self._worker is None and jobs:
             worker_class = worker_class_for(self._plan.config.kind)
             self._worker = worker_class(**self._plan.worker_args(), cache_dir=self._cache_dir)
-        for job in jobs:
+        queue: collections.deque[Task] = collections.deque(Task(job) for job in jobs)
+        policy = FaultPolicy(0, 1, queue, on_failure, alive_nodes=set)
+        while queue:
+            task = queue.popleft()
+            batch_size = self._worker.batch_size if task.batch_size is None else min(task.batch_size,
+                                                                                     self._worker.batch_size)
             try:
-                results = self._worker.run_job(job)
-            except Exception as error:  # noqa: BLE001 - the job's own error: its points fail, the sweep goes on
-                on_failure(job, f"{type(error).__name__}: {error}", 1)
+                results = self._worker.run_job(task.job, task.attempt, task.batch_size)
+            except Exception as error:  # noqa: BLE001 - the job's own error: classified, its points fail or it reruns
+                policy.handle(task, classify(error, [None], set), "local", batch_size, self._worker.memory_note)
             else:
-                on_result(job, results)
+                on_result(task.job, with_fault_tags(results, [], oom_retries=task.oom_retries))
+        self._oom_retries = policy.oom_retries

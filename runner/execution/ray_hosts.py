@@ -37,6 +37,7 @@ from runner.errors import RunnerError
 from runner.execution.executor import FailureCallback, ResultCallback
 from runner.execution.faults import (
     FaultPolicy,
+    OutOfMemory,
     Task,
     WorkerStartupError,
     classify,
@@ -79,6 +80,15 @@ class _Slot:
     node_id: str | None = None
     startup_error: WorkerStartupError | None = None
     startup_error_reported: bool = False
+    #: The worker's own batch (its last probe) and the most it may use after running out of memory (None: no cap).
+    batch_size: int | None = None
+    batch_cap: int | None = None
+    memory_note: str = ""
+
+    def batch_for(self, task: Task) -> int | None:
+        """The batch the worker runs `task` at: its own, capped by the task's and this slot's caps."""
+        sizes = [size for size in (self.batch_size, self.batch_cap, task.batch_size) if size is not None]
+        return min(sizes) if sizes else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +152,7 @@ class RayExecutor:
         self._lost_host_events: list[dict[str, str]] = []
         self._workers_seen: list[WorkerInfo] = []
         self._job_retries = 0
+        self._oom_retries = 0
         self._slots: list[_Slot] | None = None
         self._owns_ray = False
         self._local_ray: LocalRayWatch | None = None
@@ -161,7 +172,7 @@ class RayExecutor:
     def fault_counts(self) -> dict[str, int]:
         """How often jobs lost their host to preemption, lost their worker to a crash, and were retried after
         their own error, in the last run."""
-        return fault_counts(self._lost_host_events, self._job_retries)
+        return fault_counts(self._lost_host_events, self._job_retries, self._oom_retries)
 
     @property
     def workers_seen(self) -> list[WorkerInfo]:
@@ -221,6 +232,7 @@ class RayExecutor:
         finally:
             self._lost_host_events = controller.faults.classified_events()
             self._job_retries = controller.faults.job_retries
+            self._oom_retries = controller.faults.oom_retries
 
     def close(self) -> None:
         """Kills the workers and leaves Ray (shutting down a local Ray this executor started)."""
@@ -365,6 +377,7 @@ class _Controller:
             self._probe_later(slot)
         else:
             slot.state, slot.failed_probes, slot.node_id = "idle", 0, info["node_id"]
+            slot.batch_size, slot.memory_note = info.get("batch_size"), info.get("memory", "")
             self._on_worker_ready(info)
             _log.info("worker ready: %s", info)
 
@@ -385,7 +398,8 @@ class _Controller:
             if slot.state == "idle":
                 task = self._queue.popleft()
                 slot.state = "busy"
-                self._in_flight[slot.actor.run_job.remote(task.job, task.attempt)] = (slot, task)
+                cap = min((size for size in (task.batch_size, slot.batch_cap) if size is not None), default=None)
+                self._in_flight[slot.actor.run_job.remote(task.job, task.attempt, cap)] = (slot, task)
 
     def _job_returned(self, slot: _Slot, task: Task, ref: ray.ObjectRef) -> None:
         try:
@@ -400,11 +414,13 @@ class _Controller:
                     self._drop(slot)
                 else:
                     self._probe(slot)
-            self.faults.handle(task, fault, slot.name)
+            self.faults.handle(task, fault, slot.name, slot.batch_for(task), slot.memory_note)
+            if isinstance(fault, OutOfMemory):
+                slot.batch_cap = task.batch_size  # the worker (or its restart) keeps the smaller batch
         else:
             slot.state = "idle"
             self._dispatch()  # keep the worker busy while this thread hands the results over
-            self._on_result(task.job, with_fault_tags(results, task.lost_on_nodes))
+            self._on_result(task.job, with_fault_tags(results, task.lost_on_nodes, oom_retries=task.oom_retries))
 
     def _report_startup_failures(self) -> None:
         """Warns, once per worker, of the workers that could not start while others run the sweep."""

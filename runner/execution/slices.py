@@ -52,6 +52,7 @@ from runner.config.schema import ClusterConfig
 from runner.execution.executor import FailureCallback, ResultCallback
 from runner.execution.faults import (
     FaultPolicy,
+    OutOfMemory,
     PreemptedHost,
     Task,
     WorkerStartupError,
@@ -190,13 +191,16 @@ class SliceHostWorker:
             platform=platform,
             device_count=devices,
             local_device_count=jax.local_device_count(),
+            batch_size=self._worker.batch_size,
+            memory=self._worker.memory_note,
         )
 
-    def run_job(self, job: Job, attempt: int) -> list[Result]:
-        """Runs `job` with the other members; process 0 returns the results, the others nothing."""
+    def run_job(self, job: Job, attempt: int, batch_size: int | None = None) -> list[Result]:
+        """Runs `job` with the other members (in batches of at most `batch_size`, kept for later jobs); process 0
+        returns the results, the others nothing."""
         import jax
 
-        results = self._worker.run_job(job, attempt)
+        results = self._worker.run_job(job, attempt, batch_size)
         if jax.process_index() != 0:
             return []
         replica = self.name.split("/", 1)[0]
@@ -358,6 +362,7 @@ class _Gang:
         self.start_failures = 0
         self.last_error = ""
         self.startup_error: WorkerStartupError | None = None
+        self.batch_cap: int | None = None  # after running out of memory: the most rows its (rebuilt) members use
         self.lost_at: float | None = None  # when it lost its slice, until it has one again
         self.waiting_since = time.monotonic()
         self.last_wait_log = time.monotonic()
@@ -390,7 +395,8 @@ class _Gang:
     def submit(self, task: Task) -> None:
         """Sends the same job to every member."""
         self.task, self.results, self.errors, self.state = task, {}, [], "busy"
-        self.refs = [member.run_job.remote(task.job, task.attempt) for member in self.members]
+        cap = min((size for size in (task.batch_size, self.batch_cap) if size is not None), default=None)
+        self.refs = [member.run_job.remote(task.job, task.attempt, cap) for member in self.members]
         self.pending = set(self.refs)
 
     def failed(self, error: BaseException) -> None:
@@ -431,6 +437,12 @@ class _Gang:
         """The Ray nodes of the gang: its reservation's bundles, else where its members last ran."""
         return list(self.reservation.node_ids) or [info["node_id"] for info in self.infos] or [None]
 
+    def batch_for(self, task: Task) -> int | None:
+        """The batch its members run `task` at: their own (from their last start), capped by the caps."""
+        own = self.infos[0].get("batch_size") if self.infos else None
+        sizes = [size for size in (own, self.batch_cap, task.batch_size) if size is not None]
+        return min(sizes) if sizes else None
+
 
 class SliceExecutor:
     """Runs a sweep's jobs on `cluster.workers` slice replicas (a `runner.execution.executor.JobExecutor`).
@@ -454,6 +466,7 @@ class SliceExecutor:
         self._events: list[dict[str, str]] = []
         self._job_retries = 0
         self._slice_wait_s = 0.0
+        self._oom_retries = 0
         self._faults: FaultPolicy | None = None
         self._gangs: list[_Gang] | None = None
         self._owns_ray = False
@@ -470,9 +483,10 @@ class SliceExecutor:
         return list(self._events)
 
     def fault_counts(self) -> dict[str, int]:
-        """`preemptions`, `worker_crashes` and `job_retries` of the last run, and `slice_wait_s`: the seconds
-        replicas spent without a slice after losing theirs."""
-        return {**fault_counts(self._events, self._job_retries), "slice_wait_s": round(self._slice_wait_s)}
+        """`preemptions`, `worker_crashes`, `job_retries` and `oom_retries` of the last run, and `slice_wait_s`: the
+        seconds replicas spent without a slice after losing theirs."""
+        return {**fault_counts(self._events, self._job_retries, self._oom_retries),
+                "slice_wait_s": round(self._slice_wait_s)}
 
     def start(self) -> None:
         """Fits the synthetic SAEs, starts (or joins) Ray and begins reserving every replica's slice; does nothing
@@ -514,6 +528,7 @@ class SliceExecutor:
             self._events, self._job_retries = self._faults.classified_events(), self._faults.job_retries
             now = time.monotonic()
             self._slice_wait_s += sum(now - gang.lost_at for gang in self._gangs or [] if gang.lost_at is not None)
+            self._oom_retries = self._faults.oom_retries
 
     def close(self) -> None:
         """Leaves `jax.distributed` on every replica, kills them, gives their slices back and leaves Ray."""
@@ -592,7 +607,7 @@ class SliceExecutor:
             return
         task, gang.task, gang.state, gang.refs = gang.task, None, "idle", []
         results = cast(list[Result], values[0])  # rank 0 is process 0: it reports
-        on_result(task.job, with_fault_tags(results, task.lost_on_nodes))
+        on_result(task.job, with_fault_tags(results, task.lost_on_nodes, oom_retries=task.oom_retries))
 
     def _gang_failed(self, gang: _Gang) -> None:
         """Judges a settled gang's fault, hands its job to the fault policy and sends the gang to be rebuilt."""
@@ -603,7 +618,10 @@ class SliceExecutor:
         gang.kill()
         _log.warning("slice replica %s failed (%s): %s", gang.name, type(fault).__name__, gang.last_error)
         if task is not None:
-            self._faults.handle(task, fault, gang.name)
+            memory_note = gang.infos[0].get("memory", "") if gang.infos else ""
+            self._faults.handle(task, fault, gang.name, gang.batch_for(task), memory_note)
+            if isinstance(fault, OutOfMemory):
+                gang.batch_cap = task.batch_size
         preempted = isinstance(fault, PreemptedHost)
         if preempted:
             gang.reservation.release()  # a replacement slice has another name: reserve anew

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-import jax.numpy as jnp
 from jax.typing import DTypeLike
 from penzai.models.transformer.variants import llamalike_common
 
@@ -238,7 +237,3 @@ def published_architecture(name: str) -> Gemma2Architecture | None:
     arch = PUBLISHED[size]
     return dataclasses.replace(arch, vocab_size=256_000) if name.startswith("google/") else arch
 
-
-def default_parameter_dtype(is_synthetic: bool) -> DTypeLike:
-    """bf16 for real checkpoints, fp32 for synthetic presets."""
-    return jnp.float32 if is_synthetic else jnp.bfloat16

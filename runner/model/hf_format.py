@@ -94,6 +94,23 @@ def read_hf_checkpoint(directory: Path) -> tuple[FlatParams, dict[str, Any]]:
     return flat, architecture_overrides(config, source=str(directory / CONFIG_FILE_NAME))
 
 
+#: safetensors' dtype names of the dtypes runner loads.
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def stored_dtype(directory: Path) -> str:
+    """The dtype of a checkpoint's weights (`float32`, `bfloat16`, ...), from a safetensors header: no weights
+    are read."""
+    directory = Path(directory)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    file_name = _tensor_files(directory).get(name)
+    if file_name is None:
+        raise CheckpointError(f"{directory}: missing tensor {name}")
+    with safe_open(str(directory / file_name), framework="numpy") as handle:
+        stored = handle.get_slice(name).get_dtype()
+    return _SAFETENSORS_DTYPES.get(stored, stored.lower())
+
+
 def _read_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_FILE_NAME
     try:

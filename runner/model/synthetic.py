@@ -1,62 +1,115 @@
-"""Synthetic Gemma2 checkpoints in the Kaggle/Flax on-disk layout, for tests and offline smoke runs.
+"""Synthetic Gemma2 checkpoints in the Kaggle/Flax on-disk layout, for tests, offline smoke runs and rehearsals of
+the published sizes.
 
 A model directory looks exactly like a Kaggle Gemma2 Flax download::
 
-    out_dir/tokenizer.model           sentencepiece BPE trained on the bundled corpus
+    out_dir/tokenizer.model           sentencepiece BPE trained on bundled text
     out_dir/synthetic-<preset>/       orbax PyTreeCheckpointer checkpoint of the flat parameter dict
-    out_dir/runner_synthetic.json     marker: preset, seed and architecture (written last)
+    out_dir/runner_synthetic.json     marker: preset, seed, stored dtype and architecture (written last)
 
 The marker also carries what shapes cannot say (the sliding window), see `synthetic_architecture`.
+
+Presets (`PRESETS`): `tiny` and `small` (float32, a tokenizer with one piece per embedding row), and the published
+Gemma2 shapes `gemma2-2b`, `gemma2-9b`, `gemma2-27b` (bfloat16 like the Kaggle checkpoints, the padded 256,128-row
+embedding, and a tokenizer of 256,000 pieces like Gemma's: 16,384 trained on the bundled text, the rest filler
+pieces `<synthetic-N>`, so ids 256,000-256,127 have no piece, exactly as in the real checkpoints). Weights are
+generated and written one tensor at a time in the stored dtype: no float32 copy of the whole model is ever made.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
 from runner.errors import CheckpointError
-from runner.model.architecture import Gemma2Architecture
-from runner.model.tokenizer import CORPUS_PATH, train_sentencepiece
+from runner.model.architecture import PUBLISHED, Gemma2Architecture
+from runner.model.tokenizer import CORPUS_PATH, EVAL_TEXT_PATH, pad_sentencepiece, train_sentencepiece
 
 TOKENIZER_FILE_NAME = "tokenizer.model"
 MARKER_FILE_NAME = "runner_synthetic.json"
 
-SYNTHETIC_PRESETS: dict[str, Gemma2Architecture] = {
-    "tiny": Gemma2Architecture(
-        num_layers=4,
-        embedding_dim=64,
-        num_query_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        mlp_hidden_dim=128,
-        vocab_size=512,
-        gating_is_d_by_f=True,
-        sliding_window=8,
-    ),
-    "small": Gemma2Architecture(
-        num_layers=4,
-        embedding_dim=256,
-        num_query_heads=4,
-        num_kv_heads=2,
-        head_dim=64,
-        mlp_hidden_dim=1024,
-        vocab_size=4096,
-        gating_is_d_by_f=True,
-        sliding_window=32,
-    ),
+_TINY = Gemma2Architecture(
+    num_layers=4,
+    embedding_dim=64,
+    num_query_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    mlp_hidden_dim=128,
+    vocab_size=512,
+    gating_is_d_by_f=True,
+    sliding_window=8,
+)
+_SMALL = Gemma2Architecture(
+    num_layers=4,
+    embedding_dim=256,
+    num_query_heads=4,
+    num_kv_heads=2,
+    head_dim=64,
+    mlp_hidden_dim=1024,
+    vocab_size=4096,
+    gating_is_d_by_f=True,
+    sliding_window=32,
+)
+#: Pieces of Gemma's tokenizer (the Kaggle embedding has 256,128 rows: 128 ids without a piece).
+GEMMA_TOKENIZER_PIECES = 256_000
+#: Pieces trained on the bundled evaluation text for the published-size presets (the rest are filler pieces).
+_TRAINED_PIECES = 16_384
+#: Tokenizers up to this size are trained on the small bundled corpus (as `tiny` and `small` always were).
+_CORPUS_MAX_PIECES = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticPreset:
+    """A synthetic model size and how its checkpoint is written.
+
+    Attributes:
+      architecture: The shapes.
+      dtype: The stored dtype of the weights (`float32` or `bfloat16`): what `dtype: auto` loads.
+      tokenizer_pieces: Pieces of its tokenizer; fewer than `architecture.vocab_size` leaves ids without a piece.
+      trained_pieces: Of those, the pieces trained on bundled text (the rest are filler pieces).
+      sae_layers: The layers `runner synth` writes SAEs for unless told otherwise.
+      sae_width: The width label of those SAEs (`16k`: Gemma Scope's 16,384 latents); None: 4 x the model width.
+    """
+
+    architecture: Gemma2Architecture
+    dtype: str
+    tokenizer_pieces: int
+    trained_pieces: int
+    sae_layers: tuple[int, ...]
+    sae_width: str | None = None
+
+
+PRESETS: dict[str, SyntheticPreset] = {
+    "tiny": SyntheticPreset(_TINY, "float32", 512, 512, tuple(range(_TINY.num_layers))),
+    "small": SyntheticPreset(_SMALL, "float32", 4096, 4096, tuple(range(_SMALL.num_layers))),
+    # Gemma Scope's most used layers of each size (2B: every layer exists; 27B's residual release has 10/22/34).
+    "gemma2-2b": SyntheticPreset(PUBLISHED["gemma2-2b"], "bfloat16", GEMMA_TOKENIZER_PIECES, _TRAINED_PIECES,
+                                 (6, 12, 20), "16k"),
+    "gemma2-9b": SyntheticPreset(PUBLISHED["gemma2-9b"], "bfloat16", GEMMA_TOKENIZER_PIECES, _TRAINED_PIECES,
+                                 (9, 20, 31), "16k"),
+    "gemma2-27b": SyntheticPreset(PUBLISHED["gemma2-27b"], "bfloat16", GEMMA_TOKENIZER_PIECES, _TRAINED_PIECES,
+                                  (10, 22, 34), "16k"),
 }
+#: The architecture of every preset.
+SYNTHETIC_PRESETS: dict[str, Gemma2Architecture] = {name: preset.architecture for name, preset in PRESETS.items()}
 
 # Files that only an orbax checkpoint directory holds (ocdbt and older msgpack layouts).
 _ORBAX_MARKER_FILES = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
 
 #: Bump when the weights or tokenizer written for a given preset and seed change, so old models are not reused.
 _GENERATOR_VERSION = 1
+
+#: Elements drawn at once when writing bfloat16 (a float32 block of 64 MiB).
+_DRAW_BLOCK_ELEMENTS = 16 * 2**20
 
 _NORM_SCALE_STD = 0.1
 _EMBEDDING_RMS = 0.1
@@ -68,8 +121,15 @@ def checkpoint_name(preset: str) -> str:
     return f"synthetic-{preset}"
 
 
-def synthetic_flat_params(arch: Gemma2Architecture, seed: int) -> dict[str, dict[str, np.ndarray]]:
-    """Deterministic random fp32 weights in the flat Kaggle layout of `arch`.
+def synthetic_tensors(
+    arch: Gemma2Architecture,
+    seed: int,
+    dtype: str = "float32",
+    allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray] = np.empty,
+) -> Iterator[tuple[str, str, np.ndarray]]:
+    """Deterministic random weights in the flat Kaggle layout of `arch`, one `(key, leaf, array)` at a time, in
+    `dtype` (`float32`, or `bfloat16` rounded from the same float32 draws), each drawn into an array that
+    `allocate(shape, dtype)` makes (e.g. a memory-mapped file).
 
     Projections are normal with std 1/sqrt(fan_in), so every block output is O(1); norm scales are small
     around 0 (Gemma applies `1 + scale`). Two choices keep greedy decoding from looping on one token:
@@ -78,13 +138,29 @@ def synthetic_flat_params(arch: Gemma2Architecture, seed: int) -> dict[str, dict
       std 1 puts the current token in the residual stream with a norm of D and the model predicts it again. The
       embedding std is 0.1/sqrt(D): embedded tokens have RMS 0.1 and the blocks (pre-normed) shape the output.
     - The final norm scale sits around 9 (multiplier 10) so that the logits still have std ~1.
+
+    Large tensors are drawn in row blocks, so no float32 copy of a whole bfloat16 tensor exists either.
     """
     rng = np.random.Generator(np.random.PCG64(seed))
-    params: dict[str, dict[str, np.ndarray]] = {}
+    out_dtype = _numpy_dtype(dtype)
     for key, leaf, shape in arch.expected_shapes():
-        values = rng.standard_normal(shape, dtype=np.float32) * np.float32(_init_std(arch, key, leaf))
-        if key == "transformer/final_norm":
-            values += np.float32(_FINAL_NORM_SCALE_MEAN)
+        std = np.float32(_init_std(arch, key, leaf))
+        offset = np.float32(_FINAL_NORM_SCALE_MEAN if key == "transformer/final_norm" else 0.0)
+        values = allocate(shape, out_dtype)
+        rows_of = values.reshape(shape[0], -1)
+        block_rows = max(1, _DRAW_BLOCK_ELEMENTS // max(rows_of.shape[1], 1))
+        for start in range(0, shape[0], block_rows):
+            block = rng.standard_normal(rows_of[start : start + block_rows].shape, dtype=np.float32) * std + offset
+            rows_of[start : start + block_rows] = block.astype(out_dtype)
+        yield key, leaf, values
+
+
+def synthetic_flat_params(
+    arch: Gemma2Architecture, seed: int, dtype: str = "float32"
+) -> dict[str, dict[str, np.ndarray]]:
+    """Every tensor of `synthetic_tensors` in one flat dict (for small models and tests)."""
+    params: dict[str, dict[str, np.ndarray]] = {}
+    for key, leaf, values in synthetic_tensors(arch, seed, dtype):
         params.setdefault(key, {})[leaf] = values
     return params
 
@@ -101,14 +177,21 @@ def _init_std(arch: Gemma2Architecture, key: str, leaf: str) -> float:
     return fan_in**-0.5
 
 
+#: Gigabytes orbax moves at once when writing or reading a checkpoint (its default lets it hold a copy of the
+#: whole model while it writes).
+ORBAX_CONCURRENT_GB = 1
+
+
 def write_kaggle_checkpoint(flat_params: dict[str, dict[str, np.ndarray]], checkpoint_dir: Path) -> None:
-    """Saves `flat_params` with orbax as a Kaggle Gemma2 Flax checkpoint does.
+    """Saves `flat_params` with orbax as a Kaggle Gemma2 Flax checkpoint does, `ORBAX_CONCURRENT_GB` at a time.
 
     `PyTreeCheckpointer().restore(checkpoint_dir)` returns the same flat dict: orbax keeps the "/" in keys such
     as "transformer/layer_0/attn/q_einsum" as one dict key (the arrays are stored as
     "transformer/layer_0/attn/q_einsum.w"), like the published checkpoints. `checkpoint_dir` must not exist.
     """
-    ocp.PyTreeCheckpointer().save(Path(checkpoint_dir).absolute(), flat_params)
+    handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=ORBAX_CONCURRENT_GB)
+    with ocp.Checkpointer(handler) as checkpointer:
+        checkpointer.save(Path(checkpoint_dir).absolute(), flat_params)
 
 
 def write_synthetic_model(out_dir: Path, preset: str, seed: int = 0) -> Path:
@@ -121,8 +204,8 @@ def write_synthetic_model(out_dir: Path, preset: str, seed: int = 0) -> Path:
       CheckpointError: `preset` is unknown, or `out_dir` holds something else.
     """
     out_dir = Path(out_dir).absolute()
-    if preset not in SYNTHETIC_PRESETS:
-        raise CheckpointError(f"unknown synthetic preset {preset!r}; choose from {sorted(SYNTHETIC_PRESETS)}")
+    if preset not in PRESETS:
+        raise CheckpointError(f"unknown synthetic preset {preset!r}; choose from {sorted(PRESETS)}")
     marker = _marker(preset, seed)
     if _holds_model(out_dir, marker):
         return out_dir
@@ -145,18 +228,63 @@ def write_synthetic_model(out_dir: Path, preset: str, seed: int = 0) -> Path:
 
 
 def _write_model_files(model_dir: Path, preset: str, seed: int, marker: dict) -> None:
-    arch = SYNTHETIC_PRESETS[preset]
-    corpus_lines = CORPUS_PATH.read_text(encoding="utf-8").splitlines()
-    train_sentencepiece(corpus_lines, arch.vocab_size, model_dir / TOKENIZER_FILE_NAME)
-    write_kaggle_checkpoint(synthetic_flat_params(arch, seed), model_dir / checkpoint_name(preset))
+    spec = PRESETS[preset]
+    write_synthetic_tokenizer(spec, model_dir / TOKENIZER_FILE_NAME)
+    if spec.architecture.parameter_count() * np.dtype(_numpy_dtype(spec.dtype)).itemsize < _IN_MEMORY_BYTES:
+        flat = synthetic_flat_params(spec.architecture, seed, spec.dtype)
+        write_kaggle_checkpoint(flat, model_dir / checkpoint_name(preset))
+    else:
+        scratch = model_dir / ".tensors"
+        try:
+            write_kaggle_checkpoint(_tensors_on_disk(spec, seed, scratch), model_dir / checkpoint_name(preset))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     (model_dir / MARKER_FILE_NAME).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
 
 
+#: Models smaller than this are generated in memory; larger ones tensor by tensor into files orbax then reads.
+_IN_MEMORY_BYTES = 2**30
+
+
+def _numpy_dtype(dtype: str) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
+
+
+def _tensors_on_disk(spec: SyntheticPreset, seed: int, scratch: Path) -> dict[str, dict[str, np.ndarray]]:
+    """The preset's weights as memory-mapped files under `scratch`, each written as it is drawn: the process holds
+    one draw block at a time, and the pages are the file system's to evict."""
+    scratch.mkdir(parents=True)
+    files = iter(scratch / f"{index}.npy" for index in itertools.count())
+
+    def allocate(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        return np.lib.format.open_memmap(next(files), mode="w+", dtype=dtype, shape=shape)
+
+    flat: dict[str, dict[str, np.ndarray]] = {}
+    for key, leaf, values in synthetic_tensors(spec.architecture, seed, spec.dtype, allocate):
+        values.flush()
+        flat.setdefault(key, {})[leaf] = np.load(values.filename, mmap_mode="r", allow_pickle=False)
+        del values
+    return flat
+
+
+def write_synthetic_tokenizer(spec: SyntheticPreset, path: Path) -> Path:
+    """The preset's tokenizer: `trained_pieces` trained on the bundled corpus (the evaluation text for the large
+    presets, which the small corpus cannot fill), padded with filler pieces up to `tokenizer_pieces`."""
+    text = CORPUS_PATH if spec.trained_pieces <= _CORPUS_MAX_PIECES else EVAL_TEXT_PATH
+    train_sentencepiece(text.read_text(encoding="utf-8").splitlines(), spec.trained_pieces, path)
+    if spec.tokenizer_pieces > spec.trained_pieces:
+        pad_sentencepiece(path, spec.tokenizer_pieces)
+    return path
+
+
 def _marker(preset: str, seed: int) -> dict:
+    spec = PRESETS[preset]
     return {
         "preset": preset,
         "seed": seed,
-        "arch": dataclasses.asdict(SYNTHETIC_PRESETS[preset]),
+        "arch": dataclasses.asdict(spec.architecture),
+        "dtype": spec.dtype,
+        "tokenizer_pieces": spec.tokenizer_pieces,
         "version": _GENERATOR_VERSION,
     }
 

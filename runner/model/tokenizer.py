@@ -23,6 +23,9 @@ UNK_ID = 3
 
 #: Bundled public-domain and original English prose: trains synthetic tokenizers, serves as evaluation text.
 CORPUS_PATH = Path(__file__).resolve().parents[1] / "data" / "corpus.txt"
+#: The bundled evaluation text (570 KB, `runner/data/EVAL_TEXT_SOURCES.md`): large enough to train the 16,384
+#: pieces of the published-size synthetic tokenizers.
+EVAL_TEXT_PATH = Path(__file__).resolve().parents[1] / "data" / "eval_text.txt"
 
 #: The 256 `<0xNN>` byte pieces plus pad, eos, bos and unk.
 MIN_VOCAB_SIZE = 256 + 4
@@ -113,11 +116,54 @@ def load_tokenizer(path: Path) -> gm.text.Gemma2Tokenizer:
     return tokenizer
 
 
+def pad_sentencepiece(path: Path, pieces: int) -> Path:
+    """Appends filler pieces `<synthetic-N>` (user-defined symbols, never produced from ordinary text) to the
+    sentencepiece model at `path` until it has `pieces` pieces, as Gemma's 256,000-piece tokenizer has far more
+    pieces than any text bundled here could train; rewrites the file atomically."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(Path(path).read_bytes())
+    lowest = min((piece.score for piece in model.pieces), default=0.0)
+    for index in range(len(model.pieces), pieces):
+        piece = model.pieces.add()
+        piece.piece = f"<synthetic-{index}>"
+        piece.score = lowest - 1.0
+        piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+    write_bytes_atomically(Path(path), model.SerializeToString())
+    return Path(path)
+
+
 def encode_prompt(tokenizer: gm.text.Tokenizer, text: str) -> list[int]:
     """Token ids of `text` with BOS first, as plain Python ints."""
     return [int(token) for token in tokenizer.encode(text, add_bos=True)]
 
 
+def unknown_token_text(token_id: int) -> str:
+    """What a token id without a piece reads as in decoded text: `<unk-id:256100>`."""
+    return f"<unk-id:{int(token_id)}>"
+
+
+def is_unknown(tokenizer: gm.text.Tokenizer, token_id: int) -> bool:
+    """Whether `token_id` has no piece in the tokenizer (a padded embedding row, e.g. 256,000-256,127 of Gemma2's
+    Kaggle checkpoints, or any id a larger model samples)."""
+    return not 0 <= int(token_id) < tokenizer.vocab_size
+
+
 def decode_tokens(tokenizer: gm.text.Tokenizer, ids: Sequence[int]) -> str:
-    """Text of `ids`; special tokens (pad, bos, eos) decode to nothing."""
-    return tokenizer.decode([int(token) for token in ids])
+    """Text of `ids`; special tokens (pad, bos, eos) decode to nothing. Never fails: an id without a piece shows
+    as `unknown_token_text` (`<unk-id:N>`) between the decoded runs of known ids."""
+    ids = [int(token) for token in ids]
+    parts: list[str] = []
+    run: list[int] = []
+    for token in ids:
+        if is_unknown(tokenizer, token):
+            if run:
+                parts.append(tokenizer.decode(run))
+                run = []
+            parts.append(unknown_token_text(token))
+        else:
+            run.append(token)
+    if run:
+        parts.append(tokenizer.decode(run))
+    return "".join(parts)

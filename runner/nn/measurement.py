@@ -16,7 +16,7 @@ from penzai.models.transformer import model_parts
 from penzai.toolshed.save_intermediates import SaveIntermediate
 
 from runner.nn.jumprelu import JumpReLUSAE
-from runner.nn.sites import SiteKey, insert_at_site
+from runner.nn.sites import SiteKey, insert_at_site, split_at_unembedding
 
 #: The side input naming where `SpliceSAEReconstruction` splices (`{batch, seq}` bool).
 SPLICE_MASK_INPUT = "splice_mask"
@@ -29,12 +29,34 @@ def capture(
     **side_inputs: Any,
 ) -> tuple[pz.nx.NamedArray, dict[SiteKey, pz.nx.NamedArray]]:
     """Runs the model once; returns its logits and the activation at every `(layer, site)` in `sites`."""
+    patched, saved = _with_captures(model, sites)
+    logits = patched(tokens, **side_inputs)
+    return logits, {key: variable.value for key, variable in saved.items()}
+
+
+def capture_hidden(
+    model: model_parts.TransformerLM,
+    tokens: pz.nx.NamedArray,
+    sites: Sequence[SiteKey],
+    **side_inputs: Any,
+) -> tuple[pz.nx.NamedArray, dict[SiteKey, pz.nx.NamedArray]]:
+    """Like `capture`, but stops before the unembedding: returns the final hidden states `{..., embedding}`
+    (`runner.nn.sites.split_at_unembedding`; the side input `token_positions` is required) instead of the
+    logits, so no `[..., vocabulary]` array is made."""
+    patched, saved = _with_captures(model, sites)
+    trunk, _ = split_at_unembedding(patched)
+    hidden = trunk(tokens, **side_inputs)
+    return hidden, {key: variable.value for key, variable in saved.items()}
+
+
+def _with_captures(
+    model: pz.nn.Layer, sites: Sequence[SiteKey]
+) -> tuple[pz.nn.Layer, dict[SiteKey, pz.StateVariable]]:
     saved = {key: pz.StateVariable(value=None, label=f"capture/{key[1]}_{key[0]}") for key in sites}
     patched = model
     for (layer_index, site), variable in saved.items():
         patched = insert_at_site(patched, layer_index, site, SaveIntermediate(variable))
-    logits = patched(tokens, **side_inputs)
-    return logits, {key: variable.value for key, variable in saved.items()}
+    return patched, saved
 
 
 @pz.pytree_dataclass

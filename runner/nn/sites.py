@@ -48,6 +48,22 @@ class AtHeads(pz.nn.Layer):
         return pz.nx.nmap(lambda values: values.reshape(sizes))(out.untag("embedding")).tag(*HEAD_AXES)
 
 
+@pz.pytree_dataclass
+class KeepLastPosition(pz.nn.Layer):
+    """Keeps the last position of the `seq` axis (as a length-1 axis). Inserted before the unembedding of a
+    sampler, whose prefill then makes the logits of the last prompt position only, not `[batch, prompt,
+    vocabulary]` of which it reads one row."""
+
+    def __call__(self, x: pz.nx.NamedArray, **side_inputs: Any) -> pz.nx.NamedArray:
+        return x[{"seq": pz.slice[-1:]}]
+
+
+def logits_of_last_position(model: pz.nn.Layer) -> pz.nn.Layer:
+    """`model` with `KeepLastPosition` before its unembedding (`EmbeddingDecode`): it returns `{..., seq: 1,
+    vocabulary}` logits of its input's last position."""
+    return pz.select(model).at_instances_of(pz.nn.EmbeddingDecode).insert_before(KeepLastPosition())
+
+
 def site_width(architecture: Gemma2Architecture, site: str) -> int:
     """Width of the activations at a site: the residual width for `res`/`mlp`, heads x head dim for `att`."""
     if site == "att":
@@ -102,6 +118,21 @@ def suffix_from_block(model: model_parts.TransformerLM, first_block: int) -> pz.
     blocks = _block_positions(model)
     start = blocks[0] if first_block == 0 else blocks[first_block - 1] + 1
     return pz.nn.Sequential(list(model.body.sublayers[start:]))
+
+
+def split_at_unembedding(model: pz.nn.Layer) -> tuple[pz.nn.Sequential, pz.nn.Sequential]:
+    """The model's body in two: the trunk (the embedding, the blocks and any layer inserted among them, the final
+    norm), which maps tokens to the final hidden states `{..., embedding}`, and the head (the unembedding
+    `EmbeddingDecode` and what follows it: the soft-cap), which maps hidden states to logits.
+
+    Teacher-forced metrics run the trunk once and the head on a few positions at a time, so that the logits over
+    the vocabulary exist for those positions only. The trunk needs the side input `token_positions`. `model` is a
+    `TransformerLM` (or one with layers inserted), frozen or not, or a part of its body that ends with the head
+    (`suffix_from_block`).
+    """
+    sublayers = list(model.body.sublayers if isinstance(model, model_parts.TransformerLM) else model.sublayers)
+    head = next(i for i, sublayer in enumerate(sublayers) if isinstance(sublayer, pz.nn.EmbeddingDecode))
+    return pz.nn.Sequential(sublayers[:head]), pz.nn.Sequential(sublayers[head:])
 
 
 def block_input_site(first_block: int) -> SiteKey:

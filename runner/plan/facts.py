@@ -24,7 +24,13 @@ from runner.errors import SAEError
 from runner.model import synthetic
 from runner.model import tokenizer as tokenizer_lib
 from runner.model.architecture import Gemma2Architecture
-from runner.model.loading import planning_architecture, read_architecture, resolve_model_location
+from runner.model.loading import (
+    planning_architecture,
+    planning_stored_dtype,
+    read_architecture,
+    resolve_model_location,
+    stored_dtype,
+)
 from runner.nn.sites import site_width
 from runner.plan import points as plan
 from runner.sae.params import read_params_npz
@@ -51,7 +57,11 @@ class SweepFacts(Protocol):
 
     @property
     def is_synthetic(self) -> bool:
-        """Whether the checkpoint is a synthetic one (`dtype: auto` loads it in float32)."""
+        """Whether the checkpoint is a synthetic one."""
+
+    @property
+    def stored_dtype(self) -> str:
+        """The dtype the checkpoint's weights are stored in (what `dtype: auto` loads)."""
 
     def prompt_token_counts(self, prompts: Sequence[str]) -> tuple[int, ...]:
         """Tokens of each prompt, BOS included."""
@@ -78,11 +88,12 @@ class ResolvedFacts:
     """
 
     def __init__(self, config: ExperimentConfig, architecture: Gemma2Architecture, tokenizer: gm.text.Tokenizer,
-                 is_synthetic: bool):
+                 is_synthetic: bool, stored_dtype: str = "float32"):
         self._config = config
         self._architecture = architecture
         self._tokenizer = tokenizer
         self._is_synthetic = is_synthetic
+        self._stored_dtype = stored_dtype
         self._model_id = plan.model_id(config.model)
 
     @classmethod
@@ -92,7 +103,7 @@ class ResolvedFacts:
         location = resolve_model_location(config.model, cache_dir)
         architecture = read_architecture(location)
         tokenizer = tokenizer_lib.load_tokenizer(location.tokenizer_path)
-        return cls(config, architecture, tokenizer, location.is_synthetic)
+        return cls(config, architecture, tokenizer, location.is_synthetic, stored_dtype(location))
 
     @property
     def architecture(self) -> Gemma2Architecture:
@@ -103,6 +114,11 @@ class ResolvedFacts:
     def is_synthetic(self) -> bool:
         """Whether the checkpoint is a synthetic one."""
         return self._is_synthetic
+
+    @property
+    def stored_dtype(self) -> str:
+        """The checkpoint's stored dtype, from its metadata."""
+        return self._stored_dtype
 
     def prompt_token_counts(self, prompts: Sequence[str]) -> tuple[int, ...]:
         """Tokens of each prompt as the checkpoint's tokenizer encodes it, BOS included."""
@@ -162,6 +178,11 @@ class OfflineFacts:
     def is_synthetic(self) -> bool:
         """Whether the model is a synthetic preset, or a local checkpoint marked synthetic."""
         return self._is_synthetic
+
+    @property
+    def stored_dtype(self) -> str:
+        """The stored dtype as far as it is known without a download (`planning_stored_dtype`)."""
+        return planning_stored_dtype(self._config.model)
 
     def prompt_token_counts(self, prompts: Sequence[str]) -> tuple[int, ...]:
         """Each prompt's tokens guessed from its UTF-8 bytes (`BYTES_PER_TOKEN`), BOS included."""

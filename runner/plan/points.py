@@ -19,14 +19,18 @@ from typing import Any, ClassVar
 from runner.config.schema import ExperimentConfig, ModelConfig
 from runner.errors import PlanError
 
-#: Fields of `SteeringPoint` that do not change the generation, so stay out of its key.
-_NOT_IN_KEY = frozenset({"neuronpedia_url"})
+#: Fields of `SteeringPoint` that do not change the generation, so stay out of its key (`dtype` is what
+#: `model.dtype` resolved to, which `model_id` already fixes for a given checkpoint).
+_NOT_IN_KEY = frozenset({"neuronpedia_url", "dtype"})
 #: Fields that do not change an unsteered (baseline) generation.
-_NOT_IN_GENERATION_KEY = frozenset({"neuronpedia_url", "layer", "feature", "sae_id", "positions"})
+_NOT_IN_GENERATION_KEY = frozenset({"neuronpedia_url", "dtype", "layer", "feature", "sae_id", "positions"})
 #: Fields that do not change an ablation (the feature is clamped to 0 whatever the scale).
-_NOT_IN_ABLATION_KEY = frozenset({"neuronpedia_url", "scale"})
+_NOT_IN_ABLATION_KEY = frozenset({"neuronpedia_url", "dtype", "scale"})
 #: Fields that vary along one steering curve (a curve is everything else: layer, feature, mode, positions, ...).
-_NOT_IN_CURVE_KEY = frozenset({"neuronpedia_url", "prompt_index", "prompt", "scale", "seed"})
+_NOT_IN_CURVE_KEY = frozenset({"neuronpedia_url", "dtype", "prompt_index", "prompt", "scale", "seed"})
+#: Fields added after keys were first given out: left out of a key while they hold their default, so the points
+#: of earlier sweeps keep their keys.
+_KEYED_WHEN_SET: dict[str, Any] = {"exclude_unknown_tokens": False, "combined_with": ()}
 #: MLflow params named otherwise than the point field they hold.
 _PARAM_FIELD = {"model": "model_id", "l0_target": "l0"}
 #: Most points a sweep may have (`RUNNER_MAX_POINTS` overrides it): a bigger grid is refused before it is expanded.
@@ -83,12 +87,15 @@ class SteeringPoint:
     model_id: str
     sae_id: str
     neuronpedia_url: str | None = None
+    exclude_unknown_tokens: bool = False
+    dtype: str = ""
     combined_with: tuple[Intervention, ...] = ()
 
     #: The MLflow params of a point, in the order they are logged and `runner export` writes them (a combination
     #: point adds `combined_with`).
     PARAM_NAMES: ClassVar[tuple[str, ...]] = ("model", "sae_id", "layer", "feature", "scale", "seed", "temperature",
-                                              "top_k", "top_p", "mode", "positions", "prompt_index", "max_new_tokens")
+                                              "top_k", "top_p", "mode", "positions", "prompt_index", "max_new_tokens",
+                                              "dtype", "exclude_unknown_tokens")
 
     def __post_init__(self) -> None:
         # 10 and 10.0 must give the same key.
@@ -99,15 +106,9 @@ class SteeringPoint:
 
     @functools.cached_property
     def point_key(self) -> str:
-        """16 hex digits identifying the result: a hash of every field but `neuronpedia_url` (and `combined_with`
-        when empty, so single-feature points keep the keys they had before combinations)."""
-        return _digest(self._key_fields(_NOT_IN_KEY))
-
-    def _key_fields(self, left_out: frozenset[str]) -> dict[str, Any]:
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in left_out}
-        if not self.combined_with:
-            fields.pop("combined_with", None)
-        return fields
+        """16 hex digits identifying the result: a hash of every field but `neuronpedia_url` and `dtype` (and those
+        of `_KEYED_WHEN_SET` at their defaults)."""
+        return _digest(_keyed_fields(self, _NOT_IN_KEY))
 
     @property
     def interventions(self) -> tuple[Intervention, ...]:
@@ -126,16 +127,16 @@ class SteeringPoint:
         one unsteered generation per (prompt, seed, sampling settings) serves them all, and an ablation's leaves
         out the scale it ignores, so the scales of an `ablate` sweep share one generation."""
         if self.mode == "ablate":
-            return _digest({"ablation": self._key_fields(_NOT_IN_ABLATION_KEY)})
+            return _digest({"ablation": _keyed_fields(self, _NOT_IN_ABLATION_KEY)})
         if not self.is_baseline:
             return self.point_key
-        return _digest({"baseline": self._key_fields(_NOT_IN_GENERATION_KEY)})
+        return _digest({"baseline": _keyed_fields(self, _NOT_IN_GENERATION_KEY)})
 
     @functools.cached_property
     def curve_key(self) -> str:
         """16 hex digits naming the point's steering curve: the same intervention (layer, feature, mode,
         positions, SAE, model, sampling settings) at every scale, prompt and seed of the sweep."""
-        return _digest({"curve": self._key_fields(_NOT_IN_CURVE_KEY)})
+        return _digest({"curve": _keyed_fields(self, _NOT_IN_CURVE_KEY)})
 
     def params(self) -> dict[str, str]:
         """Returns the MLflow params of this point (all strings; None as "None"), in `PARAM_NAMES` order; a
@@ -149,6 +150,14 @@ class SteeringPoint:
         if self.combined_with:
             values["combined_with"] = "; ".join(intervention.describe() for intervention in self.combined_with)
         return values
+
+
+def _keyed_fields(point: SteeringPoint, left_out: frozenset[str]) -> dict[str, Any]:
+    return {
+        name: value
+        for name, value in dataclasses.asdict(point).items()
+        if name not in left_out and not (name in _KEYED_WHEN_SET and value == _KEYED_WHEN_SET[name])
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +175,7 @@ class SAEEvalPoint:
       text_digest: Hash of the evaluation tokens (`runner.sae_eval.text_sets.EvalTokens.digest`).
       context_length: Tokens per sequence, BOS included.
       num_sequences: Sequences evaluated.
+      dtype: What `model.dtype` resolved to (a param; not in the key, `model_id` fixes it).
     """
 
     layer: int
@@ -178,15 +188,18 @@ class SAEEvalPoint:
     text_digest: str
     context_length: int
     num_sequences: int
+    dtype: str = ""
 
     #: The MLflow params of a point, in the order they are logged and `runner export` writes them.
     PARAM_NAMES: ClassVar[tuple[str, ...]] = ("model", "sae_id", "layer", "site", "width", "l0_target", "text",
-                                              "text_digest", "context_length", "num_sequences")
+                                              "text_digest", "context_length", "num_sequences", "dtype")
 
     @functools.cached_property
     def point_key(self) -> str:
-        """16 hex digits identifying the result: a hash of every field."""
-        return _digest({"sae_eval": dataclasses.asdict(self)})
+        """16 hex digits identifying the result: a hash of every field but `dtype`."""
+        fields = dataclasses.asdict(self)
+        del fields["dtype"]
+        return _digest({"sae_eval": fields})
 
     def params(self) -> dict[str, str]:
         """Returns the MLflow params of this point (all strings), in `PARAM_NAMES` order."""
@@ -304,6 +317,7 @@ def expand_points(
     sae_ids: Mapping[int, str],
     neuronpedia: Callable[[int, int], str | None] | None = None,
     scales: Mapping[tuple[int, int], Sequence[float]] | None = None,
+    dtype: str = "",
 ) -> list[SteeringPoint]:
     """Returns every point of the sweep, curve by curve: the grid in the order layers x features x prompts x scales x
     seeds, so that the jobs finish one steering curve (a layer and feature over every prompt, scale and seed) after
@@ -316,6 +330,7 @@ def expand_points(
       neuronpedia: `(layer, feature) -> url or None`, the dashboard link of a feature.
       scales: The scales of each `(layer, feature)` curve (a search round's candidates; a curve left out gets
         none); default: `steering.scales` for every curve.
+      dtype: What `model.dtype` resolves to (a param of every point).
 
     Raises:
       PlanError: A steered layer has no SAE id, a search sweep is expanded without its scales, or the grid has
@@ -350,6 +365,8 @@ def expand_points(
             model_id=name,
             sae_id=sae_ids[layer],
             neuronpedia_url=neuronpedia(layer, feature) if neuronpedia is not None else None,
+            exclude_unknown_tokens=sampling.exclude_unknown_tokens,
+            dtype=dtype,
         )
         for layer in steering.layers
         for feature in steering.features
@@ -380,6 +397,8 @@ def expand_points(
             model_id=name,
             sae_id=own.sae_id,
             neuronpedia_url=neuronpedia(own.layer, own.feature) if neuronpedia is not None else None,
+            exclude_unknown_tokens=sampling.exclude_unknown_tokens,
+            dtype=dtype,
             combined_with=tuple(others),
         )
         for own, *others in combinations
@@ -425,6 +444,7 @@ def expand_sae_eval_points(
     *,
     text: str,
     text_digest: str,
+    dtype: str = "",
 ) -> list[SAEEvalPoint]:
     """Returns every SAE of the evaluation grid in the order layers x widths x l0s.
 
@@ -433,6 +453,7 @@ def expand_sae_eval_points(
       layers: The evaluated blocks (`sae_eval.layers` with `all` resolved).
       sae_ids: The SAE id of each `(layer, width, l0)`, l0 as its string (`canonical`, `71`).
       text, text_digest: The evaluation text's description and token hash.
+      dtype: What `model.dtype` resolves to (a param of every point).
 
     Raises:
       PlanError: An SAE of the grid has no id.
@@ -456,6 +477,7 @@ def expand_sae_eval_points(
             text_digest=text_digest,
             context_length=grid.context_length,
             num_sequences=grid.num_sequences,
+            dtype=dtype,
         )
         for layer, width, l0 in keys
     ]

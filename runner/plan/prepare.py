@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ class SweepPlan:
       prompt_token_counts: Tokens of each prompt (BOS included; steering only; offline: estimated).
       eval_tokens: The evaluation set (SAE evaluation only; offline: None).
       saes_per_job: SAEs evaluated together (SAE evaluation only).
+      dtype: What `model.dtype` resolves to (`auto`: the checkpoint's stored dtype).
       search: The scale search of a `search` sweep (whose `points` are then its first round's), else None.
       steering_sae_ids: The SAE id steered at each layer (steering only).
     """
@@ -69,6 +71,7 @@ class SweepPlan:
     prompt_token_counts: tuple[int, ...] = ()
     eval_tokens: EvalTokens | None = None
     saes_per_job: int = 1
+    dtype: str = ""
     search: SearchSettings | None = None
     steering_sae_ids: dict[int, str] = dataclasses.field(default_factory=dict)
 
@@ -78,6 +81,7 @@ class SweepPlan:
         return plan.expand_points(
             self.config, self.steering_sae_ids,
             lambda layer, feature: self.sae_files[self.steering_sae_ids[layer]].neuronpedia_url(feature), scales,
+            dtype=self.dtype,
         )
 
     def pack(self, points: Sequence[Point]) -> list[Job]:
@@ -110,7 +114,23 @@ def prepare_sweep(config: ExperimentConfig, cache_dir: Path) -> SweepPlan:
     _check_model_fits(config, facts.architecture)  # before any SAE is resolved (which may download)
     sweep_plan = plan_sweep(config, facts)
     _check_steering_fits(sweep_plan)
+    _check_memory_fits(sweep_plan, facts)
     return sweep_plan
+
+
+def _check_memory_fits(sweep_plan: SweepPlan, facts: SweepFacts) -> None:
+    """Refuses a sweep whose estimate does not fit one batch row on this host, when this host runs its worker: a
+    local Ray on the CPU (a cluster's workers measure their own devices when they start)."""
+    config = sweep_plan.config
+    if sweep_plan.memory is None or config.cluster.address or os.environ.get("RAY_ADDRESS"):
+        return
+    platform = config.cluster.jax_platform()
+    if platform != "cpu":
+        return
+    import psutil
+
+    memory.check_fits(sweep_plan.memory, psutil.virtual_memory().available, model=plan.model_id(config.model),
+                      dtype=resolved_dtype(config, facts), platform=platform)
 
 
 def plan_sweep(config: ExperimentConfig, facts: SweepFacts) -> SweepPlan:
@@ -138,14 +158,16 @@ def _plan_steering(config: ExperimentConfig, facts: SweepFacts) -> SweepPlan:
         {layer: sae_file.sae_id for layer, sae_file in by_layer.items()},
         lambda layer, feature: by_layer[layer].neuronpedia_url(feature),
         first_round,
+        dtype=resolved_dtype(config, facts),
     )
     batch_size = job_size(config, points)
     estimate = None
     if arch is not None:
         from runner.steering.sampler import prompt_bucket
 
-        parameter_bytes, activation_bytes = memory.value_bytes(config.model, facts.is_synthetic)
-        estimate = memory.estimate_batch_memory(
+        parameter_bytes, activation_bytes = memory.value_bytes(config.model, facts.stored_dtype,
+                                                               config.cluster.jax_platform())
+        estimate = memory.estimate_steering_memory(
             arch, prompt_len=prompt_bucket(max(counts)), max_new_tokens=config.sampling.max_new_tokens,
             parameter_bytes=parameter_bytes, activation_bytes=activation_bytes,
             sae_widths=[d_sae[by_layer[layer].sae_id] for layer in layers],
@@ -161,6 +183,7 @@ def _plan_steering(config: ExperimentConfig, facts: SweepFacts) -> SweepPlan:
         d_sae=d_sae,
         memory=estimate,
         prompt_token_counts=counts,
+        dtype=resolved_dtype(config, facts),
         search=search,
         steering_sae_ids={layer: sae_file.sae_id for layer, sae_file in by_layer.items()},
     )
@@ -184,11 +207,13 @@ def _plan_sae_eval(config: ExperimentConfig, facts: SweepFacts) -> SweepPlan:
         {key: sae_file.sae_id for key, sae_file in files.items()},
         text=eval_tokens.description if eval_tokens is not None else UNREAD_TEXT,
         text_digest=eval_tokens.digest if eval_tokens is not None else UNREAD_TEXT,
+        dtype=resolved_dtype(config, facts),
     )
     per_job = saes_per_job(config, len(points))
     estimate = None
     if arch is not None:
-        parameter_bytes, activation_bytes = memory.value_bytes(config.model, facts.is_synthetic)
+        parameter_bytes, activation_bytes = memory.value_bytes(config.model, facts.stored_dtype,
+                                                               config.cluster.jax_platform())
         estimate = memory.estimate_eval_memory(
             arch, context_length=grid.context_length, parameter_bytes=parameter_bytes,
             activation_bytes=activation_bytes, sae_widths=[max(d_sae.values())] * per_job,
@@ -206,7 +231,13 @@ def _plan_sae_eval(config: ExperimentConfig, facts: SweepFacts) -> SweepPlan:
         memory=estimate,
         eval_tokens=eval_tokens,
         saes_per_job=per_job,
+        dtype=resolved_dtype(config, facts),
     )
+
+
+def resolved_dtype(config: ExperimentConfig, facts: SweepFacts) -> str:
+    """`model.dtype`, with `auto` the checkpoint's stored dtype."""
+    return facts.stored_dtype if config.model.dtype == "auto" else config.model.dtype
 
 
 def _latent_counts(facts: SweepFacts, sae_files: Iterable[SAEFile]) -> dict[str, int]:
@@ -326,6 +357,10 @@ class SweepOutline:
       memory_parts: `(model, SAEs, per batch)` bytes of that estimate.
       replica: What one replica spans when it spans several hosts (`cluster.replica: slice`), in words: hosts,
         chips per host and the placement-group bundles reserved; None for one replica per host.
+      dtype: What `model.dtype` resolves to (`auto`: the checkpoint's stored dtype).
+      held_dtype: What the workers' platform holds the weights in (bfloat16 is held in float32 on CPU).
+      batch_rows: Rows of one batch the memory estimate is for (steering: generations; SAE evaluation:
+        sequences per pass).
     """
 
     sweep_id: str
@@ -337,6 +372,9 @@ class SweepOutline:
     memory_bytes: int | None
     memory_parts: tuple[int, int, int] | None
     replica: str | None = None
+    dtype: str = ""
+    held_dtype: str = ""
+    batch_rows: int = 0
 
 
 def outline(config: ExperimentConfig) -> SweepOutline:
@@ -352,7 +390,7 @@ def outline(config: ExperimentConfig) -> SweepOutline:
 
 def outline_of(sweep_plan: SweepPlan) -> SweepOutline:
     """The outline of a plan (see `SweepOutline`)."""
-    config = sweep_plan.config
+    config, dtype = sweep_plan.config, sweep_plan.dtype
     if config.kind == "steering":
         steering = config.steering
         generations = len({point.generation_key for point in sweep_plan.points})
@@ -388,9 +426,12 @@ def outline_of(sweep_plan: SweepPlan) -> SweepOutline:
         grid=grid,
         tokens=tokens,
         memory_bytes=estimate.total(batch) if estimate is not None else None,
-        memory_parts=(estimate.weights - estimate.sae_weights, estimate.sae_weights, batch * estimate.per_row)
+        memory_parts=(estimate.weights - estimate.sae_weights, estimate.sae_weights, estimate.need(batch))
         if estimate is not None else None,
         replica=replica_outline(config.cluster),
+        dtype=dtype,
+        held_dtype="float32" if dtype == "bfloat16" and config.cluster.jax_platform() == "cpu" else dtype,
+        batch_rows=batch,
     )
 
 

@@ -14,8 +14,10 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from penzai import pz
 
@@ -200,6 +202,16 @@ def calibration_tokens(tokenizer: gm.text.Tokenizer, num_sequences: int = 16, se
     return np.concatenate([np.full((num_sequences, 1), tokenizer_lib.BOS_ID, np.int32), windows], axis=1)
 
 
+@functools.partial(jax.jit, static_argnames="site_keys")
+def _site_activations(model: Any, tokens: jax.Array, site_keys: tuple[tuple[int, str], ...]) -> dict:
+    """`{(layer, site): [B, S, D]}` activations of one pass over `tokens` (no padding), stopping before the
+    unembedding."""
+    named = pz.nx.wrap(tokens).tag("batch", "seq")
+    positions = pz.nx.wrap(jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)).tag("batch", "seq")
+    _, captured = measurement.capture_hidden(model, named, list(site_keys), token_positions=positions)
+    return {key: value.unwrap("batch", "seq", "embedding") for key, value in captured.items()}
+
+
 def write_synthetic_saes(
     loaded_model: LoadedModel,
     layers: Sequence[int],
@@ -209,36 +221,42 @@ def write_synthetic_saes(
     target_l0: float,
     seed: int,
     site: str = "res",
+    width_label: str | None = None,
 ) -> dict[int, Path]:
-    """Writes a calibrated random JumpReLU SAE per layer under `out_root` in the Gemma Scope layout.
+    """Writes a calibrated random JumpReLU SAE per layer under `out_root` in the Gemma Scope layout
+    (`layer_{L}/width_{label}/average_l0_{N}/params.npz`, the label `width_label` or the latent count).
 
     Decoder rows are unit-norm random directions (encoder tied to them); each latent's threshold is set so that
     it fires on `target_l0 / width` of the corpus activations at that layer's `site` (BOS excluded), so the mean
     L0 lands near `target_l0`. The folder name records the L0 measured on the calibration tokens. Reuses SAEs
-    already written with the same inputs.
+    already written with the same inputs. The activations come from one jitted pass that stops before the
+    unembedding, so calibrating the SAEs of a 2B model needs no `[tokens, vocabulary]` logits.
     """
     marker_path = out_root / "runner_synthetic_saes.json"
+    label = width_label or str(width)
     request = {"width": width, "target_l0": target_l0, "seed": seed, "layers": sorted(layers)}
     if site != "res":
         request["site"] = site
+    if label != str(width):
+        request["width_label"] = label
     if marker_path.is_file():
         marker = json.loads(marker_path.read_text())
         if {k: marker.get(k) for k in request} == request:
             return {int(layer): out_root / rel for layer, rel in marker["paths"].items()}
 
     tokens = calibration_tokens(loaded_model.tokenizer)
-    named_tokens = pz.nx.wrap(tokens).tag("batch", "seq")
-    _, activations_at = measurement.capture(loaded_model.model, named_tokens, [(layer, site) for layer in layers])
+    activations_at = _site_activations(pz.freeze_params(loaded_model.model), jnp.asarray(tokens),
+                                       tuple((layer, site) for layer in sorted(layers)))
     paths: dict[int, Path] = {}
     for layer in sorted(layers):
-        activations = np.asarray(activations_at[(layer, site)].unwrap("batch", "seq", "embedding"), np.float32)[:, 1:]
+        activations = np.asarray(activations_at[(layer, site)], np.float32)[:, 1:]
         flat = activations.reshape(-1, activations.shape[-1])
         arrays = calibrate_thresholds(
             random_sae_arrays(flat.shape[-1], width, seed + 1000 * layer), flat, target_l0
         )
         pre = flat @ arrays["W_enc"] + arrays["b_enc"]
         measured_l0 = int(round(float((pre > arrays["threshold"]).sum(axis=1).mean())))
-        relative = Path(f"layer_{layer}") / f"width_{width}" / f"average_l0_{measured_l0}" / "params.npz"
+        relative = Path(f"layer_{layer}") / f"width_{label}" / f"average_l0_{measured_l0}" / "params.npz"
         paths[layer] = write_params_npz(arrays, out_root / relative)
     out_root.mkdir(parents=True, exist_ok=True)
     marker = {**request, "paths": {str(layer): str(path.relative_to(out_root)) for layer, path in paths.items()}}

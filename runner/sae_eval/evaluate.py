@@ -7,7 +7,8 @@ Definitions: `docs/metrics.md` (the sites, masking and aggregation, SAE metrics,
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, Mapping
+import functools
+from collections.abc import Callable, Hashable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -16,12 +17,14 @@ import numpy as np
 from penzai import pz
 
 from runner.lm_stats import DEFAULT_VOCAB_CHUNK, special_token_mask
-from runner.model.tokenizer import PAD_ID
+from runner.model.tokenizer import PAD_ID, decode_tokens
+from runner.nn import sites
 from runner.nn.jumprelu import JumpReLUSAE
 from runner.nn.measurement import SpliceSAEReconstruction, ZeroAblate
 from runner.results import SAEMeasurement
 from runner.sae_eval.metrics import DEFAULT_TOP_FEATURES, SAEMetricSums, SpliceLossSums, sae_token_statistics
 from runner.sae_eval.passes import (
+    capture_sites,
     capture_sites_jit,
     clean_token_losses,
     entry_capture,
@@ -80,7 +83,7 @@ def top_feature_rows(
                 "sequence": int(first_sequence + row),
                 "position": int(position),
                 "token": token,
-                "token_text": tokenizer.decode([token]) if tokenizer is not None else "",
+                "token_text": decode_tokens(tokenizer, [token]) if tokenizer is not None else "",
                 "feature_ids": [int(i) for i in top_ids[row, position][positive]],
                 "feature_values": [float(v) for v in top_values[row, position][positive]],
             }
@@ -193,3 +196,65 @@ def evaluate_saes(
             top_feature_rows=tuple(tables[key]),
         )
     return results
+
+
+def abstract_sae(d_in: int, d_sae: int) -> JumpReLUSAE:
+    """An SAE of the given shape whose arrays are `jax.ShapeDtypeStruct`s (for compiled memory analysis)."""
+    shapes = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,),
+              "threshold": (d_sae,)}
+    return jax.eval_shape(lambda: JumpReLUSAE.from_arrays({k: jnp.zeros(v, jnp.float32) for k, v in shapes.items()}))
+
+
+def batch_need(
+    loaded_model: LoadedModel,
+    *,
+    batch_size: int,
+    seq_len: int,
+    site_keys: list[tuple[int, str]],
+    d_sae: int,
+    program_need: Callable[[Any, int], int],
+    argument_bytes: Callable[..., int],
+    top_features: int = DEFAULT_TOP_FEATURES,
+) -> int:
+    """Bytes a batch of `evaluate_saes` needs beyond the resident weights, from XLA's compiled memory analysis of
+    its passes at `[batch_size, seq_len]` (compiled now, with the persistent compilation cache serving the same
+    programs when they run): the clean pass; and, while its logits and captured activations are held, the largest
+    of the clean losses, the patched suffix that re-runs the most blocks (the site whose change comes first) and
+    the SAE statistics at `d_sae` latents.
+
+    Args:
+      loaded_model: The model.
+      batch_size, seq_len: The batch shape.
+      site_keys: Every `(layer, site)` the sweep's SAEs read.
+      d_sae: The widest SAE's latents.
+      program_need, argument_bytes: `runner.plan.memory.program_need` and `argument_bytes`.
+      top_features: Latents per position of the top-feature table.
+    """
+    base = loaded_model.model
+    frozen = pz.freeze_params(base)
+    tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
+    captures = tuple(sorted(set(site_keys) | {entry_capture(*key) for key in site_keys}))
+    clean_pass = capture_sites_jit.lower(frozen, tokens, site_keys=captures).compile()
+    logits, activations = jax.eval_shape(functools.partial(capture_sites, site_keys=captures), frozen, tokens)
+    held = sum(argument_bytes(value) for value in (logits, activations))
+    first = min(site_keys, key=lambda key: sites.entry_point(*key))
+    sae = abstract_sae(sites.site_width(loaded_model.architecture, first[1]), d_sae)
+    suffix = pz.freeze_params(patched_suffix(base, *first, SpliceSAEReconstruction(sae)))
+    while_held = [
+        (clean_token_losses.lower(logits, tokens).compile(), 0),
+        (patched_token_losses.lower(suffix, activations[entry_capture(*first)], tokens, logits).compile(),
+         argument_bytes(suffix)),
+        (sae_token_statistics.lower(sae, activations[first], tokens, top_k=min(top_features, d_sae)).compile(),
+         argument_bytes(sae)),
+    ]
+    beside = max(
+        program_need(program.memory_analysis(), weights) - _held_arguments(program, weights, held)
+        for program, weights in while_held
+    )
+    return max(program_need(clean_pass.memory_analysis(), argument_bytes(frozen)), held + max(beside, 0))
+
+
+def _held_arguments(program: Any, weights: int, held: int) -> int:
+    """The part of a pass's non-weight arguments that is among the held clean logits and activations (counted
+    once, in `held`)."""
+    return min(program.memory_analysis().argument_size_in_bytes - weights, held)

@@ -19,6 +19,8 @@ from runner.lm_stats import (
     cross_entropy_from_partition,
     logit_pair_statistics,
     named_tokens,
+    over_sequence_chunks,
+    seq_chunk_for,
     special_token_mask_on_device,
 )
 from runner.nn import measurement, sites
@@ -68,22 +70,35 @@ def entry_capture(layer: int, site: str) -> SiteKey:
     return sites.block_input_site(sites.entry_point(layer, site))
 
 
-def _suffix_logits(suffix: pz.nn.Layer, entry: jax.Array, tokens: jax.Array) -> jax.Array:
-    named, positions = named_tokens(tokens)
-    mask = pz.nx.wrap(special_token_mask_on_device(named.unwrap("batch", "seq"))).tag("batch", "seq")
-    logits = suffix(
+def _suffix_hidden(suffix: pz.nn.Layer, entry: jax.Array, tokens: jax.Array) -> tuple[jax.Array, pz.nn.Layer]:
+    """The patched suffix's final hidden states `[B, S, D]` and its head (`sites.split_at_unembedding`)."""
+    _, positions = named_tokens(tokens)
+    mask = pz.nx.wrap(special_token_mask_on_device(tokens)).tag("batch", "seq")
+    trunk, head = sites.split_at_unembedding(suffix)
+    hidden = trunk(
         pz.nx.wrap(entry).tag("batch", "seq", "embedding"),
         token_positions=positions,
         **{measurement.SPLICE_MASK_INPUT: mask},
     )
-    return logits.unwrap("batch", "seq", "vocabulary")
+    return hidden.unwrap("batch", "seq", "embedding"), head
+
+
+def _next_tokens(tokens: jax.Array) -> jax.Array:
+    """`[B, S]` the token each position predicts (PAD after the last: that position is dropped)."""
+    return jnp.concatenate([tokens[:, 1:], jnp.zeros((tokens.shape[0], 1), tokens.dtype)], axis=1)
 
 
 @jax.jit
 def clean_token_losses(clean_logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """Per-position `[B, S-1]` next-token CE of the clean pass (unmasked: combine with `next_token_loss_mask`)."""
-    clean = clean_logits[:, :-1].astype(jnp.float32)
-    return cross_entropy_from_partition(clean, jax.nn.logsumexp(clean, axis=-1), tokens[:, 1:])
+    """Per-position `[B, S-1]` next-token CE of the clean pass (unmasked: combine with `next_token_loss_mask`), a
+    few positions at a time (no float32 copy of the logits)."""
+
+    def chunk_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
+        logits = logits.astype(jnp.float32)
+        return cross_entropy_from_partition(logits, jax.nn.logsumexp(logits, axis=-1), targets)
+
+    chunk = seq_chunk_for(*tokens.shape)
+    return over_sequence_chunks(chunk_losses, [clean_logits, _next_tokens(tokens)], chunk)[:, :-1]
 
 
 @functools.partial(jax.jit, static_argnames="vocab_chunk")
@@ -95,7 +110,19 @@ def patched_token_losses(
     vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
 ) -> dict[str, jax.Array]:
     """Runs a `patched_suffix` on its captured input; returns per-position `[B, S-1]` `ce` (next-token CE of the
-    patched logits) and `kl` (KL(clean || patched)). Unmasked: combine with `next_token_loss_mask`."""
-    patched = _suffix_logits(suffix, entry, tokens)[:, :-1]
-    pair = logit_pair_statistics(clean_logits[:, :-1], patched, vocab_chunk)
-    return {"ce": cross_entropy_from_partition(patched, pair["log_partition_q"], tokens[:, 1:]), "kl": pair["kl_pq"]}
+    patched logits) and `kl` (KL(clean || patched)). Unmasked: combine with `next_token_loss_mask`.
+
+    The patched logits are made a few positions at a time (`runner.lm_stats.seq_chunk_for`), beside the clean
+    logits of those positions (`runner.lm_stats.over_sequence_chunks`): the clean logits are the only
+    `[B, S, vocabulary]` array.
+    """
+    hidden, head = _suffix_hidden(suffix, entry, tokens)
+
+    def chunk_losses(hidden: jax.Array, clean: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
+        patched = head(pz.nx.wrap(hidden).tag("batch", "seq", "embedding")).unwrap("batch", "seq", "vocabulary")
+        pair = logit_pair_statistics(clean, patched, vocab_chunk)
+        return {"ce": cross_entropy_from_partition(patched, pair["log_partition_q"], targets), "kl": pair["kl_pq"]}
+
+    chunk = seq_chunk_for(*tokens.shape)
+    losses = over_sequence_chunks(chunk_losses, [hidden, clean_logits, _next_tokens(tokens)], chunk)
+    return {name: value[:, :-1] for name, value in losses.items()}

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from gemma import gm
 
 #: The bundled public-domain prose (see `runner/data/EVAL_TEXT_SOURCES.md`).
-BUNDLED_EVAL_TEXT = Path(__file__).resolve().parents[1] / "data" / "eval_text.txt"
+BUNDLED_EVAL_TEXT = tokenizer_lib.EVAL_TEXT_PATH
 #: File kinds read from a user's glob or a dataset snapshot.
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".parquet")
 

@@ -36,10 +36,12 @@ from runner.lm_stats import (
     cross_entropy_from_partition,
     logit_pair_statistics,
     named_tokens,
+    over_sequence_chunks,
+    seq_chunk_for,
     special_token_mask,
 )
 from runner.model.tokenizer import EOS_ID, PAD_ID
-from runner.nn import measurement, steering
+from runner.nn import measurement, sites, steering
 from runner.nn.jumprelu import LATENT_AXIS, JumpReLUSAE
 from runner.program_cache import ProgramCache
 
@@ -74,11 +76,39 @@ def unembedding_matrix(model: model_parts.TransformerLM) -> pz.nx.NamedArray:
     return embeddings
 
 
-@functools.partial(jax.jit, static_argnames="k")
-def _logit_lens_top_k(unembedding: jax.Array, directions: jax.Array, k: int) -> jax.Array:
-    """`[R, k]` token ids with the largest `direction @ W_E^T` (ties: lower id first)."""
-    scores = jnp.dot(directions.astype(jnp.float32), unembedding.astype(jnp.float32).T)
-    return jax.lax.top_k(scores, k)[1].astype(jnp.int32)
+#: Vocabulary rows the logit lens scores at once (their float32 copy is all the lens adds to the embedding).
+LENS_VOCAB_CHUNK = 4096
+
+
+@functools.partial(jax.jit, static_argnames=("k", "vocab_chunk"))
+def _logit_lens_top_k(
+    unembedding: jax.Array, directions: jax.Array, k: int, vocab_chunk: int = LENS_VOCAB_CHUNK
+) -> jax.Array:
+    """`[R, k]` token ids with the largest `direction @ W_E^T` (float32 products; ties: lower id first).
+
+    The vocabulary is scored `vocab_chunk` rows at a time with a running top-k, so a bfloat16 embedding is never
+    copied to float32 as a whole.
+    """
+    vocab = unembedding.shape[0]
+    chunk = min(vocab_chunk, vocab)
+    steps = -(-vocab // chunk)
+    directions = directions.astype(jnp.float32)
+
+    def step(best: tuple[jax.Array, jax.Array], index: jax.Array) -> tuple[tuple[jax.Array, jax.Array], None]:
+        # The last chunk is shifted back to fit; the rows it repeats are masked out.
+        start = jnp.minimum(index * chunk, vocab - chunk)
+        rows = jax.lax.dynamic_slice_in_dim(unembedding, start, chunk, axis=0).astype(jnp.float32)
+        ids = start + jnp.arange(chunk, dtype=jnp.int32)
+        scores = jnp.where(ids >= index * chunk, directions @ rows.T, -jnp.inf)
+        values = jnp.concatenate([best[0], scores], axis=1)
+        candidates = jnp.concatenate([best[1], jnp.broadcast_to(ids, scores.shape)], axis=1)
+        top_values, top_at = jax.lax.top_k(values, k)
+        return (top_values, jnp.take_along_axis(candidates, top_at, axis=1)), None
+
+    first = (jnp.full((directions.shape[0], k), -jnp.inf, jnp.float32),
+             jnp.full((directions.shape[0], k), vocab, jnp.int32))
+    (_, ids), _ = jax.lax.scan(step, first, jnp.arange(steps, dtype=jnp.int32))
+    return ids
 
 
 def top_logit_lens_tokens(
@@ -137,7 +167,6 @@ def repetition_metrics(tokens: Sequence[int]) -> dict[str, float]:
 @functools.partial(jax.jit, static_argnames=("logit_lens_k", "vocab_chunk"))
 def _per_position_statistics(
     base_model: model_parts.TransformerLM,
-    steered_model: model_parts.TransformerLM,
     inputs: steering.SteeringInputs,
     saes: dict[int, JumpReLUSAE],
     tokens: jax.Array,
@@ -150,6 +179,13 @@ def _per_position_statistics(
     """One program: the base and steered teacher-forced passes over `G` generations, and every per-position
     statistic, for `P` points that each read one generation (`point_rows`) with their own layer and feature.
 
+    The steered model is the base model with a steering site after every SAE's block, made here: both passes read
+    the one copy of the weights that the program receives.
+
+    Both passes stop at the final hidden states; the logits over the vocabulary are made a few positions at a
+    time (`runner.lm_stats.seq_chunk_for`) and reduced there (`runner.lm_stats.over_sequence_chunks`), so the
+    program never holds a `[G, S, vocabulary]` array.
+
     Returns `[G, S]` `nll` (of the next token under base), `kl_steered_base`, `kl_base_steered`, `entropy_base`,
     `entropy_steered`; `[P, S]` `logit_lens_mass` (base probability of the point's lens tokens) and `concept`
     (JumpReLU activation of the point's feature at its layer when the base model reads its generation); and
@@ -157,12 +193,12 @@ def _per_position_statistics(
     """
     named, positions = named_tokens(tokens)
     layer_list = sorted(saes)
-    base_logits, residuals = measurement.capture(
+    base_hidden, residuals = measurement.capture_hidden(
         base_model, named, [(layer, "res") for layer in layer_list], token_positions=positions
     )
-    steered_logits = steered_model(named, token_positions=positions, steering=inputs)
-    base_logits = base_logits.unwrap("batch", "seq", "vocabulary")
-    steered_logits = steered_logits.unwrap("batch", "seq", "vocabulary")
+    steered_trunk, _ = sites.split_at_unembedding(steering.add_steering_sites(base_model, saes))
+    steered_hidden = steered_trunk(named, token_positions=positions, steering=inputs)
+    _, head = sites.split_at_unembedding(base_model)
 
     unembedding = unembedding_matrix(base_model).unwrap("vocabulary", "embedding")
     points, seq = point_rows.shape[0], tokens.shape[1]
@@ -177,23 +213,36 @@ def _per_position_statistics(
         w_dec = saes[layer].decoder.w_dec.unwrap(LATENT_AXIS, "embedding")
         directions = jnp.where(on_layer[:, None], w_dec[features], directions)
     lens_tokens = _logit_lens_top_k(unembedding, directions, k=logit_lens_k)
-
-    pair = logit_pair_statistics(steered_logits, base_logits, vocab_chunk)
-    base_lse = pair["log_partition_q"]
     targets = jnp.concatenate([tokens[:, 1:], jnp.full((tokens.shape[0], 1), PAD_ID, tokens.dtype)], axis=1)
-    # [P, S, k] base logits at each point's lens tokens, gathered without a [P, S, V] copy.
-    lens_logits = base_logits[point_rows[:, None, None], jnp.arange(seq)[None, :, None], lens_tokens[:, None, :]]
-    lens_mass = jnp.sum(jnp.exp(lens_logits.astype(jnp.float32) - base_lse[point_rows][..., None]), axis=-1)
-    return {
-        "nll": cross_entropy_from_partition(base_logits, base_lse, targets),
-        "kl_steered_base": pair["kl_pq"],
-        "kl_base_steered": pair["kl_qp"],
-        "entropy_steered": pair["entropy_p"],
-        "entropy_base": pair["entropy_q"],
-        "logit_lens_mass": lens_mass,
-        "concept": concept,
-        "lens_tokens": lens_tokens,
-    }
+
+    def chunk_statistics(base: jax.Array, steered: jax.Array, chunk_targets: jax.Array) -> dict[str, jax.Array]:
+        def logits(hidden: jax.Array) -> jax.Array:
+            return head(pz.nx.wrap(hidden).tag("batch", "seq", "embedding")).unwrap("batch", "seq", "vocabulary")
+
+        base_logits, steered_logits = logits(base), logits(steered)
+        pair = logit_pair_statistics(steered_logits, base_logits, vocab_chunk)
+        base_lse = pair["log_partition_q"]
+        # [P, c, k] base logits at each point's lens tokens, gathered without a [P, c, V] copy.
+        lens_logits = base_logits[point_rows[:, None, None], jnp.arange(base.shape[1])[None, :, None],
+                                  lens_tokens[:, None, :]]
+        return {
+            "nll": cross_entropy_from_partition(base_logits, base_lse, chunk_targets),
+            "kl_steered_base": pair["kl_pq"],
+            "kl_base_steered": pair["kl_qp"],
+            "entropy_steered": pair["entropy_p"],
+            "entropy_base": pair["entropy_q"],
+            "logit_lens_mass": jnp.sum(
+                jnp.exp(lens_logits.astype(jnp.float32) - base_lse[point_rows][..., None]), axis=-1
+            ),
+        }
+
+    statistics = over_sequence_chunks(
+        chunk_statistics,
+        [base_hidden.unwrap("batch", "seq", "embedding"), steered_hidden.unwrap("batch", "seq", "embedding"),
+         targets],
+        seq_chunk_for(*tokens.shape),
+    )
+    return {**statistics, "concept": concept, "lens_tokens": lens_tokens}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,9 +271,9 @@ class SteeringMetricsProgram:
     """The steering metrics of batches of one shape as one compiled program (see `steering_generation_metrics`).
 
     Args:
-      base_model: The unsteered model.
-      steered_model: A model that reads the side input `steering` (the base model when nothing is steered).
-      saes: `{layer: SAE}` of every layer points may read (one width).
+      base_model: The unsteered model (the steered one is made from it, with a steering site after every SAE's
+        block).
+      saes: `{layer: SAE}` of every layer points may read or steer (one width).
       num_generations: Generation rows per batch (`G`).
       seq_len: Prompt bucket plus generated tokens (`S`).
       num_points: Point rows per batch (`P`); a batch may hold fewer points (the rest is padding).
@@ -236,7 +285,6 @@ class SteeringMetricsProgram:
     def __init__(
         self,
         base_model: model_parts.TransformerLM,
-        steered_model: model_parts.TransformerLM,
         saes: Mapping[int, JumpReLUSAE],
         *,
         num_generations: int,
@@ -249,7 +297,7 @@ class SteeringMetricsProgram:
         self.num_generations, self.seq_len, self.num_points = num_generations, seq_len, num_points
         self._program_cache = program_cache if program_cache is not None else ProgramCache(None)
         self._static = {"logit_lens_k": logit_lens_k, "vocab_chunk": vocab_chunk}
-        self._models = (pz.freeze_params(base_model), pz.freeze_params(steered_model))
+        self._model = pz.freeze_params(base_model)
         self._saes = dict(saes)
         self._compiled: Callable[..., Any] | None = None
         self._compiling = threading.Lock()
@@ -268,9 +316,19 @@ class SteeringMetricsProgram:
             self._compiled = self._program_cache.lower(
                 "steering-metrics",
                 functools.partial(_per_position_statistics, **self._static),
-                (*self._models, inputs, self._saes, tokens, points, layer, points),
+                (self._model, inputs, self._saes, tokens, points, layer, points),
                 static=self._static,
             ).compile()
+
+    def memory_analysis(self) -> Any:
+        """XLA's compiled memory analysis of the program, per device (compiles it first if needed)."""
+        self.compile()
+        return self._compiled.memory_analysis()
+
+    @property
+    def weights(self) -> tuple[Any, ...]:
+        """The weights the program is called with: the frozen model and the SAEs."""
+        return (self._model, self._saes)
 
     def __call__(
         self,
@@ -310,7 +368,7 @@ class SteeringMetricsProgram:
             jnp.asarray(features + features[-1:] * padding, jnp.int32),
         )
         self.compile()
-        outputs = self._compiled(*self._models, *arrays)
+        outputs = self._compiled(self._model, *arrays)
         return _point_metrics(jax.device_get(outputs), prompt_len, generated_tokens, rows)
 
 
@@ -350,7 +408,6 @@ def _point_metrics(
 
 def steering_generation_metrics(
     base_model: model_parts.TransformerLM,
-    steered_model: model_parts.TransformerLM,
     inputs: steering.SteeringInputs,
     prompt_tokens: np.ndarray,
     generated_tokens: np.ndarray,
@@ -371,9 +428,8 @@ def steering_generation_metrics(
     with the layout and masking of the module docstring.
 
     Args:
-      base_model: The unsteered model.
-      steered_model: A model that reads the side input `steering` (patched with `steering.add_steering_sites`);
-        the base model itself when nothing is steered.
+      base_model: The unsteered model; the steered one has a steering site after the block of every SAE in
+        `saes` (`steering.add_steering_sites`).
       inputs: The steering of every generation row.
       prompt_tokens: `[G, P]` left-padded prompts.
       generated_tokens: `[G, T]` right-padded generations.
@@ -397,7 +453,7 @@ def steering_generation_metrics(
     """
     num_generations = np.asarray(prompt_tokens).shape[0]
     program = SteeringMetricsProgram(
-        base_model, steered_model, saes,
+        base_model, saes,
         num_generations=num_generations,
         seq_len=np.asarray(prompt_tokens).shape[1] + np.asarray(generated_tokens).shape[1],
         num_points=point_bucket(len(layers), num_generations),

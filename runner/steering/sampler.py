@@ -33,11 +33,14 @@ from penzai import pz
 from penzai.models.transformer import model_parts, sampling_mode
 
 from runner.model.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from runner.nn import sites
 from runner.nn import steering as steering_lib
 from runner.nn.jumprelu import JumpReLUSAE
 from runner.program_cache import LoweredProgram, ProgramCache
 
 MIN_PROMPT_BUCKET = 16
+#: `SamplingBatch.sampled_vocab` of a row that may sample any id.
+NO_VOCAB_LIMIT = np.iinfo(np.int32).max
 
 
 def prompt_bucket(length: int) -> int:
@@ -64,6 +67,8 @@ class SamplingBatch:
       stream: `[B]` uint32 stream id of the row's point (derived from its identity, not its row).
       probe_features: `[num_probes]` latents measured at every site on unsteered rows (not per row: the
         sweep's features, so that one baseline generation serves every (layer, feature) at scale 0).
+      sampled_vocab: `[B]` int; the row samples only ids below it (`sampling.exclude_unknown_tokens`: the
+        tokenizer's piece count); `NO_VOCAB_LIMIT` lets it sample every embedding row.
     """
 
     prompt_tokens: np.ndarray
@@ -78,12 +83,15 @@ class SamplingBatch:
     seed: np.ndarray
     stream: np.ndarray
     probe_features: np.ndarray
+    sampled_vocab: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         # One intervention per row may be given as `[B]`.
         for name in ("target_layer", "feature", "value", "mode"):
             array = np.asarray(getattr(self, name))
             object.__setattr__(self, name, array[:, None] if array.ndim == 1 else array)
+        if self.sampled_vocab is None:
+            object.__setattr__(self, "sampled_vocab", np.full(self.batch_size, NO_VOCAB_LIMIT, np.int32))
 
     @property
     def batch_size(self) -> int:
@@ -127,12 +135,17 @@ def sample_next_tokens(
     top_k: jax.Array,
     top_p: jax.Array,
     pad_id: int = PAD_ID,
+    sampled_vocab: jax.Array | None = None,
 ) -> jax.Array:
     """Samples one token per row from `[B, V]` logits with per-row temperature, top-k and top-p.
 
-    Temperature 0 is argmax. The pad token is never produced. Filters run only when some row asks for one.
+    Temperature 0 is argmax. The pad token is never produced, nor, with `sampled_vocab` (`[B]`), an id at or
+    above the row's limit. Filters run only when some row asks for one.
     """
     logits = logits.astype(jnp.float32).at[:, pad_id].set(-jnp.inf)
+    if sampled_vocab is not None:
+        ids = jnp.arange(logits.shape[-1], dtype=jnp.int32)[None, :]
+        logits = jnp.where(ids < sampled_vocab[:, None], logits, -jnp.inf)
     greedy = jnp.argmax(logits, axis=-1)
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
 
@@ -190,6 +203,7 @@ class SteeringSampler:
 
         patched = steering_lib.add_steering_sites(model, saes, batch_size=batch_size, num_probes=num_probes,
                                                   num_interventions=num_interventions)
+        patched = sites.logits_of_last_position(patched)  # the prefill reads the last prompt position's logits only
         caching = sampling_mode.KVCachingTransformerLM.from_uncached(
             patched, cache_len=prompt_len + max_new_tokens, batch_axes={"batch": batch_size}, pad_id=pad_id
         )
@@ -231,6 +245,16 @@ class SteeringSampler:
             self._compiled = self._lowered.compile()
             self._lowered = None
             self.compilations += 1
+
+    def memory_analysis(self) -> Any:
+        """XLA's compiled memory analysis of the program, per device (compiles it first if needed)."""
+        self.compile()
+        return self._compiled.memory_analysis()
+
+    @property
+    def weights(self) -> Any:
+        """The weights the program is called with (the frozen model, its steering sites' SAEs included)."""
+        return self._pure_model
 
     def __call__(self, batch: SamplingBatch) -> SamplingOutput:
         """Runs one batch (its shape must match the sampler's)."""
@@ -296,7 +320,8 @@ class SteeringSampler:
             states, logits, step, done, out_tokens = carry
             keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
             token = sample_next_tokens(
-                logits, keys, arrays["temperature"], arrays["top_k"], arrays["top_p"], self.pad_id
+                logits, keys, arrays["temperature"], arrays["top_k"], arrays["top_p"], self.pad_id,
+                arrays["sampled_vocab"].astype(jnp.int32),
             )
             token = jnp.where(done, self.pad_id, token)
             out_tokens = jax.lax.dynamic_update_slice(out_tokens, token[:, None], (0, step))

@@ -99,7 +99,10 @@ def test_invalid_values_name_field_value_and_what_is_allowed(tmp_path, text, exp
         ),
         ("{source: kaggle, variant: gemma3-1b}", "model.variant: 'gemma3-1b' is not a Kaggle Gemma2 variant"),
         ("{source: local}", "model.path: is required with source 'local'"),
-        ("{source: synthetic, preset: huge}", "model.preset: 'huge' is not allowed (allowed: 'tiny' or 'small')"),
+        (
+            "{source: synthetic, preset: huge}",
+            "model.preset: 'huge' is not allowed (allowed: 'tiny', 'small', 'gemma2-2b', 'gemma2-9b' or 'gemma2-27b')",
+        ),
         ("{source: huggingface}", "model: source 'huggingface' needs exactly one of 'repo_id'"),
         ("{source: huggingface, repo_id: gemma}", "model.repo_id: 'gemma' is not a Hugging Face repo id"),
     ],

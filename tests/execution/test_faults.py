@@ -13,6 +13,7 @@ from ray import exceptions as ray_errors
 from runner.errors import CheckpointError, SAEError
 from runner.execution.faults import (
     CrashedWorker,
+    DeviceOutOfMemory,
     FaultPolicy,
     JobError,
     OutOfMemory,
@@ -124,6 +125,10 @@ def test_an_error_a_worker_says_will_recur_is_recurring() -> None:
 def test_an_exception_that_is_not_rays_is_classified_by_itself() -> None:
     assert classify(ValueError("bad"), ["node-a"], alive) == JobError("ValueError: bad")
     assert isinstance(classify(xla_out_of_memory(), ["node-a"], alive), OutOfMemory)
+    too_big = classify(task_error(DeviceOutOfMemory("model m: the sampler at a batch of 8 needs 3 GiB")), ["node-a"],
+                       alive)
+    assert too_big == OutOfMemory("DeviceOutOfMemory: model m: the sampler at a batch of 8 needs 3 GiB", "node-a",
+                                  worker_died=False)
 
 
 def test_a_worker_that_failed_to_start_is_described_by_what_it_raised_without_colours() -> None:
@@ -224,12 +229,32 @@ def test_a_job_error_is_retried_at_the_back_with_an_attempt_then_fails() -> None
     assert policy.job_retries == 1 and policy.classified_events() == []
 
 
-def test_an_out_of_memory_error_the_job_raised_is_retried_like_a_job_error() -> None:
-    policy, queue, failures = make_policy(max_job_retries=1)
-    fault = OutOfMemory("JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory", "node-a", worker_died=False)
-    assert policy.handle(Task(job("j")), fault, "worker-0") == "retried"
-    assert policy.handle(queue.pop(), fault, "worker-0") == "failed"
-    assert failures == [("j", fault.message, 2)]
+def test_out_of_memory_reruns_the_job_first_at_half_the_batch_without_an_attempt() -> None:
+    policy, queue, failures = make_policy(max_job_retries=0)
+    queue.append(Task(job("other")))
+    task = Task(job("j"))
+    raised = OutOfMemory("DeviceOutOfMemory: model m: the steering sampler at a batch of 8 needs 2 GiB", "node-a",
+                         worker_died=False)
+    assert policy.handle(task, raised, "worker-0", batch_size=8) == "requeued"
+    assert queue[0] is task and (task.batch_size, task.oom_retries, task.attempt) == (4, 1, 1)
+    queue.popleft()
+    killed = OutOfMemory("OutOfMemoryError: Task was killed due to the node running low on memory.", "node-b",
+                         worker_died=True)
+    assert policy.handle(task, killed, "worker-0") == "requeued", "the batch it ran at: the task's cap"
+    assert (task.batch_size, task.oom_retries) == (2, 2)
+    assert policy.oom_retries == 2 and policy.job_retries == 0 and failures == []
+    assert policy.classified_events() == [], "running out of memory is neither a preemption nor a crash"
+
+
+def test_out_of_memory_at_a_batch_of_1_fails_with_the_workers_line() -> None:
+    policy, queue, failures = make_policy()
+    fault = OutOfMemory("DeviceOutOfMemory: model m: the steering sampler at a batch of 1 needs 9.0 GiB beyond the "
+                        "weights; 2.0 GiB available", "node-a", worker_died=False)
+    assert policy.handle(Task(job("j")), fault, "worker-0", batch_size=1, memory_note="expected peak 12 GiB") \
+        == "failed"
+    assert failures == [("j", f"out of memory at a batch of 1 on worker-0: {fault.message}; expected peak 12 GiB",
+                         1)]
+    assert not queue
 
 
 def test_a_preemption_requeues_the_job_at_the_front_without_an_attempt_and_without_limit() -> None:
@@ -249,10 +274,9 @@ def test_a_job_that_keeps_crashing_its_worker_fails_after_max_worker_crashes() -
     task = Task(job("j"))
     assert policy.handle(task, CrashedWorker("ActorDiedError: died", "node-a"), "worker-0") == "requeued"
     assert queue.popleft() is task
-    killed = OutOfMemory("OutOfMemoryError: killed", "node-b", worker_died=True)
-    assert policy.handle(task, killed, "worker-1") == "failed", "a worker killed for memory is a crash"
+    assert policy.handle(task, CrashedWorker("WorkerCrashedError: segfault", "node-b"), "worker-1") == "failed"
     assert failures == [("j", "crashed its worker 2 times on hosts that stayed up (cluster.max_worker_crashes=2); "
-                         "last: OutOfMemoryError: killed", 1)]
+                         "last: WorkerCrashedError: segfault", 1)]
     assert not queue and policy.job_retries == 0
 
 
@@ -271,7 +295,8 @@ def test_a_loss_that_looked_like_a_crash_is_counted_as_a_preemption_once_ray_kno
     events = policy.classified_events()
     assert events == [{"job_id": "j", "worker": "worker-0", "node_id": "node-a", "error": "ActorDiedError: died",
                        "kind": "preemption"}]
-    assert fault_counts(events, policy.job_retries) == {"preemptions": 1, "worker_crashes": 0, "job_retries": 0}
+    assert fault_counts(events, policy.job_retries) == {"preemptions": 1, "worker_crashes": 0, "job_retries": 0,
+                                                        "oom_retries": 0}
 
 
 def test_fault_tags_count_a_jobs_preemptions_and_crashes() -> None:
@@ -279,6 +304,8 @@ def test_fault_tags_count_a_jobs_preemptions_and_crashes() -> None:
     assert with_fault_tags([result], [], alive) == [result]
     (tagged,) = with_fault_tags([result], ["node-gone", "node-a", None], alive)
     assert tagged.tags == {"logit_lens_tokens": "[]", "runner.preemptions": "2", "runner.worker_crashes": "1"}
+    (shrunk,) = with_fault_tags([result], [], alive, oom_retries=2)
+    assert shrunk.tags == {"logit_lens_tokens": "[]", "runner.oom_retries": "2"}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from runner.execution.slices import SliceExecutor
 from runner.execution.workers import SteeringWorker
 from runner.plan.points import Job
 from runner.plan.prepare import SweepPlan, prepare_sweep
-from runner.results import PointResult
+from runner.results import FailedPoint, PointResult
 from runner.tracking.records import PointRecord, read_batches
 from runner.tracking.search import sweep_records
 from tests.mlflow_server import DIRECT, MlflowServer, free_port, kill_process_group, rest
@@ -195,13 +195,13 @@ class FailingWorker(SteeringWorker):
     flaky: frozenset[str] = frozenset()
     crashing: frozenset[str] = frozenset()
 
-    def run_job(self, job: Job, attempt: int = 1) -> list[PointResult]:
+    def run_job(self, job: Job, attempt: int = 1, batch_size: int | None = None) -> list[PointResult | FailedPoint]:
         keys = {point.point_key for point in job.points}
         if keys & self.crashing:
             os._exit(1)
         if keys & self.always_failing or (attempt == 1 and keys & self.flaky):
             raise RuntimeError(f"injected failure on attempt {attempt}")
-        return super().run_job(job, attempt)
+        return super().run_job(job, attempt, batch_size)
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +258,7 @@ def test_losing_a_host_mid_sweep_requeues_its_job_and_every_point_finishes_once(
 
     assert executor.removed_node_id is not None
     assert [event["kind"] for event in inner.lost_host_events] == ["preemption"], "the lost job was requeued"
-    assert summary.faults == {"preemptions": 1, "worker_crashes": 0, "job_retries": 0}
+    assert summary.faults == {"preemptions": 1, "worker_crashes": 0, "job_retries": 0, "oom_retries": 0}
     assert (summary.points_finished, summary.points_failed) == (24, 0)
     records = assert_each_point_finished_exactly_once(sweep_plan)
     assert {record.attempt for record in records} == {1}, "a lost host does not use an attempt"
@@ -273,7 +273,7 @@ def test_losing_a_host_mid_sweep_requeues_its_job_and_every_point_finishes_once(
 def test_a_failing_job_fails_its_points_after_its_retries_and_the_rest_finish(failing_sweep) -> None:
     sweep_plan, summary = failing_sweep
     assert (summary.points_finished, summary.points_failed) == (16, 8)
-    assert summary.faults == {"preemptions": 0, "worker_crashes": 2, "job_retries": 2}
+    assert summary.faults == {"preemptions": 0, "worker_crashes": 2, "job_retries": 2, "oom_retries": 0}
     records = {record.point_key: record for record in point_records(sweep_plan.config.tracking.uri)}
     assert len(records) == 24, "one record per point, retries included"
     for index, job in enumerate(sweep_plan.jobs):
@@ -306,6 +306,41 @@ def test_ctrl_c_stops_the_workers_and_marks_the_sweep_killed(ray_cluster, tmp_pa
 
     ctrl_c.join()
     assert time.monotonic() - started < 30, "Ctrl-C is honoured while the driver waits on its workers"
+    assert not ray.is_initialized(), "the driver let go of its workers"
+    client = MlflowClient(sweep_plan.config.tracking.uri)
+    parent = client.search_runs([client.get_experiment_by_name("cluster-test").experiment_id],
+                                "tags.`runner.role` = 'sweep'")[0]
+    assert parent.info.status == "KILLED"
+    assert "RUNNING" not in {run.info.status for run in child_runs(sweep_plan.config.tracking.uri)}
+
+
+def test_sigint_stops_a_sweep_whose_workers_crash_loop_within_seconds(ray_cluster, tmp_path, cache_dir) -> None:
+    """Every job kills its worker (as Ray's memory monitor does); Ray restarts it, it loads the model again, the
+    job is requeued and kills it again. A SIGINT to the driver meanwhile ends the sweep at once."""
+    grid = {"layers": [1], "features": [3, 40], "scales": [10, 30], "seeds": [0]}
+    sweep_plan = plan_sweep(tmp_path, cache_dir, SAME_BUCKET_PROMPTS[:2], grid,
+                            on_test_cluster(ray_cluster, max_worker_crashes=1000))
+    keys = frozenset(point.point_key for point in sweep_plan.points)
+    executor = RayExecutor(sweep_plan, cache_dir, sweep_plan.config.cluster,
+                           worker_class=type("CrashLooping", (FailingWorker,), {"crashing": keys}))
+    sent_at: list[float] = []
+
+    def sigint_once_workers_restarted() -> None:
+        deadline = time.monotonic() + 180
+        while len(executor.workers_seen) < 4 and time.monotonic() < deadline:  # both workers up twice: crashed once
+            time.sleep(0.05)
+        time.sleep(1.0)  # into the next round of crashes
+        sent_at.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGINT)
+
+    interrupter = threading.Thread(target=sigint_once_workers_restarted, daemon=True)
+    interrupter.start()
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(sweep_plan, cache_dir=cache_dir, executor=executor)
+    stopped_after = time.monotonic() - sent_at[0]
+    interrupter.join()
+    assert len(executor.workers_seen) >= 4, "the workers were restarted after crashing"
+    assert stopped_after < 10, f"the sweep stopped {stopped_after:.1f} s after the SIGINT"
     assert not ray.is_initialized(), "the driver let go of its workers"
     client = MlflowClient(sweep_plan.config.tracking.uri)
     parent = client.search_runs([client.get_experiment_by_name("cluster-test").experiment_id],

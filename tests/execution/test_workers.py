@@ -1,12 +1,22 @@
-"""The host worker: one compiled program for a whole sweep, shared baselines, one result per point in order."""
+"""The host worker: one compiled program for a whole sweep, shared baselines, one result per point in order; ids
+the tokenizer does not know, and points whose result cannot be made."""
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
 import jax
 import pytest
+from mlflow import MlflowClient
 
 from runner.config.schema import ExperimentConfig
+from runner.driver import run_sweep
+from runner.execution.local import LocalExecutor
 from runner.execution.workers import SteeringWorker, sae_cache
+from runner.model import tokenizer as tokenizer_lib
 from runner.plan.prepare import prepare_sweep
 from runner.sae.params import load_sae
 
@@ -73,3 +83,99 @@ def test_the_sae_cache_keeps_the_most_recent_saes_that_fit_and_always_the_last(t
     nothing = sae_cache(0)
     nothing["tiny/0"], nothing["tiny/1"] = saes[0], saes[1]
     assert list(nothing) == ["tiny/1"], "no budget at all: the last SAE stays"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A vocabulary larger than the tokenizer (Gemma2's Kaggle checkpoints: 256,128 rows, 256,000 pieces)
+
+TOKENIZER_PIECES = 400  # the tiny model has 512 embedding rows
+
+
+@pytest.fixture(scope="module")
+def oversized_vocabulary_model(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model (512 embedding rows) with a tokenizer of 400 pieces."""
+    directory = tmp_path_factory.mktemp("oversized-vocabulary") / "model"
+    shutil.copytree(tiny_model_dir, directory)
+    corpus = tokenizer_lib.CORPUS_PATH.read_text(encoding="utf-8").splitlines()
+    tokenizer_lib.train_sentencepiece(corpus, TOKENIZER_PIECES, directory / "tokenizer.model")
+    return directory
+
+
+def sampled_sweep(tmp_path: Path, model_dir: Path, cache_dir: Path, **sampling) -> tuple[Any, dict[str, dict]]:
+    """A temperature-1 sweep on `model_dir`, run and logged; returns the plan and each point's generation.json."""
+    config = ExperimentConfig.model_validate({
+        "name": "unknown-tokens",
+        "model": {"source": "local", "path": str(model_dir)},
+        "sae": {"source": "synthetic"},
+        "prompts": ["The most iconic structure on Earth is", "Once upon a time"],
+        "steering": {"layers": [1], "features": [3], "scales": [0, 20], "seeds": [0, 1]},
+        "sampling": {"max_new_tokens": 12, "temperature": 1.0, **sampling},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    })
+    sweep_plan = prepare_sweep(config, cache_dir)
+    summary = run_sweep(sweep_plan, cache_dir=cache_dir, output_dir=tmp_path)
+    assert (summary.points_finished, summary.points_failed) == (len(sweep_plan.points), 0)
+    client = MlflowClient(config.tracking.uri)
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id], "tags.`runner.role` = 'point'")
+    assert len(runs) == len(sweep_plan.points) and {run.info.status for run in runs} == {"FINISHED"}
+    generations = {}
+    for run in runs:
+        path = client.download_artifacts(run.info.run_id, "generation.json", str(tmp_path))
+        generations[run.info.run_id] = {**json.loads(Path(path).read_text()), "metrics": run.data.metrics}
+    return sweep_plan, generations
+
+
+def test_ids_the_tokenizer_does_not_know_are_kept_and_shown_as_placeholders(
+    oversized_vocabulary_model, tmp_path, cache_dir
+) -> None:
+    _, generations = sampled_sweep(tmp_path, oversized_vocabulary_model, cache_dir)
+    unknown = [[token for token in g["token_ids"] if token >= TOKENIZER_PIECES] for g in generations.values()]
+    assert sum(map(len, unknown)) > 0, "at temperature 1 a random model samples ids beyond the tokenizer"
+    for generation, ids in zip(generations.values(), unknown, strict=True):
+        assert generation["metrics"]["gen/unknown_tokens"] == len(ids)
+        for token in ids:
+            assert f"<unk-id:{token}>" in generation["text"]
+
+
+def test_excluding_unknown_tokens_keeps_the_sampler_within_the_tokenizer(
+    oversized_vocabulary_model, tmp_path, cache_dir
+) -> None:
+    sweep_plan, generations = sampled_sweep(tmp_path, oversized_vocabulary_model, cache_dir,
+                                            exclude_unknown_tokens=True)
+    assert all(point.exclude_unknown_tokens for point in sweep_plan.points)
+    assert all(token < TOKENIZER_PIECES for g in generations.values() for token in g["token_ids"])
+    assert all(g["metrics"]["gen/unknown_tokens"] == 0 and "<unk-id:" not in g["text"] for g in generations.values())
+    assert sum(len(g["token_ids"]) for g in generations.values()) > 0
+
+
+class BrokenPointWorker(SteeringWorker):
+    """Cannot make the result of one point (as a decoder that raised on an unknown id once could not)."""
+
+    broken: str = ""
+
+    def _point_result(self, point, *args, **kwargs):
+        if point.point_key == self.broken:
+            raise IndexError("piece id is out of range.")
+        return super()._point_result(point, *args, **kwargs)
+
+
+def test_a_point_whose_result_cannot_be_made_fails_alone_once(sweep_plan, tmp_path, cache_dir) -> None:
+    config = sweep_plan.config.model_copy(update={
+        "tracking": sweep_plan.config.tracking.model_copy(update={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}),
+    })
+    sweep = prepare_sweep(config, cache_dir)
+    broken = sweep.points[5]
+    worker_class = type("Broken", (BrokenPointWorker,), {"broken": broken.point_key})
+    worker = worker_class(**sweep.worker_args(), cache_dir=cache_dir)
+    summary = run_sweep(sweep, cache_dir=cache_dir, executor=LocalExecutor(sweep, cache_dir, worker),
+                        output_dir=tmp_path)
+    assert (summary.points_finished, summary.points_failed) == (len(sweep.points) - 1, 1)
+    assert summary.faults["job_retries"] == 0
+    client = MlflowClient(config.tracking.uri)
+    runs = client.search_runs([client.get_experiment_by_name(config.tracking.experiment).experiment_id],
+                              "tags.`runner.role` = 'point'", max_results=1000)
+    failed = [run for run in runs if run.info.status == "FAILED"]
+    assert [run.data.tags["point_key"] for run in failed] == [broken.point_key]
+    assert failed[0].data.tags["runner.error"] == "IndexError: piece id is out of range."
+    assert failed[0].data.tags["runner.attempt"] == "1"

@@ -14,7 +14,16 @@ from runner.config.schema import HuggingFaceModelConfig, KaggleModelConfig, Loca
 from runner.errors import CheckpointError
 from runner.model import hf_format, synthetic
 from runner.model import tokenizer as tokenizer_lib
-from runner.model.loading import load_model, make_host_mesh, read_architecture, resolve_model_location
+from runner.model.loading import (
+    abstract_gemma2,
+    build_gemma2,
+    held_parameter_dtype,
+    load_model,
+    make_host_mesh,
+    read_architecture,
+    resolve_model_location,
+    stored_dtype,
+)
 from runner.steering.sampler import SteeringSampler
 from tests.steering.test_sampler import PROBES, make_batch
 
@@ -83,18 +92,84 @@ def test_sampler_on_the_sharded_model_gives_the_same_greedy_tokens(
     np.testing.assert_array_equal(outputs[0].tokens, outputs[1].tokens)
 
 
-def test_bfloat16_is_the_default_for_real_checkpoints_and_activations_can_be_upcast(
-    tiny_model_dir, tmp_path, cache_dir
+def real_like_directory(tiny_model_dir, directory, checkpoint=None):
+    """A Kaggle-layout directory without the synthetic marker: the tiny model's tokenizer and `checkpoint` (the
+    tiny checkpoint itself by default)."""
+    directory.mkdir()
+    (directory / "tokenizer.model").write_bytes((tiny_model_dir / "tokenizer.model").read_bytes())
+    if checkpoint is None:
+        source = synthetic.find_checkpoint_dir(tiny_model_dir)
+        (directory / source.name).symlink_to(source, target_is_directory=True)
+    else:
+        synthetic.write_kaggle_checkpoint(checkpoint, directory / "gemma2-tiny")
+    return directory
+
+
+def test_dtype_auto_is_the_checkpoints_stored_dtype(tiny_model_dir, tmp_path, cache_dir) -> None:
+    float32 = load_model(LocalModelConfig(path=real_like_directory(tiny_model_dir, tmp_path / "f32")),
+                         cache_dir=cache_dir)
+    assert (float32.dtype, float32.held_dtype) == ("float32", "float32")
+    assert {p.value.dtype for p in pz.unbind_params(float32.model)[1]} == {jnp.dtype(jnp.float32)}
+    assert float32.architecture.sliding_window == 4096  # no synthetic marker: the Gemma2 value
+
+    stored = synthetic.synthetic_flat_params(float32.architecture, seed=0, dtype="bfloat16")
+    directory = real_like_directory(tiny_model_dir, tmp_path / "bf16", checkpoint=stored)
+    assert stored_dtype(resolve_model_location(LocalModelConfig(path=directory), cache_dir)) == "bfloat16"
+    bfloat16 = load_model(LocalModelConfig(path=directory), cache_dir=cache_dir)
+    assert bfloat16.dtype == "bfloat16"
+    # On CPU the bfloat16 weights are held in float32 (the same values), and so are the activations.
+    assert bfloat16.held_dtype == "float32" and bfloat16.model.metadata.activation_dtype == jnp.float32
+    embedding = pz.select(bfloat16.model).at_instances_of(pz.Parameter).where(
+        lambda p: p.label.endswith("embedder.embeddings")).get_sequence()[0].value.unwrap("vocabulary", "embedding")
+    np.testing.assert_array_equal(
+        np.asarray(embedding), stored["transformer/embedder"]["input_embedding"].astype(np.float32)
+    )
+
+
+def test_bfloat16_stays_bfloat16_where_the_device_computes_in_it() -> None:
+    assert held_parameter_dtype("bfloat16", "tpu") == "bfloat16"
+    assert held_parameter_dtype("bfloat16", "gpu") == "bfloat16"
+    assert held_parameter_dtype("bfloat16", "cpu") == "float32"
+    assert held_parameter_dtype("float32", "cpu") == "float32"
+
+
+def test_a_float32_huggingface_checkpoint_loads_in_float32_under_dtype_auto(
+    tiny_model, tiny_model_dir, tmp_path, tokens, cache_dir
 ) -> None:
-    real_like = tmp_path / "real-like"
-    real_like.mkdir()
-    (real_like / "tokenizer.model").write_bytes((tiny_model_dir / "tokenizer.model").read_bytes())
-    checkpoint = synthetic.find_checkpoint_dir(tiny_model_dir)
-    (real_like / checkpoint.name).symlink_to(checkpoint, target_is_directory=True)
-    loaded = load_model(LocalModelConfig(path=real_like, upcast_activations=True), cache_dir=cache_dir)
-    assert {p.value.dtype for p in pz.unbind_params(loaded.model)[1]} == {jnp.dtype(jnp.bfloat16)}
-    assert loaded.architecture.sliding_window == 4096  # no synthetic marker: the Gemma2 value
+    flat = synthetic.synthetic_flat_params(tiny_model.architecture, seed=0)
+    hf_dir = hf_format.write_hf_checkpoint(flat, tiny_model.architecture, tmp_path / "hf")
+    (hf_dir / "tokenizer.model").write_bytes((tiny_model_dir / "tokenizer.model").read_bytes())
+    loaded = load_model(HuggingFaceModelConfig(path=hf_dir), cache_dir=cache_dir)
+    assert loaded.dtype == "float32"
+    np.testing.assert_allclose(logits_of(loaded, tokens), logits_of(tiny_model, tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_activations_can_be_upcast(tiny_model_dir, tmp_path, cache_dir) -> None:
+    loaded = load_model(LocalModelConfig(path=real_like_directory(tiny_model_dir, tmp_path / "m"), dtype="bfloat16",
+                                         upcast_activations=True), cache_dir=cache_dir)
     assert loaded.model.metadata.activation_dtype == jnp.float32
+
+
+def test_loading_holds_the_checkpoint_once(tiny_model_dir, tmp_path) -> None:
+    """`build_gemma2(consume=True)` takes each tensor out of the restored dict as it converts it."""
+    arch = synthetic.SYNTHETIC_PRESETS["tiny"]
+    flat = synthetic.synthetic_flat_params(arch, seed=0, dtype="bfloat16")
+    model = build_gemma2(flat, arch, parameter_dtype=jnp.float32, consume=True)
+    assert all(not leaves for leaves in flat.values()), "every tensor was handed over"
+    assert {p.value.dtype for p in pz.unbind_params(model)[1]} == {jnp.dtype(jnp.float32)}
+    kept = synthetic.synthetic_flat_params(arch, seed=0)
+    build_gemma2(kept, arch)
+    assert all(leaves for leaves in kept.values()), "without consume the caller's dict is left alone"
+
+
+def test_an_abstract_model_has_the_real_ones_parameters_without_memory(tiny_model) -> None:
+    abstract = abstract_gemma2(tiny_model.architecture, jnp.float32)
+    real = {p.label: p.value for p in pz.unbind_params(tiny_model.model)[1]}
+    values = pz.select(abstract).at_instances_of(pz.ParameterValue).get_sequence()
+    assert {v.label for v in values} == set(real)
+    for value in values:
+        assert value.value.named_shape == real[value.label].named_shape
+        assert isinstance(value.value.data_array, jax.ShapeDtypeStruct)
 
 
 def test_kaggle_source_downloads_through_kagglehub(monkeypatch, tiny_model_dir, cache_dir) -> None:

@@ -10,15 +10,18 @@ import orbax.checkpoint as ocp
 import pytest
 
 from runner.errors import CheckpointError
-from runner.model.architecture import Gemma2Architecture
+from runner.model.architecture import PUBLISHED, Gemma2Architecture
 from runner.model.synthetic import (
     MARKER_FILE_NAME,
+    PRESETS,
     SYNTHETIC_PRESETS,
     find_checkpoint_dir,
     synthetic_architecture,
     synthetic_flat_params,
+    synthetic_tensors,
     write_kaggle_checkpoint,
     write_synthetic_model,
+    write_synthetic_tokenizer,
 )
 from runner.model.tokenizer import load_tokenizer
 
@@ -55,7 +58,11 @@ def test_presets_are_the_documented_sizes():
     assert tiny.gating_is_d_by_f and small.gating_is_d_by_f
 
 
-@pytest.mark.parametrize("preset", sorted(SYNTHETIC_PRESETS))
+#: The presets small enough to write in a test (the published sizes are rehearsed by `runner synth` and the bench).
+SMALL_PRESETS = ("tiny", "small")
+
+
+@pytest.mark.parametrize("preset", SMALL_PRESETS)
 def test_flat_params_have_the_presets_keys_shapes_and_fp32(preset: str):
     arch = SYNTHETIC_PRESETS[preset]
     flat = synthetic_flat_params(arch, seed=0)
@@ -99,7 +106,7 @@ def test_restored_checkpoint_equals_the_flat_params(tiny_model: Path):
     assert array_bytes(restored) == array_bytes(synthetic_flat_params(SYNTHETIC_PRESETS["tiny"], seed=0))
 
 
-@pytest.mark.parametrize("preset", sorted(SYNTHETIC_PRESETS))
+@pytest.mark.parametrize("preset", SMALL_PRESETS)
 def test_architecture_from_orbax_metadata_is_the_preset(models_dir: Path, preset: str):
     model_dir = write_synthetic_model(models_dir / f"{preset}-seed0", preset, seed=0)
     arch = SYNTHETIC_PRESETS[preset]
@@ -171,3 +178,33 @@ def test_find_checkpoint_dir_refuses_several_checkpoints(tmp_path: Path):
         (tmp_path / name / "checkpoint").write_bytes(b"")
     with pytest.raises(CheckpointError, match="gemma2-2b, gemma2-9b"):
         find_checkpoint_dir(tmp_path)
+
+
+@pytest.mark.parametrize("preset", ["gemma2-2b", "gemma2-9b", "gemma2-27b"])
+def test_the_published_presets_have_the_published_shapes_in_bfloat16_and_a_gemma_sized_tokenizer(preset: str):
+    spec = PRESETS[preset]
+    assert spec.architecture == PUBLISHED[preset] and spec.architecture.vocab_size == 256_128
+    assert (spec.dtype, spec.tokenizer_pieces, spec.sae_width) == ("bfloat16", 256_000, "16k")
+    assert all(0 <= layer < spec.architecture.num_layers for layer in spec.sae_layers)
+
+
+def test_bfloat16_weights_are_the_float32_draws_rounded_and_drawn_a_block_at_a_time(monkeypatch):
+    import ml_dtypes
+
+    from runner.model import synthetic
+
+    monkeypatch.setattr(synthetic, "_DRAW_BLOCK_ELEMENTS", 1_000)  # many blocks even for the tiny tensors
+    arch = SYNTHETIC_PRESETS["tiny"]
+    full = synthetic_flat_params(arch, seed=2)
+    streamed = {(key, leaf): values for key, leaf, values in synthetic_tensors(arch, seed=2, dtype="bfloat16")}
+    assert set(streamed) == {(key, leaf) for key, leaves in full.items() for leaf in leaves}
+    for (key, leaf), values in streamed.items():
+        assert values.dtype == ml_dtypes.bfloat16
+        np.testing.assert_array_equal(values, full[key][leaf].astype(ml_dtypes.bfloat16))
+
+
+def test_the_published_presets_tokenizer_leaves_the_padded_rows_without_a_piece(tmp_path: Path):
+    path = write_synthetic_tokenizer(PRESETS["gemma2-2b"], tmp_path / "tokenizer.model")
+    tokenizer = load_tokenizer(path)
+    assert tokenizer.vocab_size == 256_000 < PRESETS["gemma2-2b"].architecture.vocab_size
+    assert max(tokenizer.encode("The most iconic structure on Earth is")) < 16_384, "trained pieces for text"

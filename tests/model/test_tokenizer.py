@@ -14,8 +14,11 @@ from runner.model.tokenizer import (
     PAD_ID,
     decode_tokens,
     encode_prompt,
+    is_unknown,
     load_tokenizer,
+    pad_sentencepiece,
     train_sentencepiece,
+    unknown_token_text,
 )
 
 TINY_VOCAB = 512
@@ -119,3 +122,29 @@ def test_a_different_file_in_gemmas_cache_is_refused(tmp_path: Path, tokenizer_p
     monkeypatch.setenv("GEMMA_CACHE_DIR", str(cache))
     with pytest.raises(CheckpointError, match="shadowed"):
         load_tokenizer(tokenizer_path)
+
+
+def test_ids_without_a_piece_decode_to_a_visible_placeholder_between_the_text(tokenizer):
+    ids = encode_prompt(tokenizer, "liberty and justice")[1:]
+    beyond = [TINY_VOCAB, TINY_VOCAB + 127]
+    text = decode_tokens(tokenizer, [*ids[:2], beyond[0], *ids[2:], beyond[1]])
+    assert text == (decode_tokens(tokenizer, ids[:2]) + f"<unk-id:{beyond[0]}>" + decode_tokens(tokenizer, ids[2:])
+                    + f"<unk-id:{beyond[1]}>")
+    assert decode_tokens(tokenizer, [beyond[0]]) == unknown_token_text(beyond[0]) == f"<unk-id:{TINY_VOCAB}>"
+    assert [is_unknown(tokenizer, token) for token in (0, TINY_VOCAB - 1, TINY_VOCAB, -1)] == [False, False, True, True]
+
+
+def test_a_tokenizer_padded_with_filler_pieces_has_exactly_the_pieces_asked_for(tmp_path: Path, corpus_lines):
+    path = train_sentencepiece(corpus_lines, TINY_VOCAB, tmp_path / "tokenizer.model")
+    pad_sentencepiece(path, 2_000)
+    padded = load_tokenizer(path)
+    assert padded.vocab_size == 2_000
+    assert padded.tokens[TINY_VOCAB] == f"<synthetic-{TINY_VOCAB}>"
+    text = "We hold these truths to be self-evident."
+    assert encode_prompt(padded, text) == encode_prompt(load_tokenizer(tokenizer_path_of(corpus_lines, tmp_path)),
+                                                          text), "ordinary text never reaches the filler pieces"
+    assert decode_tokens(padded, [1_999]) == "<synthetic-1999>"
+
+
+def tokenizer_path_of(corpus_lines, tmp_path: Path) -> Path:
+    return train_sentencepiece(corpus_lines, TINY_VOCAB, tmp_path / "plain.model")

@@ -9,6 +9,7 @@ from runner.errors import PlanError
 from runner.plan.points import (
     SAEEvalPoint,
     SteeringPoint,
+    _digest,
     check_grid_size,
     expand_points,
     grid_size,
@@ -89,7 +90,7 @@ def test_params_are_strings_for_mlflow():
     assert point.params() == {
         "model": "kaggle:gemma2-2b", "sae_id": SAE_IDS[20], "layer": "20", "feature": "3124", "scale": "0.0",
         "seed": "0", "temperature": "0.5", "top_k": "40", "top_p": "None", "mode": "add", "positions": "all",
-        "prompt_index": "0", "max_new_tokens": "8",
+        "prompt_index": "0", "max_new_tokens": "8", "dtype": "", "exclude_unknown_tokens": "False",
     }
 
 
@@ -102,8 +103,25 @@ def test_params_are_logged_in_the_order_of_the_param_names_runner_export_follows
     assert evaluation.params() == {
         "model": "m", "sae_id": "sae-3", "layer": "3", "site": "mlp", "width": "16k", "l0_target": "canonical",
         "text": "bundled:eval_text.txt", "text_digest": "ab12", "context_length": "64", "num_sequences": "2",
+        "dtype": "",
     }
     assert tuple(evaluation.params()) == SAEEvalPoint.PARAM_NAMES
+
+def test_the_resolved_dtype_is_a_param_but_not_part_of_the_key():
+    plain = expand_points(make_config(), SAE_IDS)[0]
+    resolved = expand_points(make_config(), SAE_IDS, dtype="bfloat16")[0]
+    assert resolved.params()["dtype"] == "bfloat16"
+    assert (resolved.point_key, resolved.generation_key) == (plain.point_key, plain.generation_key)
+
+
+def test_excluding_unknown_tokens_changes_the_key_and_leaves_earlier_keys_alone():
+    plain = expand_points(make_config(), SAE_IDS)[0]
+    excluding = expand_points(make_config(sampling__exclude_unknown_tokens=True), SAE_IDS)[0]
+    assert excluding.exclude_unknown_tokens and excluding.point_key != plain.point_key
+    keyed = {k: v for k, v in dataclasses.asdict(plain).items()
+             if k not in ("neuronpedia_url", "dtype", "exclude_unknown_tokens")}
+    assert plain.point_key == _digest(keyed), "a key made before the field existed is unchanged"
+
 
 def test_sweep_id_ignores_tracking_and_cluster_but_not_results():
     base = sweep_id(make_config())

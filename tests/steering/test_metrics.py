@@ -103,7 +103,7 @@ def test_metrics_match_numpy_reference(tiny_model, tiny_saes, patched, batch) ->
     prompt_tokens, generated = batch
     inputs = steering_inputs([8.0, 4.0, 0.0])
     computed = steering_metrics.steering_generation_metrics(
-        tiny_model.model, patched, inputs, prompt_tokens, generated, tiny_saes, LAYERS, FEATURES, logit_lens_k=K
+        tiny_model.model, inputs, prompt_tokens, generated, tiny_saes, LAYERS, FEATURES, logit_lens_k=K
     )
     results = [row.metrics for row in computed]
 
@@ -147,9 +147,9 @@ def test_metrics_match_numpy_reference(tiny_model, tiny_saes, patched, batch) ->
     assert results[0]["steer/kl_steered_base"] > 1e-3 and abs(results[2]["steer/kl_steered_base"]) < 1e-6
 
 
-def test_kl_is_exactly_zero_at_scale_zero(tiny_model, tiny_saes, patched, batch) -> None:
+def test_kl_is_exactly_zero_at_scale_zero(tiny_model, tiny_saes, batch) -> None:
     results = steering_metrics.steering_generation_metrics(
-        tiny_model.model, patched, steering_inputs([0.0] * 3), *batch, tiny_saes, LAYERS, FEATURES
+        tiny_model.model, steering_inputs([0.0] * 3), *batch, tiny_saes, LAYERS, FEATURES
     )
     # Base and steered logits come from two passes: equal up to float32 rounding, not bit for bit.
     for metrics in (row.metrics for row in results):
@@ -236,13 +236,12 @@ def test_concept_feature_fires_on_its_token_text_only(tiny_model, windows) -> No
     arrays["threshold"][0] = (projection[0].min() + projection[1:].max()) / 2
     concept_sae = JumpReLUSAE.from_arrays(arrays)
 
-    # The base model as the "steered" model: nothing is steered, only the concept is read.
+    # Steered by 0: nothing changes, only the concept is read.
     unsteered = steering.SteeringInputs.from_rows([layer] * 3, [0] * 3, [0.0] * 3, ["add"] * 3, [0] * 3)
     results = [
         row.metrics
         for row in steering_metrics.steering_generation_metrics(
-            tiny_model.model, tiny_model.model, unsteered, prompt_tokens, generated, {layer: concept_sae}, [layer] * 3,
-            [0] * 3,
+            tiny_model.model, unsteered, prompt_tokens, generated, {layer: concept_sae}, [layer] * 3, [0] * 3,
         )
     ]
     assert [r["steer/concept_rate"] for r in results] == [1.0, 0.0, 0.0]
@@ -275,7 +274,7 @@ def test_greedy_unsteered_generation_is_likelier_than_heavily_steered(tiny_model
         [
             row.metrics
             for row in steering_metrics.steering_generation_metrics(
-                tiny_model.model, patched, heavy, prompt_tokens, generation, tiny_saes, LAYERS, FEATURES
+                tiny_model.model, heavy, prompt_tokens, generation, tiny_saes, LAYERS, FEATURES
             )
         ]
         for generation in (plain_generation, steered_generation)

@@ -1,0 +1,165 @@
+"""`runner bench --memory-table`: the batch the planner picks, and the memory it expects, for Gemma2 2B, 9B and 27B
+on accelerators this project has not run on, computed from XLA's compiled memory analysis with abstract inputs.
+
+Nothing is measured on the hardware: the programs (the steering sampler and the steering metrics, with one 16k
+SAE, prompt bucket 16, 32 new tokens) are compiled here, on the CPU backend, for `jax.ShapeDtypeStruct` weights:
+sharded over 8 fake CPU devices (`--xla_force_host_platform_device_count=8`, the worker's own sharding rule) for
+the 8-chip TPU hosts, on one device for the GPU and the CPU host. Each cell is `runner.plan.memory.fit_batch`
+against the accelerator's published memory per chip (usable fraction 0.9), up to the planner's largest automatic
+batch (64):
+
+- resident: the weights in the dtype the platform holds them (bfloat16 on TPU/GPU, float32 on CPU), per chip, plus
+  the SAE (float32, replicated);
+- beyond it, per batch: the compiled programs' temporaries, outputs and inputs. For TPU/GPU rows the programs are
+  compiled with float32 weights and bfloat16 activations: XLA's CPU backend has no bfloat16 matmul and would add
+  a float32 copy of every bfloat16 weight that TPU and GPU do not make, while the KV cache and activations are
+  those of bfloat16. The CPU backend's own re-laid-out attention weights (float32) stay in, so these are upper
+  bounds.
+
+Runs in a subprocess of its own, since the fake devices must be set before JAX starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+#: Fake CPU devices of the 8-chip rows.
+FAKE_DEVICES = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator:
+    """A host the table plans for.
+
+    Attributes:
+      chips: Devices of the host the model is sharded over.
+      bytes_per_chip: Published memory of one device.
+      platform: `tpu`, `gpu` or `cpu` (which dtype the weights are held in).
+    """
+
+    chips: int
+    bytes_per_chip: int
+    platform: str
+
+
+#: v5e: 16 GiB HBM per chip; v6e (Trillium): 32 GiB; H100: 80 GB HBM3; the CPU host: this project's 24 GB machines.
+ACCELERATORS: dict[str, Accelerator] = {
+    "v5e-8": Accelerator(8, 16 * 2**30, "tpu"),
+    "v6e-8": Accelerator(8, 32 * 2**30, "tpu"),
+    "H100-80GB": Accelerator(1, 80 * 10**9, "gpu"),
+    "CPU-24GB": Accelerator(1, 24 * 10**9, "cpu"),
+}
+MODELS = ("gemma2-2b", "gemma2-9b", "gemma2-27b")
+PROMPT_BUCKET, NEW_TOKENS, SAE_WIDTH, SAE_LAYER_FRACTION = 16, 32, 16384, 0.75
+
+
+def run_memory_table(models: tuple[str, ...] = MODELS, timeout_s: float = 7200) -> dict[str, Any]:
+    """Computes the table for `models` in a subprocess with `FAKE_DEVICES` fake CPU devices; returns its figures."""
+    unknown = [model for model in models if model not in MODELS]
+    if unknown:
+        from runner.errors import ConfigError
+
+        raise ConfigError(f"--models: {unknown} not allowed (allowed: {', '.join(MODELS)})")
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={FAKE_DEVICES}", "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-c",
+               f"import json, runner.bench.memory_table as t; print(json.dumps(t.table({tuple(models)!r})))"]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
+    if finished.returncode != 0:
+        from runner.errors import RunnerError
+
+        raise RunnerError(f"the memory table's subprocess failed ({finished.returncode}): "
+                          f"{' | '.join(finished.stderr.strip().splitlines()[-3:])}")
+    return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+def table(models: tuple[str, ...] = MODELS) -> dict[str, Any]:
+    """Every (model, accelerator) cell of `models` (in this process, which must have `FAKE_DEVICES` CPU devices)."""
+    import jax
+
+    if len(jax.devices()) < FAKE_DEVICES:
+        raise RuntimeError(f"needs {FAKE_DEVICES} devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    started = time.perf_counter()
+    cells = [cell(model, name) for model in models for name in ACCELERATORS]
+    return {"prompt_bucket": PROMPT_BUCKET, "new_tokens": NEW_TOKENS, "sae_width": SAE_WIDTH, "cells": cells,
+            "seconds": round(time.perf_counter() - started)}
+
+
+def cell(model: str, accelerator_name: str) -> dict[str, Any]:
+    """One cell: the fitted batch and what it is expected to take per chip."""
+    import jax.numpy as jnp
+
+    from runner.model.architecture import PUBLISHED
+    from runner.model.loading import abstract_gemma2
+    from runner.plan import memory
+    from runner.plan.prepare import MAX_AUTO_BATCH
+
+    accelerator = ACCELERATORS[accelerator_name]
+    arch = PUBLISHED[model]
+    held = jnp.float32 if accelerator.platform == "cpu" else jnp.bfloat16
+    mesh = _mesh(accelerator.chips)
+    resident = memory.unique_bytes(abstract_gemma2(arch, held, mesh=mesh)) + memory.sae_bytes(arch.embedding_dim,
+                                                                                            SAE_WIDTH)
+    usable = int(accelerator.bytes_per_chip * memory.USABLE_FRACTION)
+    row: dict[str, Any] = {"model": model, "accelerator": accelerator_name, "chips": accelerator.chips,
+                           "memory_per_chip_gib": round(accelerator.bytes_per_chip / 2**30, 1),
+                           "resident_per_chip_gib": round(resident / 2**30, 2)}
+    if resident >= usable:
+        return {**row, "batch_size": 0, "fits": False}
+    activation = jnp.float32 if accelerator.platform == "cpu" else jnp.bfloat16
+    need = functools.partial(_need, model, accelerator.chips, activation)
+    bytes_per = 4 if accelerator.platform == "cpu" else 2
+    estimate = memory.estimate_steering_memory(arch, prompt_len=PROMPT_BUCKET, max_new_tokens=NEW_TOKENS,
+                                               parameter_bytes=4, activation_bytes=bytes_per, sae_widths=[SAE_WIDTH])
+    guess = estimate.largest_batch(int((usable - resident) / memory.USABLE_FRACTION), MAX_AUTO_BATCH) or 1
+    try:
+        fit = memory.fit_batch(need, usable - resident, MAX_AUTO_BATCH, guess)
+    except memory.DoesNotFit as error:
+        return {**row, "batch_size": 0, "fits": False, "need_at_1_gib": round(error.need / 2**30, 2)}
+    return {**row, "fits": True, "batch_size": fit.batch_size,
+            "expected_per_chip_gib": round((resident + fit.need) / 2**30, 2),
+            "need_beyond_weights_gib": round(fit.need / 2**30, 3),
+            "measured": {str(batch): round(bytes_ / 2**30, 3) for batch, bytes_ in sorted(fit.measured.items())}}
+
+
+def _mesh(chips: int) -> Any:
+    import jax
+
+    from runner.model.loading import make_host_mesh
+
+    return make_host_mesh(jax.devices()[:chips]) if chips > 1 else None
+
+
+@functools.cache
+def _need(model: str, chips: int, activation_dtype: Any, batch_size: int) -> int:
+    """Per-chip bytes beyond the weights of the sampler and the metrics program at `batch_size` (the larger)."""
+    import jax.numpy as jnp
+
+    from runner.model.architecture import PUBLISHED
+    from runner.model.loading import abstract_gemma2
+    from runner.plan import memory
+    from runner.sae_eval.evaluate import abstract_sae
+    from runner.steering.metrics import SteeringMetricsProgram
+    from runner.steering.sampler import SteeringSampler
+
+    arch = PUBLISHED[model]
+    mesh = _mesh(chips)
+    weights = abstract_gemma2(arch, jnp.float32, activation_dtype, mesh=mesh)
+    saes = {int(arch.num_layers * SAE_LAYER_FRACTION): abstract_sae(arch.embedding_dim, SAE_WIDTH)}
+    started = time.perf_counter()
+    sampler = SteeringSampler(weights, saes, batch_size=batch_size, prompt_len=PROMPT_BUCKET,
+                              max_new_tokens=NEW_TOKENS, mesh=mesh)
+    metrics = SteeringMetricsProgram(weights, saes, num_generations=batch_size, seq_len=PROMPT_BUCKET + NEW_TOKENS,
+                                     num_points=batch_size)
+    needs = [memory.program_need(program.memory_analysis(), memory.argument_bytes(program.weights))
+             for program in (sampler, metrics)]
+    print(f"{model} x{chips} {jnp.dtype(activation_dtype).name} batch {batch_size}: "
+          f"{[round(n / 2**30, 3) for n in needs]} GiB ({time.perf_counter() - started:.0f} s)", file=sys.stderr,
+          flush=True)
+    return max(needs)
