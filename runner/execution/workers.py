@@ -156,15 +156,18 @@ def batch_rows(
     prompt_len: int,
     probe_features: Sequence[int],
     known_pieces: int | None = None,
+    num_interventions: int = 1,
 ) -> SamplingBatch:
-    """Host arrays for a batch whose row i runs `points[i]` on `prompt_tokens[i]`; baselines run unsteered. A
+    """Host arrays for a batch whose row i runs `points[i]` on `prompt_tokens[i]`; baselines run unsteered. Each
+    row has `num_interventions` slots: a point's interventions (a combination's several), the rest unused. A
     point with `exclude_unknown_tokens` samples only ids below `known_pieces` (the tokenizer's piece count)."""
+    slots = [intervention_slots(p, num_interventions) for p in points]
     return SamplingBatch(
         prompt_tokens=left_pad([list(tokens) for tokens in prompt_tokens], prompt_len),
-        target_layer=np.array([[NO_LAYER if p.is_baseline else p.layer] for p in points], np.int32),
-        feature=np.array([[p.feature] for p in points], np.int32),
-        value=np.array([[0.0 if p.mode == "ablate" else p.scale] for p in points], np.float32),
-        mode=np.array([[MODE_CODES[p.mode]] for p in points], np.int32),
+        target_layer=np.array([[layer for layer, _, _, _ in row] for row in slots], np.int32),
+        feature=np.array([[feature for _, feature, _, _ in row] for row in slots], np.int32),
+        value=np.array([[value for _, _, value, _ in row] for row in slots], np.float32),
+        mode=np.array([[mode for _, _, _, mode in row] for row in slots], np.int32),
         steer_from=np.array(
             [steer_from_position(p.positions, len(t)) for p, t in zip(points, prompt_tokens, strict=True)], np.int32
         ),
@@ -179,6 +182,22 @@ def batch_rows(
              for p in points], np.int32
         ),
     )
+
+
+def intervention_slots(point: SteeringPoint, num_interventions: int) -> list[tuple[int, int, float, int]]:
+    """A row's `(target layer, feature, value, mode code)` slots: the point's interventions (none for a baseline),
+    then unused slots (`NO_LAYER`) up to `num_interventions`."""
+    used = [] if point.is_baseline else [
+        (i.layer, i.feature, 0.0 if i.mode == "ablate" else i.scale, MODE_CODES[i.mode]) for i in point.interventions
+    ]
+    if len(used) > num_interventions:
+        raise ValueError(f"a point of {len(used)} interventions in a program for {num_interventions}")
+    return used + [(NO_LAYER, 0, 0.0, MODE_CODES["add"])] * (num_interventions - len(used))
+
+
+#: The metrics a combination point logs for each of its interventions (`steer/L{layer}F{feature}/<name>`).
+PER_INTERVENTION_METRICS = ("steer/concept_rate", "steer/concept_activation", "steer/logit_lens_mass",
+                            "steer/feature_activation", "steer/feature_firing_rate", "steer/l0")
 
 
 def cut_at_eos(tokens: np.ndarray, eos_id: int = tokenizer_lib.EOS_ID) -> tuple[list[int], bool]:
@@ -342,7 +361,8 @@ class SteeringWorker:
         longest = max(len(ids) for ids in self._prompt_ids.values())
         self.prompt_len = prompt_bucket(longest)  # one bucket for the sweep: one compiled program
         self.max_new_tokens = config.sampling.max_new_tokens
-        self.probe_features = sorted(set(config.steering.features))
+        self.probe_features = sorted(set(config.steering.features)) or [0]  # combinations alone: no baseline
+        self.num_interventions = config.steering.max_interventions
         self._samplers: dict[tuple[int, int, int], SteeringSampler] = {}
         self._lens_tags: dict[tuple[int, ...], str] = {}
         self._metrics_programs: dict[tuple[int, int], steering_metrics.SteeringMetricsProgram] = {}
@@ -455,7 +475,7 @@ class SteeringWorker:
         self._metrics_programs[(batch_size, capacity)] = steering_metrics.SteeringMetricsProgram(
             self.loaded.model, self._sae_layers, num_generations=batch_size,
             seq_len=self.prompt_len + self.max_new_tokens, num_points=capacity,
-            program_cache=self.program_cache,
+            num_interventions=self.num_interventions, program_cache=self.program_cache,
         )
         return self._metrics_programs[(batch_size, capacity)]
 
@@ -470,6 +490,7 @@ class SteeringWorker:
                 prompt_len=prompt_len,
                 max_new_tokens=max_new_tokens,
                 num_probes=len(self.probe_features),
+                num_interventions=self.num_interventions,
                 mesh=self.loaded.mesh,
                 program_cache=self.program_cache,
             )
@@ -495,24 +516,31 @@ class SteeringWorker:
                 row_of[point.generation_key] = len(rows)
                 rows.append(point)
         padded = self._padded(rows)
-        point_rows = [row_of[point.generation_key] for point in points]
+        # One measurement per intervention: a combination's features are each read on its generation.
+        measured = [(index, point.interventions[k]) for index, point in enumerate(points)
+                    for k in range(len(point.interventions))]
+        point_rows = [row_of[points[index].generation_key] for index, _ in measured]
         with _recurring_errors():
             batch = batch_rows(padded, self._prompt_tokens(padded), self.prompt_len, self.probe_features,
-                               self.loaded.tokenizer.vocab_size)
+                               self.loaded.tokenizer.vocab_size, self.num_interventions)
             output = self._run("steering sampler", self.sampler_for(self.prompt_len, rows[0].max_new_tokens), batch)
             generation_metrics = self._run(
-                "steering metrics", self.metrics_program_for(len(points)),
+                "steering metrics", self.metrics_program_for(len(measured)),
                 steering_lib.SteeringInputs.from_rows(
                     batch.target_layer, batch.feature, batch.value, batch.mode, batch.steer_from
                 ),
-                batch.prompt_tokens, output.tokens, [point.layer for point in points],
-                [point.feature for point in points], point_rows,
+                batch.prompt_tokens, output.tokens, [intervention.layer for _, intervention in measured],
+                [intervention.feature for _, intervention in measured], point_rows,
             )
+        by_point: dict[int, list[steering_metrics.GenerationMetrics]] = {}
+        for (index, _), extra in zip(measured, generation_metrics, strict=True):
+            by_point.setdefault(index, []).append(extra)
         memory_tags = self.memory.tags()
         results: list[PointResult | FailedPoint] = []
-        for point, row, extra in zip(points, point_rows, generation_metrics, strict=True):
+        for index, point in enumerate(points):
             try:
-                results.append(self._point_result(point, row, output, extra, attempt, memory_tags))
+                results.append(self._point_result(point, row_of[point.generation_key], output, by_point[index],
+                                                  attempt, memory_tags))
             except Exception as error:  # noqa: BLE001 - this point's result cannot be made: it fails alone, once
                 results.append(FailedPoint(point.point_key, f"{type(error).__name__}: {error}",
                                            worker=self.worker_name, attempt=attempt))
@@ -529,11 +557,14 @@ class SteeringWorker:
             raise
 
     def _point_result(
-        self, point: SteeringPoint, row: int, output: Any, extra: steering_metrics.GenerationMetrics, attempt: int,
-        memory_tags: Mapping[str, str],
+        self, point: SteeringPoint, row: int, output: Any, extras: Sequence[steering_metrics.GenerationMetrics],
+        attempt: int, memory_tags: Mapping[str, str],
     ) -> PointResult:
+        """A point's result from its generation row and its measurements (one per intervention, its own first:
+        a combination also logs each intervention's under `steer/L{layer}F{feature}/...`)."""
         tokenizer = self.loaded.tokenizer
         ids, stopped = cut_at_eos(output.tokens[row])
+        extra = extras[0]
         if point.is_baseline:
             measured = output.baseline[point.layer]
             probe = self.probe_features.index(point.feature)
@@ -543,6 +574,12 @@ class SteeringWorker:
             sums = tuple(output.totals[name][row, 0] for name in steering_lib.TOTAL_NAMES)
         point_metrics = steering_metrics.steering_point_metrics(*sums)
         point_metrics.update(extra.metrics)
+        if point.combined_with:
+            for k, (intervention, measurement) in enumerate(zip(point.interventions, extras, strict=True)):
+                own = {**steering_metrics.steering_point_metrics(
+                    *(output.totals[name][row, k] for name in steering_lib.TOTAL_NAMES)), **measurement.metrics}
+                point_metrics.update({f"steer/{intervention.label}/{name.removeprefix('steer/')}": own[name]
+                                      for name in PER_INTERVENTION_METRICS if name in own})
         point_metrics["gen/num_tokens"] = float(len(ids))
         point_metrics["gen/stopped_at_eos"] = float(stopped)
         point_metrics["gen/unknown_tokens"] = float(sum(tokenizer_lib.is_unknown(tokenizer, token) for token in ids))

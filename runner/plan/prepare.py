@@ -100,11 +100,14 @@ class SweepPlan:
     @property
     def point_capacity(self) -> int:
         """Point rows of a steering worker's metrics program that serve every chunk of the plan's jobs (a job's
-        scale-0 points share one generation, so a chunk may hold more points than generations)."""
+        scale-0 points share one generation, so a chunk may hold more points than generations; a combination is
+        measured once per intervention)."""
         from runner.steering.metrics import point_bucket
 
         chunks = [chunk for job in self.jobs for chunk in plan.split_by_generations(job.points, self.batch_size)]
-        return max((point_bucket(len(chunk), self.batch_size) for chunk in chunks), default=self.batch_size)
+        # A combination point is measured once per intervention.
+        rows = [sum(len(point.interventions) for point in chunk) for chunk in chunks]
+        return max((point_bucket(count, self.batch_size) for count in rows), default=self.batch_size)
 
 
 def prepare_sweep(config: ExperimentConfig, cache_dir: Path) -> SweepPlan:

@@ -277,6 +277,7 @@ class SteeringMetricsProgram:
       num_generations: Generation rows per batch (`G`).
       seq_len: Prompt bucket plus generated tokens (`S`).
       num_points: Point rows per batch (`P`); a batch may hold fewer points (the rest is padding).
+      num_interventions: Interventions per generation row (`K`, the sweep's largest combination).
       logit_lens_k: Size of a feature's logit-lens token set.
       vocab_chunk: Vocabulary chunk of the KL/entropy sums.
       program_cache: Where the traced program is kept between worker starts (`runner.program_cache`).
@@ -290,11 +291,13 @@ class SteeringMetricsProgram:
         num_generations: int,
         seq_len: int,
         num_points: int,
+        num_interventions: int = 1,
         logit_lens_k: int = DEFAULT_LOGIT_LENS_K,
         vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
         program_cache: ProgramCache | None = None,
     ):
         self.num_generations, self.seq_len, self.num_points = num_generations, seq_len, num_points
+        self.num_interventions = num_interventions
         self._program_cache = program_cache if program_cache is not None else ProgramCache(None)
         self._static = {"logit_lens_k": logit_lens_k, "vocab_chunk": vocab_chunk}
         self._model = pz.freeze_params(base_model)
@@ -309,7 +312,8 @@ class SteeringMetricsProgram:
             if self._compiled is not None:
                 return
             zeros = np.zeros(self.num_generations, np.int32)
-            inputs = steering.SteeringInputs.from_rows(zeros, zeros, zeros.astype(np.float32), zeros, zeros)
+            slots = np.zeros((self.num_generations, self.num_interventions), np.int32)
+            inputs = steering.SteeringInputs.from_rows(slots, slots, slots.astype(np.float32), slots, zeros)
             points = jnp.zeros(self.num_points, jnp.int32)
             layer = jnp.full(self.num_points, min(self._saes), jnp.int32)
             tokens = jnp.zeros((self.num_generations, self.seq_len), jnp.int32)

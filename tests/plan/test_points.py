@@ -118,8 +118,8 @@ def test_excluding_unknown_tokens_changes_the_key_and_leaves_earlier_keys_alone(
     plain = expand_points(make_config(), SAE_IDS)[0]
     excluding = expand_points(make_config(sampling__exclude_unknown_tokens=True), SAE_IDS)[0]
     assert excluding.exclude_unknown_tokens and excluding.point_key != plain.point_key
-    keyed = {k: v for k, v in dataclasses.asdict(plain).items()
-             if k not in ("neuronpedia_url", "dtype", "exclude_unknown_tokens")}
+    keyed = {k: v for k, v in dataclasses.asdict(plain).items()  # the fields keys were first made of
+             if k not in ("neuronpedia_url", "dtype", "exclude_unknown_tokens", "combined_with")}
     assert plain.point_key == _digest(keyed), "a key made before the field existed is unchanged"
 
 
