@@ -153,21 +153,6 @@ def estimate_steering_memory(
     )
 
 
-def estimate_batch_memory(
-    arch: Gemma2Architecture,
-    *,
-    prompt_len: int,
-    max_new_tokens: int,
-    parameter_bytes: int,
-    activation_bytes: int,
-    sae_widths: Sequence[int],
-) -> BatchMemory:
-    """The memory of a steering batch (`estimate_steering_memory`)."""
-    return estimate_steering_memory(arch, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
-                                    parameter_bytes=parameter_bytes, activation_bytes=activation_bytes,
-                                    sae_widths=sae_widths)
-
-
 def estimate_eval_memory(
     arch: Gemma2Architecture,
     *,

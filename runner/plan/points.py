@@ -348,40 +348,10 @@ def expand_points(
         return (steering.scales or ()) if scales is None else scales.get((layer, feature), ())
 
     name = model_id(config.model)
-    grid = [
-        SteeringPoint(
-            prompt_index=prompt_index,
-            prompt=prompt,
-            layer=layer,
-            feature=feature,
-            scale=scale,
-            seed=seed,
-            mode=steering.mode,
-            positions=steering.positions,
-            temperature=sampling.temperature,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            max_new_tokens=sampling.max_new_tokens,
-            model_id=name,
-            sae_id=sae_ids[layer],
-            neuronpedia_url=neuronpedia(layer, feature) if neuronpedia is not None else None,
-            exclude_unknown_tokens=sampling.exclude_unknown_tokens,
-            dtype=dtype,
-        )
-        for layer in steering.layers
-        for feature in steering.features
-        for prompt_index, prompt in enumerate(config.prompts)
-        for scale in scales_of(layer, feature)
-        for seed in steering.seeds
-    ]
-    if scales is not None:
-        return grid  # a search round: combinations are not searched
-    combinations = [
-        [Intervention(i.layer, i.feature, i.scale, i.mode or steering.mode, sae_ids[i.layer]) for i in combination]
-        for combination in steering.combinations
-    ]
-    return grid + [
-        SteeringPoint(
+
+    def point(prompt_index: int, prompt: str, seed: int, own: Intervention,
+              others: Sequence[Intervention] = ()) -> SteeringPoint:
+        return SteeringPoint(
             prompt_index=prompt_index,
             prompt=prompt,
             layer=own.layer,
@@ -401,6 +371,23 @@ def expand_points(
             dtype=dtype,
             combined_with=tuple(others),
         )
+
+    grid = [
+        point(prompt_index, prompt, seed, Intervention(layer, feature, scale, steering.mode, sae_ids[layer]))
+        for layer in steering.layers
+        for feature in steering.features
+        for prompt_index, prompt in enumerate(config.prompts)
+        for scale in scales_of(layer, feature)
+        for seed in steering.seeds
+    ]
+    if scales is not None:
+        return grid  # a search round: combinations are not searched
+    combinations = [
+        [Intervention(i.layer, i.feature, i.scale, i.mode or steering.mode, sae_ids[i.layer]) for i in combination]
+        for combination in steering.combinations
+    ]
+    return grid + [
+        point(prompt_index, prompt, seed, own, others)
         for own, *others in combinations
         for prompt_index, prompt in enumerate(config.prompts)
         for seed in steering.seeds

@@ -5,5 +5,5 @@ and its spool, plots, the steering report, and what `runner runs` / `runner expo
 `store.SweepTracker` opens and closes a sweep; `records` are the point records, `curves` the aggregation over
 prompts and seeds, `clients` the MLflow clients (parallel requests to a server, one writer to sqlite), `layout`
 the names of tags and artifacts. The driver is the only writer. May import: `runner.plan` (points),
-`runner.results`, `runner.config`, `runner.errors`, `runner.files`, `runner.redaction`. Never JAX.
+`runner.results`, `runner.stats`, `runner.config`, `runner.errors`, `runner.files`, `runner.redaction`. Never JAX.
 """
