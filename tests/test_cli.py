@@ -381,11 +381,23 @@ def runs_by_status(database: Path) -> dict[tuple[str, str], int]:
     return {(role, status): count for role, status, count in rows}
 
 
-def points_finished(database: Path) -> int:
+def point_records_by_status(directory: Path) -> dict[str, int]:
+    """Status -> points, from the point records the sweep logged on its parent run (a local store's artifacts)."""
+    from runner.tracking.records import read_batches
+
+    paths = sorted(directory.glob("mlruns/*/*/artifacts/points/*.json"))
     try:
-        return runs_by_status(database).get(("point", "FINISHED"), 0) if database.exists() else 0
-    except sqlite3.OperationalError:  # the tables are being created
-        return 0
+        records = read_batches(paths)
+    except (OSError, ValueError):  # a file being written
+        return {}
+    counts: dict[str, int] = {}
+    for record in records.values():
+        counts[record.status] = counts.get(record.status, 0) + 1
+    return counts
+
+
+def points_finished(database: Path) -> int:
+    return point_records_by_status(database.parent).get("FINISHED", 0)
 
 
 def wait_for_points(process: subprocess.Popen, database: Path, count: int) -> None:
@@ -430,10 +442,11 @@ def test_a_dead_local_ray_node_stops_the_sweep_resumably_with_the_command_to_res
     (line,) = error_lines(stderr)
     assert line.startswith(f"error: the local Ray node died: its raylet (pid {raylet.pid}) is gone (killed, ")
     assert f"run `runner run {path} --cache-dir {cache_dir}` to resume (finished points are skipped)" in line
-    counts = runs_by_status(tmp_path / "mlflow.db")
     left = int(line.split("; ")[1].split(" of the sweep's points")[0])
-    assert counts[("point", "FINISHED")] + left == 8 and left > 0
-    assert set(counts) == {("point", "FINISHED"), ("sweep", "FAILED")}, "no point FAILED, none RUNNING"
+    assert point_records_by_status(tmp_path) == {"FINISHED": 8 - left} and left > 0, "no point FAILED"
+    counts = runs_by_status(tmp_path / "mlflow.db")
+    assert set(counts) <= {("curve", "FINISHED"), ("sweep", "FAILED")}, "no run RUNNING"
+    assert counts[("sweep", "FAILED")] == 1
 
 
 def test_ctrl_c_says_how_to_resume_and_leaves_nothing_running(tmp_path, tiny_model_dir, sae_root, cache_dir) -> None:
@@ -447,5 +460,5 @@ def test_ctrl_c_says_how_to_resume_and_leaves_nothing_running(tmp_path, tiny_mod
     assert error_lines(stderr) == []
     assert f"run `runner run {path} --cache-dir {cache_dir}` to resume (finished points are skipped)" in stderr
     counts = runs_by_status(tmp_path / "mlflow.db")
-    assert ("point", "RUNNING") not in counts and ("sweep", "RUNNING") not in counts
-    assert counts[("sweep", "KILLED")] == 1 and counts[("point", "FINISHED")] >= 1
+    assert ("curve", "RUNNING") not in counts and ("sweep", "RUNNING") not in counts
+    assert counts[("sweep", "KILLED")] == 1 and point_records_by_status(tmp_path).get("FINISHED", 0) >= 1

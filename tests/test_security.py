@@ -40,7 +40,9 @@ def test_a_sweep_with_credentials_in_the_environment_logs_none_of_them(tmp_path,
 
     written = [path for path in tmp_path.rglob("*") if path.is_file()]
     assert any(path.name == "mlflow.db" for path in written)
-    assert any(path.name == "generation.json" for path in written)  # the artifact tree is searched too
+    # The artifact tree is searched too: the point records on the parent, the curve run's table.
+    assert any(path.parent.name == "points" and path.suffix == ".json" for path in written)
+    assert any(path.name == "points.json" for path in written)
     for path in written:
         content = path.read_bytes()
         for name, value in FAKE_SECRETS.items():

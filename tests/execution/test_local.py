@@ -9,6 +9,7 @@ from runner.driver import run_sweep
 from runner.execution.local import LocalExecutor
 from runner.execution.workers import SteeringWorker
 from runner.plan.prepare import prepare_sweep
+from runner.tracking.search import sweep_records
 
 #: 2 prompts x 2 features x 4 non-zero scales = 16 generations: one job of 16.
 SWEEP = {
@@ -60,11 +61,11 @@ def test_a_job_out_of_memory_finishes_once_at_half_the_batch_with_oom_retries_co
     experiment = client.get_experiment_by_name(config.tracking.experiment)
     parent = client.search_runs([experiment.experiment_id], "tags.`runner.role` = 'sweep'")[0]
     assert parent.data.metrics["oom_retries"] == 2.0
-    runs = client.search_runs([experiment.experiment_id], "tags.`runner.role` = 'point'", max_results=100)
-    assert sorted(run.data.tags["point_key"] for run in runs) == sorted(p.point_key for p in sweep_plan.points)
-    assert {run.info.status for run in runs} == {"FINISHED"}, "every point once, finished"
-    assert {run.data.tags["runner.oom_retries"] for run in runs} == {"2"}
-    assert {run.data.tags["runner.attempt"] for run in runs} == {"1"}, "running out of memory uses no attempt"
+    records = sweep_records(config.tracking.uri, parent)
+    assert sorted(records) == sorted(p.point_key for p in sweep_plan.points)
+    assert {record.status for record in records.values()} == {"FINISHED"}, "every point once, finished"
+    assert {record.tags["runner.oom_retries"] for record in records.values()} == {"2"}
+    assert {record.attempt for record in records.values()} == {1}, "running out of memory uses no attempt"
 
 
 class NoRoomWorker(ShrinkingMemoryWorker):
@@ -87,7 +88,8 @@ def test_a_batch_of_1_that_does_not_fit_fails_with_the_model_program_and_bytes(t
     assert summary.faults["oom_retries"] == 2, "4 -> 2 -> 1, then it fails"
     client = MlflowClient(config.tracking.uri)
     experiment = client.get_experiment_by_name(config.tracking.experiment)
-    error = client.search_runs([experiment.experiment_id], "tags.`runner.role` = 'point'")[0].data.tags["runner.error"]
+    parent = client.search_runs([experiment.experiment_id], "tags.`runner.role` = 'sweep'")[0]
+    error = next(iter(sweep_records(config.tracking.uri, parent).values())).error
     assert error.startswith("out of memory at a batch of 1 on local: DeviceOutOfMemory: model synthetic:tiny:seed0: "
                             "the steering sampler at a batch of 1 needs ")
     assert "beyond the weights; 0.00 GiB available" in error

@@ -31,6 +31,7 @@ from runner.plan.points import Job
 from runner.plan.prepare import SweepPlan, prepare_sweep
 from runner.results import PointResult
 from runner.sae.sources import SAEFile
+from runner.tracking.search import sweep_records
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -174,13 +175,12 @@ def test_a_slice_lost_mid_sweep_is_rebuilt_on_a_new_slice_and_every_point_finish
 
     # Every point exactly once; the job in flight at the loss carries the preemption and kept its attempt.
     client = MlflowClient(sweep_plan.config.tracking.uri)
-    experiment_id = client.get_experiment_by_name("slice-test").experiment_id
-    runs = client.search_runs([experiment_id], "tags.`runner.role` = 'point'", max_results=100)
-    assert sorted(run.data.tags["point_key"] for run in runs) == sorted(p.point_key for p in sweep_plan.points)
-    assert {run.info.status for run in runs} == {"FINISHED"}
-    assert {run.data.tags["runner.attempt"] for run in runs} == {"1"}
-    assert sum(run.data.tags.get("runner.preemptions") == "1" for run in runs) == 2, "one job of two points"
     parent = client.get_run(summary.parent_run_id)
+    records = list(sweep_records(sweep_plan.config.tracking.uri, parent).values())
+    assert sorted(record.point_key for record in records) == sorted(p.point_key for p in sweep_plan.points)
+    assert {record.status for record in records} == {"FINISHED"}
+    assert {record.attempt for record in records} == {1}
+    assert sum(record.tags.get("runner.preemptions") == "1" for record in records) == 2, "one job of two points"
     assert (parent.data.metrics["preemptions"], parent.data.metrics["job_retries"]) == (1.0, 0.0)
     assert parent.data.metrics["slice_wait_s"] >= 1
 

@@ -3,22 +3,23 @@ the tokenizer does not know, and points whose result cannot be made."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
 import pytest
-from mlflow import MlflowClient
 
 from runner.config.schema import ExperimentConfig
 from runner.driver import run_sweep
 from runner.execution.local import LocalExecutor
 from runner.execution.workers import SteeringWorker, sae_cache
 from runner.model import tokenizer as tokenizer_lib
+from runner.plan.points import sweep_id
 from runner.plan.prepare import prepare_sweep
 from runner.sae.params import load_sae
+from runner.tracking.records import PointRecord
+from runner.tracking.search import sweep_parent, sweep_records
 
 SWEEP = {
     "name": "worker-test",
@@ -115,15 +116,17 @@ def sampled_sweep(tmp_path: Path, model_dir: Path, cache_dir: Path, **sampling) 
     sweep_plan = prepare_sweep(config, cache_dir)
     summary = run_sweep(sweep_plan, cache_dir=cache_dir, output_dir=tmp_path)
     assert (summary.points_finished, summary.points_failed) == (len(sweep_plan.points), 0)
-    client = MlflowClient(config.tracking.uri)
-    experiment = client.get_experiment_by_name(config.tracking.experiment)
-    runs = client.search_runs([experiment.experiment_id], "tags.`runner.role` = 'point'")
-    assert len(runs) == len(sweep_plan.points) and {run.info.status for run in runs} == {"FINISHED"}
-    generations = {}
-    for run in runs:
-        path = client.download_artifacts(run.info.run_id, "generation.json", str(tmp_path))
-        generations[run.info.run_id] = {**json.loads(Path(path).read_text()), "metrics": run.data.metrics}
+    records = point_records(config)
+    assert len(records) == len(sweep_plan.points) and {record.status for record in records} == {"FINISHED"}
+    generations = {record.point_key: {"token_ids": list(record.token_ids), "text": record.text,
+                                      "metrics": dict(record.metrics)} for record in records}
     return sweep_plan, generations
+
+
+def point_records(config: ExperimentConfig) -> list[PointRecord]:
+    """The sweep's point records, read back from its parent run."""
+    parent = sweep_parent(config.tracking.uri, config.tracking.experiment, sweep_id(config))
+    return list(sweep_records(config.tracking.uri, parent).values())
 
 
 def test_ids_the_tokenizer_does_not_know_are_kept_and_shown_as_placeholders(
@@ -172,10 +175,7 @@ def test_a_point_whose_result_cannot_be_made_fails_alone_once(sweep_plan, tmp_pa
                         output_dir=tmp_path)
     assert (summary.points_finished, summary.points_failed) == (len(sweep.points) - 1, 1)
     assert summary.faults["job_retries"] == 0
-    client = MlflowClient(config.tracking.uri)
-    runs = client.search_runs([client.get_experiment_by_name(config.tracking.experiment).experiment_id],
-                              "tags.`runner.role` = 'point'", max_results=1000)
-    failed = [run for run in runs if run.info.status == "FAILED"]
-    assert [run.data.tags["point_key"] for run in failed] == [broken.point_key]
-    assert failed[0].data.tags["runner.error"] == "IndexError: piece id is out of range."
-    assert failed[0].data.tags["runner.attempt"] == "1"
+    failed = [record for record in point_records(config) if record.status == "FAILED"]
+    assert [record.point_key for record in failed] == [broken.point_key]
+    assert failed[0].error == "IndexError: piece id is out of range."
+    assert failed[0].attempt == 1

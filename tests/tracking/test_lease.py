@@ -28,6 +28,8 @@ from runner.tracking.lease import (
     lease_dir,
     reach_store,
 )
+from runner.tracking.records import PointRecord
+from runner.tracking.search import sweep_records
 from tests.mlflow_server import MlflowServer, free_port, kill_process_group
 
 SWEEP = "0123456789abcdef"
@@ -241,27 +243,30 @@ def assert_one_ran_and_the_other_was_refused(codes: list[int], errors: list[str]
     assert seconds[loser] < seconds[winner], "the refused driver exits while the other still runs"
 
 
-def point_runs(client: MlflowClient) -> list:
+def point_records(uri: str) -> tuple[str, list[PointRecord]]:
+    """The sweep's id and its point records (one per point), read back from its parent run."""
+    client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("two-drivers")
-    return client.search_runs([experiment.experiment_id], "tags.`runner.role` = 'point'", max_results=100)
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`runner.role` = 'sweep'")
+    return parent.data.tags["sweep_id"], list(sweep_records(uri, parent).values())
 
 
 def test_two_runs_of_one_sweep_on_sqlite_run_it_once(tmp_path, tiny_model_dir, tiny_sae_paths, cache_dir) -> None:
     path = write_sweep(tmp_path, tiny_model_dir, cache_dir / "tiny-saes", "sqlite:///mlflow.db")
     assert_one_ran_and_the_other_was_refused(*run_two_drivers_at_once(path, cache_dir))
-    runs = point_runs(MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}"))
-    assert len(runs) == 2 and len({run.data.tags["point_key"] for run in runs}) == 2
-    assert {run.info.status for run in runs} == {"FINISHED"}
+    _, records = point_records(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert len(records) == 2 and len({record.point_key for record in records}) == 2
+    assert {record.status for record in records} == {"FINISHED"}
 
 
 def test_two_runs_of_one_sweep_on_a_tracking_server_run_it_once(server, tmp_path, tiny_model_dir, tiny_sae_paths,
                                                                cache_dir) -> None:
     path = write_sweep(tmp_path, tiny_model_dir, cache_dir / "tiny-saes", server)
     assert_one_ran_and_the_other_was_refused(*run_two_drivers_at_once(path, cache_dir))
-    runs = point_runs(MlflowClient(server))
-    assert len(runs) == 2 and len({run.data.tags["point_key"] for run in runs}) == 2
-    assert {run.info.status for run in runs} == {"FINISHED"}
-    assert lease_tag(server, "two-drivers", runs[0].data.tags["sweep_id"]) is None, "the winner released it"
+    swept, records = point_records(server)
+    assert len(records) == 2 and len({record.point_key for record in records}) == 2
+    assert {record.status for record in records} == {"FINISHED"}
+    assert lease_tag(server, "two-drivers", swept) is None, "the winner released it"
 
 
 def test_a_driver_whose_sweep_was_taken_over_stops_without_touching_its_runs(server, tmp_path, tiny_model_dir,

@@ -83,7 +83,8 @@ def test_each_curve_is_a_child_run_with_its_means_per_scale_as_metric_steps(swee
     assert run.data.params == {"model": "synthetic:tiny:seed0", "sae_id": "synthetic-sae", "layer": "1",
                                "feature": "5", "temperature": "0.0", "top_k": "None", "top_p": "None",
                                "mode": "add", "positions": "all", "max_new_tokens": "32", "scales": "[0, 8, 16]",
-                               "seeds": "[0, 1]", "prompts": "2", "num_points": "12"}
+                               "seeds": "[0, 1]", "prompts": "2", "num_points": "12", "dtype": "",
+                               "exclude_unknown_tokens": "False"}
 
     history = client.get_metric_history(run.info.run_id, "steer/concept_rate")
     of_feature = [p for p in points if p.feature == 5]
