@@ -431,7 +431,8 @@ def test_a_truncated_checkpoint_ends_the_sweep_with_orbaxs_cause_in_one_line_and
 def test_a_dead_local_ray_node_stops_the_sweep_resumably_with_the_command_to_resume(
     tmp_path, tiny_model_dir, sae_root, cache_dir
 ) -> None:
-    path = experiment(tmp_path, tiny_model_dir, sae_root, steering={"features": [1, 2, 3, 4]},
+    features = list(range(1, 41))  # 80 points of a batch of 1: the sweep is still going when its raylet dies
+    path = experiment(tmp_path, tiny_model_dir, sae_root, steering={"features": features},
                       sampling={"batch_size": 1})
     process = start_runner(path, cache_dir)
     wait_for_points(process, tmp_path / "mlflow.db", 2)
@@ -443,14 +444,15 @@ def test_a_dead_local_ray_node_stops_the_sweep_resumably_with_the_command_to_res
     assert line.startswith(f"error: the local Ray node died: its raylet (pid {raylet.pid}) is gone (killed, ")
     assert f"run `runner run {path} --cache-dir {cache_dir}` to resume (finished points are skipped)" in line
     left = int(line.split("; ")[1].split(" of the sweep's points")[0])
-    assert point_records_by_status(tmp_path) == {"FINISHED": 8 - left} and left > 0, "no point FAILED"
+    assert point_records_by_status(tmp_path) == {"FINISHED": 2 * len(features) - left} and left > 0, \
+        "no point FAILED"
     counts = runs_by_status(tmp_path / "mlflow.db")
     assert set(counts) <= {("curve", "FINISHED"), ("sweep", "FAILED")}, "no run RUNNING"
     assert counts[("sweep", "FAILED")] == 1
 
 
 def test_ctrl_c_says_how_to_resume_and_leaves_nothing_running(tmp_path, tiny_model_dir, sae_root, cache_dir) -> None:
-    path = experiment(tmp_path, tiny_model_dir, sae_root, steering={"features": [1, 2, 3, 4]},
+    path = experiment(tmp_path, tiny_model_dir, sae_root, steering={"features": list(range(1, 41))},
                       sampling={"batch_size": 1})
     process = start_runner(path, cache_dir)
     wait_for_points(process, tmp_path / "mlflow.db", 1)
