@@ -312,7 +312,7 @@ def write_large_experiment(directory: Path) -> Path:
     return path
 
 
-@pytest.mark.slow
+@pytest.mark.long  # 2,000 points, about 100 s: tests/test_search_sweep.py and the Ray host tests kill smaller ones
 def test_a_driver_killed_mid_sweep_finishes_every_point_exactly_once_when_run_again(tmp_path, cache_dir,
                                                                                    monkeypatch) -> None:
     path = write_large_experiment(tmp_path)

@@ -76,15 +76,19 @@ def records_of(config) -> dict:
 
 def spread_of(tiny_model, records, direction: np.ndarray) -> float:
     """The largest |h . d| the feature's reading saw: over every generation's prompt and tokens, the unsteered
-    stream after block 1 (steering adds after it, so the stream there depends only on the tokens)."""
-    spread = 0.0
-    for record in records.values():
-        ids = tokenizer_lib.encode_prompt(tiny_model.tokenizer, record.prompt) + list(record.token_ids)
-        tokens = pz.nx.wrap(jnp.asarray([ids], jnp.int32)).tag("batch", "seq")
-        _, captured = measurement.capture(tiny_model.model, tokens, [(LAYER, "res")])
-        stream = np.asarray(captured[(LAYER, "res")].unwrap("batch", "seq", "embedding"))[0]
-        spread = max(spread, float(np.abs(stream @ direction).max()))
-    return spread
+    stream after block 1 (steering adds after it, so the stream there depends only on the tokens). One pass over
+    all of them, right-padded (a causal model's earlier positions do not see the padding)."""
+    sequences = [tokenizer_lib.encode_prompt(tiny_model.tokenizer, record.prompt) + list(record.token_ids)
+                 for record in records.values()]
+    length = max(map(len, sequences))
+    padded = np.zeros((len(sequences), length), np.int32)
+    for row, ids in enumerate(sequences):
+        padded[row, : len(ids)] = ids
+    tokens = pz.nx.wrap(jnp.asarray(padded)).tag("batch", "seq")
+    _, captured = measurement.capture(tiny_model.model, tokens, [(LAYER, "res")])
+    stream = np.asarray(captured[(LAYER, "res")].unwrap("batch", "seq", "embedding"))
+    real = np.arange(length)[None, :] < np.array([len(ids) for ids in sequences])[:, None]
+    return float(np.abs(stream @ direction)[real].max())
 
 
 @pytest.fixture(scope="module")

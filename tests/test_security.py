@@ -32,7 +32,8 @@ def test_a_sweep_with_credentials_in_the_environment_logs_none_of_them(tmp_path,
         "prompts": ["The most iconic structure on Earth is"],
         "steering": {"layers": [1], "features": [2], "scales": [0, 10]},
         "sampling": {"max_new_tokens": 3},
-        "tracking": {"uri": "sqlite:///mlflow.db"},
+        # Absolute: MLflow keeps one store per URI in a process, so a relative one would reach an earlier test's.
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
     }
     (tmp_path / "secrets.yaml").write_text(yaml.safe_dump(config))
     summary = run_sweep(prepare_sweep(load_experiment(tmp_path / "secrets.yaml"), cache_dir), cache_dir=cache_dir)

@@ -150,7 +150,8 @@ def _need(model: str, chips: int, activation_dtype: Any, batch_size: int) -> int
 
     arch = PUBLISHED[model]
     mesh = _mesh(chips)
-    weights = abstract_gemma2(arch, jnp.float32, activation_dtype, mesh=mesh)
+    # Weights as the platform holds them: bfloat16 on TPU/GPU (with bfloat16 activations), float32 on CPU.
+    weights = abstract_gemma2(arch, activation_dtype, activation_dtype, mesh=mesh)
     saes = {int(arch.num_layers * SAE_LAYER_FRACTION): abstract_sae(arch.embedding_dim, SAE_WIDTH)}
     started = time.perf_counter()
     sampler = SteeringSampler(weights, saes, batch_size=batch_size, prompt_len=PROMPT_BUCKET,

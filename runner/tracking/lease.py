@@ -390,7 +390,8 @@ class ServerLease:
             )
 
     def release(self) -> None:
-        """Stops the heartbeat and removes the lease tag if it is still this driver's."""
+        """Stops the heartbeat and removes the lease tag if it is still this driver's, or the leftover claim of a
+        driver that is gone (one that lost a claim race after writing its own claim)."""
         if self._stop.is_set():
             return
         self._stop.set()
@@ -400,7 +401,7 @@ class ServerLease:
             return
         try:
             holder = _lease_on(self._client, self._experiment_id, self._key)
-            if holder is not None and holder.token == self._owner.token:
+            if holder is not None and (holder.token == self._owner.token or holder.is_gone()):
                 self._client.delete_experiment_tag(self._experiment_id, self._key + HEARTBEAT_SUFFIX)
                 self._client.delete_experiment_tag(self._experiment_id, self._key)
         except Exception as error:  # noqa: BLE001 - an unreleased lease goes stale by itself
