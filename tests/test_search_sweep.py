@@ -167,7 +167,8 @@ def test_a_search_killed_in_round_3_resumes_from_round_3_and_runs_every_point_on
     path = write_search(tmp_path, constructed_sae[0], batch_size=2, name="killed-search")
     config = load_experiment(path)
     command = [sys.executable, "-m", "runner.cli", "run", str(path), "--cache-dir", str(cache_dir)]
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env = {**{key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"},
+           "JAX_COMPILATION_CACHE_DIR": str(cache_dir / "jax-cache")}  # the rerun reuses the first run's programs
     log_path = tmp_path / "first-run.log"
     with log_path.open("w") as log:
         driver = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
