@@ -373,7 +373,7 @@ class ServerLease:
         if holder is not None:
             _log.warning("taking over sweep %s from %s", sweep_id, holder.describe(now))
         owner = Owner.this_process()
-        client.set_experiment_tag(experiment_id, key, owner.to_json())
+        _set_tag_despite_races(client, experiment_id, key, owner.to_json())
         time.sleep(settle_s)
         winner = _lease_on(client, experiment_id, key)
         if winner is None or winner.token != owner.token:
@@ -402,8 +402,8 @@ class ServerLease:
         try:
             holder = _lease_on(self._client, self._experiment_id, self._key)
             if holder is not None and (holder.token == self._owner.token or holder.is_gone()):
-                self._client.delete_experiment_tag(self._experiment_id, self._key + HEARTBEAT_SUFFIX)
-                self._client.delete_experiment_tag(self._experiment_id, self._key)
+                _delete_tag_despite_races(self._client, self._experiment_id, self._key)
+                _delete_tag_despite_races(self._client, self._experiment_id, self._key + HEARTBEAT_SUFFIX)
         except Exception as error:  # noqa: BLE001 - an unreleased lease goes stale by itself
             _log.warning("could not release the lease of sweep %s: %s", self._sweep_id, _one_line(error))
 
@@ -415,10 +415,40 @@ class ServerLease:
                     self._lost_to = holder
                     _log.warning("sweep %s was taken over by %s", self._sweep_id, holder.describe())
                     return
-                self._client.set_experiment_tag(self._experiment_id, self._key + HEARTBEAT_SUFFIX,
-                                                json.dumps({"token": self._owner.token, "time": time.time()}))
+                _set_tag_despite_races(self._client, self._experiment_id, self._key + HEARTBEAT_SUFFIX,
+                                       json.dumps({"token": self._owner.token, "time": time.time()}))
             except Exception as error:  # noqa: BLE001 - the tracking thread deals with an unreachable server
                 _log.warning("could not renew the lease of sweep %s: %s", self._sweep_id, _one_line(error))
+
+
+def _is_write_race(error: BaseException) -> bool:
+    """A tag write that lost to another driver's write of the same tag in the server's database (its upsert
+    raised an integrity error), or a transient failure: worth trying again."""
+    from runner.tracking.writer import is_transient
+
+    text = str(error)
+    return is_transient(error) or "IntegrityError" in text or "UNIQUE constraint" in text
+
+
+@tenacity.retry(retry=tenacity.retry_if_exception(_is_write_race), stop=tenacity.stop_after_attempt(6),
+                wait=tenacity.wait_random(0.1, 0.5), reraise=True)
+def _set_tag_despite_races(client: MlflowClient, experiment_id: str, key: str, value: str) -> None:
+    """Writes an experiment tag, again when two drivers' writes of it collided in the server's database."""
+    client.set_experiment_tag(experiment_id, key, value)
+
+
+@tenacity.retry(retry=tenacity.retry_if_exception(_is_write_race), stop=tenacity.stop_after_attempt(6),
+                wait=tenacity.wait_random(0.1, 0.5), reraise=True)
+def _delete_tag_despite_races(client: MlflowClient, experiment_id: str, key: str) -> None:
+    """Deletes an experiment tag if it is there (a sweep shorter than one heartbeat has no heartbeat tag), again
+    after a transient failure or a collision in the server's database."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_experiment_tag(experiment_id, key)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
 
 
 def _ensure_experiment(client: MlflowClient, name: str) -> str:

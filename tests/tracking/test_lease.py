@@ -147,6 +147,14 @@ def test_a_tracking_server_leases_a_sweep_on_its_experiment_and_releases_it(serv
     assert not [key for key in tags if key.startswith(LEASE_TAG_PREFIX)], "the lease and its heartbeat are gone"
 
 
+def test_a_lease_released_before_its_first_heartbeat_leaves_no_tag(server, request) -> None:
+    experiment = request.node.name
+    lease = ServerLease.acquire(MlflowClient(server), experiment, SWEEP, heartbeat_s=60, settle_s=0.1)
+    assert lease_tag(server, experiment, SWEEP + ".heartbeat") is None, "a short sweep never renewed its lease"
+    lease.release()
+    assert lease_tag(server, experiment) is None, "released, though it had no heartbeat tag to delete"
+
+
 def test_a_lease_taken_over_is_lost_by_its_old_holder(server, request) -> None:
     experiment = request.node.name
     old = ServerLease.acquire(MlflowClient(server), experiment, SWEEP, heartbeat_s=0.2, settle_s=0)
@@ -262,11 +270,13 @@ def test_two_runs_of_one_sweep_on_sqlite_run_it_once(tmp_path, tiny_model_dir, t
 def test_two_runs_of_one_sweep_on_a_tracking_server_run_it_once(server, tmp_path, tiny_model_dir, tiny_sae_paths,
                                                                cache_dir) -> None:
     path = write_sweep(tmp_path, tiny_model_dir, cache_dir / "tiny-saes", server)
-    assert_one_ran_and_the_other_was_refused(*run_two_drivers_at_once(path, cache_dir))
+    codes, errors, seconds = run_two_drivers_at_once(path, cache_dir)
+    assert_one_ran_and_the_other_was_refused(codes, errors, seconds)
     swept, records = point_records(server)
     assert len(records) == 2 and len({record.point_key for record in records}) == 2
     assert {record.status for record in records} == {"FINISHED"}
-    assert lease_tag(server, "two-drivers", swept) is None, "the winner released it"
+    left = lease_tag(server, "two-drivers", swept)
+    assert left is None, f"the winner released it; left: {left}; codes {codes}; stderr: {[e[-1500:] for e in errors]}"
 
 
 def test_a_driver_whose_sweep_was_taken_over_stops_without_touching_its_runs(server, tmp_path, tiny_model_dir,
