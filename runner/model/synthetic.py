@@ -209,13 +209,17 @@ def write_synthetic_model(out_dir: Path, preset: str, seed: int = 0) -> Path:
     marker = _marker(preset, seed)
     if _holds_model(out_dir, marker):
         return out_dir
-    _refuse_to_overwrite(out_dir)
+    stale = _holds_older_generation(out_dir, marker)
+    if not stale:
+        _refuse_to_overwrite(out_dir)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     staging_dir.chmod(0o755)
     try:
         _write_model_files(staging_dir, preset, seed, marker)
+        if stale:  # the same preset written by an earlier runner: replaced by this one's
+            shutil.rmtree(out_dir)
         try:
             staging_dir.rename(out_dir)
         except OSError:
@@ -299,6 +303,13 @@ def _read_marker(model_dir: Path) -> dict | None:
 
 def _holds_model(model_dir: Path, marker: dict) -> bool:
     return _read_marker(model_dir) == marker
+
+
+def _holds_older_generation(model_dir: Path, marker: dict) -> bool:
+    """Whether `model_dir` holds the same preset and seed as `marker` written by another version of runner's
+    generator (whose weights may differ): runner's own output, safe to replace."""
+    found = _read_marker(model_dir)
+    return found is not None and found != marker and all(found.get(key) == marker[key] for key in ("preset", "seed"))
 
 
 def _refuse_to_overwrite(out_dir: Path) -> None:

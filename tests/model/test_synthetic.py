@@ -208,3 +208,16 @@ def test_the_published_presets_tokenizer_leaves_the_padded_rows_without_a_piece(
     tokenizer = load_tokenizer(path)
     assert tokenizer.vocab_size == 256_000 < PRESETS["gemma2-2b"].architecture.vocab_size
     assert max(tokenizer.encode("The most iconic structure on Earth is")) < 16_384, "trained pieces for text"
+
+
+def test_a_preset_written_by_an_earlier_generator_is_replaced_not_refused(tmp_path) -> None:
+    out = write_synthetic_model(tmp_path / "tiny", "tiny", 0)
+    current = json.loads((out / MARKER_FILE_NAME).read_text())
+    (out / MARKER_FILE_NAME).write_text(json.dumps({**current, "version": -1}))  # an older runner's model
+    write_synthetic_model(out, "tiny", 0)
+    assert json.loads((out / MARKER_FILE_NAME).read_text()) == current, "rewritten by this generator"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="already holds other files"):
+        write_synthetic_model(other, "tiny", 0)
