@@ -266,7 +266,9 @@ def _tensors_on_disk(spec: SyntheticPreset, seed: int, scratch: Path) -> dict[st
     flat: dict[str, dict[str, np.ndarray]] = {}
     for key, leaf, values in synthetic_tensors(spec.architecture, seed, spec.dtype, allocate):
         values.flush()
-        flat.setdefault(key, {})[leaf] = np.load(values.filename, mmap_mode="r", allow_pickle=False)
+        # A .npy header records bfloat16 as raw 2-byte records ('<V2'): the file is read back in its own dtype.
+        stored = np.load(values.filename, mmap_mode="r", allow_pickle=False)
+        flat.setdefault(key, {})[leaf] = stored.view(values.dtype)
         del values
     return flat
 

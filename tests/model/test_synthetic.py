@@ -221,3 +221,25 @@ def test_a_preset_written_by_an_earlier_generator_is_replaced_not_refused(tmp_pa
     (other / "notes.txt").write_text("mine")
     with pytest.raises(CheckpointError, match="already holds other files"):
         write_synthetic_model(other, "tiny", 0)
+
+
+def test_a_bfloat16_model_written_tensor_by_tensor_through_files_restores_its_bfloat16_draws(tmp_path, monkeypatch):
+    """The path the published presets take (too large to draw in memory): each tensor goes through a .npy file,
+    whose header records bfloat16 as raw 2-byte records; the checkpoint must still hold bfloat16 values."""
+    import dataclasses
+
+    import ml_dtypes
+
+    from runner.model import synthetic
+
+    monkeypatch.setattr(synthetic, "_IN_MEMORY_BYTES", 0)
+    monkeypatch.setitem(synthetic.PRESETS, "tiny-bf16", dataclasses.replace(PRESETS["tiny"], dtype="bfloat16"))
+    out = write_synthetic_model(tmp_path / "tiny-bf16", "tiny-bf16", seed=1)
+    restored = restore(find_checkpoint_dir(out))
+    expected = synthetic_flat_params(SYNTHETIC_PRESETS["tiny"], seed=1, dtype="bfloat16")
+    assert set(restored) == set(expected)
+    for key, leaves in expected.items():
+        for leaf, values in leaves.items():
+            assert restored[key][leaf].dtype == ml_dtypes.bfloat16, (key, leaf)
+            np.testing.assert_array_equal(restored[key][leaf], values)
+    assert not (out / ".tensors").exists()
