@@ -11,9 +11,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+import signal
 import tempfile
 
 import jax
+
+# Tests of Ctrl-C send SIGINT as a user's terminal does. A shell that starts the suite in the background
+# (`nohup ... &` without job control) makes every process ignore SIGINT, Python then installs no KeyboardInterrupt
+# handler, and those tests would test nothing: the suite runs as from a terminal. Children inherit the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 jax.config.update("jax_num_cpu_devices", 4)
 # Tests build the same programs (the tiny model in a handful of batch shapes) again and again: compile each once
