@@ -141,11 +141,11 @@ def cell(model: str, accelerator_name: str) -> dict[str, Any]:
                            "resident_per_chip_gib": round(resident / 2**30, 2)}
     if resident >= usable:
         return {**row, "batch_size": 0, "fits": False}
-    activation = jnp.float32 if accelerator.platform == "cpu" else jnp.bfloat16
-    need = functools.partial(_need, model, accelerator_name, activation)
-    bytes_per = 4 if accelerator.platform == "cpu" else 2
+    # Activations in the dtype the weights are held in.
+    need = functools.partial(_need, model, accelerator_name, held)
     estimate = memory.estimate_steering_memory(arch, prompt_len=PROMPT_BUCKET, max_new_tokens=NEW_TOKENS,
-                                               parameter_bytes=4, activation_bytes=bytes_per, sae_widths=[SAE_WIDTH])
+                                               parameter_bytes=4, activation_bytes=jnp.dtype(held).itemsize,
+                                               sae_widths=[SAE_WIDTH])
     guess = estimate.largest_batch(int((usable - resident) / memory.USABLE_FRACTION), MAX_AUTO_BATCH) or 1
     try:
         fit = memory.fit_batch(need, usable - resident, MAX_AUTO_BATCH, guess)
@@ -162,15 +162,18 @@ def libtpu_installed() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
+def _compiled_by_libtpu(accelerator: Accelerator) -> bool:
+    return accelerator.topology is not None and libtpu_installed()
+
+
 def compiler(accelerator_name: str) -> str:
     """Which compiler produces the cells of `accelerator_name`, in words."""
     accelerator = ACCELERATORS[accelerator_name]
-    if accelerator.topology and libtpu_installed():
+    if _compiled_by_libtpu(accelerator):
         return f"libtpu, compile-only {accelerator.topology} devices"
-    if accelerator.chips > 1:
-        return f"XLA CPU backend, {accelerator.chips} fake devices" + (
-            " (upper bound)" if accelerator.platform != "cpu" else "")
-    return "XLA CPU backend" + (" (upper bound)" if accelerator.platform != "cpu" else "")
+    fake_devices = f", {accelerator.chips} fake devices" if accelerator.chips > 1 else ""
+    upper_bound = " (upper bound)" if accelerator.platform != "cpu" else ""
+    return f"XLA CPU backend{fake_devices}{upper_bound}"
 
 
 @functools.cache
@@ -180,7 +183,7 @@ def _mesh(accelerator_name: str) -> Any:
     from runner.model.loading import make_host_mesh
 
     accelerator = ACCELERATORS[accelerator_name]
-    if accelerator.topology and libtpu_installed():
+    if _compiled_by_libtpu(accelerator):
         from jax.experimental import topologies
 
         return make_host_mesh(list(topologies.get_topology_desc(accelerator.topology, "tpu").devices))
